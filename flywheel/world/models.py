@@ -23,9 +23,11 @@ ModelSize = Literal["small", "large"]
 
 # small is about 0.1M parameters, large about 1M (DESIGN.md: the embedded world).
 SIZES: dict[str, dict[str, int]] = {
-    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    ),
     "large": dict(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4
+        hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4
     ),
 }
 

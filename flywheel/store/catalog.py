@@ -1,0 +1,224 @@
+"""The DuckDB catalog ``<root>/flywheel.duckdb``: dataset views, ``runs`` and ``lineage``.
+
+DuckDB lets one process at a time open the file read-write, and such a
+connection blocks every other process, readers included. So every access goes
+through ``_connect``: a short-lived connection, retried with backoff while
+another process holds the lock, closed as soon as the work is done.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from flywheel.store.datasets import (
+    CatalogBusy,
+    DatasetRef,
+    data_root,
+    list_datasets,
+    list_versions,
+    read_dataset,
+)
+
+CATALOG_FILE = "flywheel.duckdb"
+LOCK_TIMEOUT_S = 60.0
+VIEW_COMMENT = "flywheel dataset"
+
+# Threads of one process share DuckDB's file lock, so serialize them here instead.
+_thread_lock = threading.RLock()
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    flow VARCHAR,
+    parameters VARCHAR,
+    started TIMESTAMP,
+    ended TIMESTAMP,
+    status VARCHAR
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    dataset VARCHAR,
+    version VARCHAR,
+    produced_by VARCHAR,
+    input_dataset VARCHAR,
+    input_version VARCHAR,
+    recorded TIMESTAMP
+);
+"""
+
+
+def catalog_path(root: Path | None = None) -> Path:
+    """Path of the catalog file."""
+    return data_root(root) / CATALOG_FILE
+
+
+def _is_lock_error(e: duckdb.Error) -> bool:
+    text = str(e)
+    return "Could not set lock" in text or "Conflicting lock" in text
+
+
+@contextmanager
+def _connect(root: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived read-write connection to the catalog, waiting out other processes."""
+    path = catalog_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _thread_lock:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        delay = 0.02
+        while True:
+            try:
+                con = duckdb.connect(str(path))
+                break
+            except duckdb.IOException as e:
+                remaining = deadline - time.monotonic()
+                if not _is_lock_error(e):
+                    raise
+                if remaining <= 0:
+                    raise CatalogBusy(
+                        f"the catalog {path} stayed locked by another process for "
+                        f"{LOCK_TIMEOUT_S:.0f}s (close other duckdb sessions on it, or open "
+                        f"them with -readonly): {e}"
+                    ) from e
+                time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+                delay = min(delay * 2, 2.0)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _naive_utc(dt: datetime | None) -> datetime | None:
+    if dt is None or dt.tzinfo is None:
+        return dt
+    return dt.astimezone(UTC).replace(tzinfo=None)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, view: str, ref: DatasetRef) -> None:
+    files = ", ".join(_literal(f) for f in ref.files())
+    con.execute(f"CREATE OR REPLACE VIEW {_ident(view)} AS SELECT * FROM read_parquet([{files}])")
+    # The comment marks views that refresh_catalog owns (and may drop when stale).
+    con.execute(f"COMMENT ON VIEW {_ident(view)} IS {_literal(VIEW_COMMENT)}")
+
+
+def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str, base: Path) -> None:
+    # Called while holding the lock, so the last writer always leaves the true latest.
+    _create_view(con, name, read_dataset(name, root=base))
+
+
+def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef) -> None:
+    """Lineage rows of one version from its _meta.json, unless it already has some."""
+    known = con.execute(
+        "SELECT count(*) FROM lineage WHERE dataset = ? AND version = ?", [ref.name, ref.version]
+    ).fetchone()
+    if known and known[0]:
+        return
+    meta = ref.meta
+    inputs = meta.get("inputs") or [{"name": None, "version": None}]
+    now = _utcnow()
+    con.executemany(
+        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            [ref.name, ref.version, meta.get("produced_by"), i["name"], i["version"], now]
+            for i in inputs
+        ],
+    )
+
+
+def register_version(ref: DatasetRef, root: Path | None = None) -> None:
+    """Add one new version to the catalog (its views and lineage rows)."""
+    base = data_root(root)
+    with _connect(base) as con:
+        con.begin()
+        con.execute(_TABLES)
+        _create_view(con, f"{ref.name}__{ref.version}", ref)
+        _create_latest_view(con, ref.name, base)
+        _add_lineage(con, ref)
+        con.commit()
+
+
+def refresh_catalog(root: Path | None = None) -> None:
+    """Rebuild every dataset view and add any missing lineage rows; safe to run any time."""
+    base = data_root(root)
+    with _connect(base) as con:
+        con.begin()
+        con.execute(_TABLES)
+        wanted: set[str] = set()
+        for name in list_datasets(base):
+            for version in list_versions(name, root=base):
+                ref = read_dataset(name, version, root=base)
+                _create_view(con, f"{name}__{version}", ref)
+                _add_lineage(con, ref)
+                wanted.add(f"{name}__{version}")
+            _create_latest_view(con, name, base)
+            wanted.add(name)
+        stale = con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND comment = ?",
+            [VIEW_COMMENT],
+        ).fetchall()
+        for (view,) in stale:
+            if view not in wanted:
+                con.execute(f"DROP VIEW IF EXISTS {_ident(view)}")
+        con.commit()
+
+
+def record_run(
+    run_id: str,
+    flow: str,
+    parameters: dict[str, Any],
+    status: str,
+    started: datetime | None = None,
+    ended: datetime | None = None,
+    root: Path | None = None,
+) -> None:
+    """Insert or update a flow run; times are stored as UTC, ``started`` defaults to now."""
+    params = json.dumps(parameters, default=str, sort_keys=True)
+    started, ended = _naive_utc(started), _naive_utc(ended)
+    with _connect(root) as con:
+        con.begin()
+        con.execute(_TABLES)
+        exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if exists:
+            con.execute(
+                "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
+                "started = coalesce(?, started), ended = coalesce(?, ended) WHERE run_id = ?",
+                [flow, params, status, started, ended, run_id],
+            )
+        else:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                [run_id, flow, params, started or _utcnow(), ended, status],
+            )
+        con.commit()
+
+
+def sql(query: str, root: Path | None = None) -> pd.DataFrame:
+    """Run a query on the catalog and return the result as a DataFrame."""
+    if not catalog_path(root).exists():
+        refresh_catalog(root)
+    with _connect(root) as con:
+        result = con.execute(query)
+        if con.description is None:
+            return pd.DataFrame()
+        return result.df()

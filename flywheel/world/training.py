@@ -1,0 +1,101 @@
+"""Supervised fine-tuning of causal LMs on (prompt, answer) pairs, and accuracy per family.
+
+A plain torch loop: the world's models are tiny, so the loop is bound by
+Python overhead and a Trainer would add only start-up time. Loss is on the
+answer tokens and the EOS only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flywheel.world.tasks import Task, check
+
+log = logging.getLogger(__name__)
+
+
+def _encode(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + a, [-100] * len(p) + a
+
+
+def train_causal_lm(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[tuple[str, str]] | Callable[[random.Random], tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train on a fixed list of (prompt, answer) pairs, or on a sampler of fresh ones.
+
+    Cosine schedule with warm-up; stops early at `time_budget_s`. Returns
+    {"steps", "loss", "seconds"}.
+    """
+    if not callable(examples) and not examples:
+        raise ValueError("examples is empty: nothing to train on")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start, loss_value, step = time.monotonic(), float("nan"), 0
+    for step in range(steps):
+        if callable(examples):
+            batch = [examples(rng) for _ in range(batch_size)]
+        else:
+            batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        encoded = [_encode(tok, p, a) for p, a in batch]
+        width = max(len(ids) for ids, _ in encoded)
+        # right padding for training: positions then match an unpadded prompt
+        input_ids = torch.full((len(encoded), width), tok.pad_token_id)
+        labels = torch.full((len(encoded), width), -100)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if progress and (step % 100 == 0 or step == steps - 1):
+            progress(step, loss_value)
+        if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+            log.info("time budget of %.0fs reached at step %d", time_budget_s, step)
+            break
+    model.eval()
+    return {"steps": step + 1, "loss": loss_value, "seconds": time.monotonic() - start}
+
+
+def accuracy_by_family(tasks: Sequence[Task], answers: Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy per family, plus "all"."""
+    hits: dict[str, list[float]] = defaultdict(list)
+    for task, answer in zip(tasks, answers, strict=True):
+        score = check(task, answer)
+        hits[task.family].append(score)
+        hits["all"].append(score)
+    return {family: sum(v) / len(v) for family, v in sorted(hits.items())}
