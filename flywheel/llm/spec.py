@@ -1,0 +1,107 @@
+"""Configuration for a backend, validated up front, and `make_backend` to build one."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flywheel.llm.base import Backend, BackendError, ModelNotFound
+
+HUB_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether `model` is a hub id already in the local Hugging Face cache (no network)."""
+    if not HUB_ID.match(model):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:
+        return False
+
+
+class BackendSpec(BaseModel):
+    """Which backend to use and how: in process, a running server, or a managed vLLM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["transformers", "openai", "vllm"] = "transformers"
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    server_command: list[str] | None = None
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = "cpu"
+    batch_size: int = Field(32, ge=1)
+    timeout: float = Field(60, gt=0)
+    max_retries: int = Field(4, ge=0)
+    # vLLM compiles and captures CUDA graphs on its first start, which can take minutes.
+    startup_timeout: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> Self:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("base_url is required when kind='openai'")
+        if self.kind == "transformers" and self.base_url:
+            raise ValueError("base_url is only used when kind is 'openai' or 'vllm'")
+        if self.kind != "vllm" and self.server_command is not None:
+            raise ValueError("server_command is only used when kind='vllm'")
+        if self.kind == "vllm":
+            if self.server_command is not None and not self.server_command:
+                raise ValueError("server_command must not be empty")
+            if self.base_url is None:
+                self.base_url = f"http://127.0.0.1:{self.port}/v1"
+            if self.server_command is None:
+                self.server_command = [
+                    *("vllm", "serve", self.model),
+                    *("--host", "127.0.0.1", "--port", str(self.port)),
+                ]
+        return self
+
+    def check(self) -> None:
+        """Fail fast, before expensive work, on a model path or server command that is missing."""
+        if self.kind in ("transformers", "vllm"):
+            looks_like_path = self.model.startswith((".", "/", "~")) or "/" in self.model
+            if (
+                looks_like_path
+                and not Path(self.model).expanduser().exists()
+                and not _in_hub_cache(self.model)
+            ):
+                raise ModelNotFound(
+                    f"model path {self.model!r} does not exist (field: model). "
+                    "Run `flywheel world bootstrap` or pass an existing folder."
+                )
+        if self.kind == "vllm" and self.server_command:
+            exe = self.server_command[0]
+            if shutil.which(exe) is None and not Path(exe).is_file():
+                raise BackendError(
+                    f"server command {exe!r} not found (field: server_command). Install vLLM "
+                    "in its own environment and give the full path to its `vllm` executable."
+                )
+
+
+def make_backend(spec: BackendSpec) -> Backend:
+    """Build the backend a spec describes; for vllm, start the server first."""
+    from flywheel.llm.openai_backend import OpenAIBackend
+
+    spec.check()
+    if spec.kind == "transformers":
+        from flywheel.llm.transformers_backend import TransformersBackend
+
+        return TransformersBackend(spec.model, device=spec.device, batch_size=spec.batch_size)
+    options = dict(timeout=spec.timeout, max_retries=spec.max_retries, batch_size=spec.batch_size)
+    assert spec.base_url is not None  # the validator guarantees it for openai and vllm
+    if spec.kind == "openai":
+        return OpenAIBackend(spec.base_url, spec.model, **options)
+    from flywheel.llm.managed_server import ManagedServer
+
+    assert spec.server_command is not None
+    server = ManagedServer(
+        spec.server_command, spec.base_url, startup_timeout=spec.startup_timeout
+    ).start()
+    return OpenAIBackend(spec.base_url, spec.model, server=server, **options)
