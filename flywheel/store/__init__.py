@@ -1,6 +1,7 @@
 """Datasets on disk (versioned parquet folders) and the DuckDB catalog that views them."""
 
 from flywheel.store.catalog import record_run, refresh_catalog, sql
+from flywheel.store.checkpoint import Checkpoint
 from flywheel.store.datasets import (
     CatalogBusy,
     DatasetNotFound,
@@ -18,6 +19,7 @@ from flywheel.store.datasets import (
 )
 
 __all__ = [
+    "Checkpoint",
     "CatalogBusy",
     "DatasetNotFound",
     "DatasetRef",

@@ -27,7 +27,7 @@ SIZES: dict[str, dict[str, int]] = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
     ),
     "large": dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4
     ),
 }
 
