@@ -7,6 +7,7 @@ skips the chunks that exist, so a killed run neither loses nor duplicates rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 class Checkpoint:
     """A folder of stages; a stage is a list of result rows written chunk by chunk."""
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        """A folder name for the work defined by `parts` (JSON-serialisable inputs)."""
+        blob = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)

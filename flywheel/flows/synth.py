@@ -1,0 +1,179 @@
+"""`synth/reference`: REFED synthesis as a Prefect flow. Wiring only; the method is
+`flywheel.synthesis.refed`."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pyarrow as pa
+from prefect import flow, task
+from pydantic import Field, field_validator
+
+from flywheel.flows.tracking import summary_artifact, tracked_run
+from flywheel.llm import make_backend
+from flywheel.store import (
+    Checkpoint,
+    DatasetRef,
+    DatasetVersionExists,
+    data_root,
+    failed_name,
+    read_dataset,
+    validate_name,
+    write_dataset,
+)
+from flywheel.store.datasets import new_version
+from flywheel.synthesis.refed import RefedConfig, RefedRun, make_teacher, references_from_rows
+from flywheel.world.tasks import sample_tasks
+
+FAILED_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("item_id", pa.string()),
+        ("reference_id", pa.string()),
+        ("raw", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int64()),
+    ]
+)
+
+
+class ReferenceSynthParams(RefedConfig):
+    """Parameters of `synth/reference`: REFED's knobs plus where references come from."""
+
+    seed_dataset: str | None = Field(
+        None, description="store dataset with text columns instruction, response; null: world"
+    )
+    n_references: int = Field(24, ge=1, description="references sampled from the world")
+    output: str = Field("reference_synth", description="name of the dataset to write")
+
+    @field_validator("seed_dataset", "output")
+    @classmethod
+    def _dataset_name(cls, name: str | None) -> str | None:
+        return None if name is None else validate_name(name)
+
+
+def _world_references(params: ReferenceSynthParams) -> DatasetRef:
+    """World tasks as references; same seed and size give the same (reused) version."""
+    version = f"seed{params.seed}_n{params.n_references}"
+    try:
+        return read_dataset("world_references", version)
+    except Exception:
+        rows = [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))]
+        try:
+            return write_dataset("world_references", rows, produced_by="world", version=version)
+        except DatasetVersionExists:  # another run wrote it meanwhile
+            return read_dataset("world_references", version)
+
+
+@task(name="check-inputs")
+def check_inputs(params: ReferenceSynthParams) -> DatasetRef:
+    """Fail fast, before any model is loaded: model paths, seed dataset columns and values."""
+    params.responder.check()
+    if params.teacher_backend is not None:
+        params.teacher_backend.check()
+    ref = read_dataset(params.seed_dataset) if params.seed_dataset else _world_references(params)
+    references_from_rows(ref.to_pandas().to_dict("records"), f"dataset {ref.name}@{ref.version}")
+    return ref
+
+
+def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
+    references = references_from_rows(refs.to_pandas().to_dict("records"), refs.name)
+    config = RefedConfig.model_validate(params.model_dump(include=set(RefedConfig.model_fields)))
+    key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version)
+    workdir = data_root() / "_work" / "refed" / key
+    return RefedRun(
+        references, config, workdir, make_teacher(config), lambda: make_backend(config.responder)
+    )
+
+
+@task(name="collect-feedback")
+def collect_feedback(params: ReferenceSynthParams, refs: DatasetRef) -> int:
+    return len(_refed(params, refs).feedback())
+
+
+@task(name="synthesize-instructions")
+def synthesize_instructions(params: ReferenceSynthParams, refs: DatasetRef) -> int:
+    return sum(c["kept"] for c in _refed(params, refs).instructions())
+
+
+@task(name="generate-responses")
+def generate_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
+    return len(_refed(params, refs).responses())
+
+
+@task(name="refine-responses")
+def refine_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
+    return len(_refed(params, refs).refine())
+
+
+@task(name="write-outputs")
+def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -> dict:
+    """Write feedback, samples and failures; versions are planned once, so a resumed or
+    repeated run reuses them instead of writing the same rows again."""
+    refed = _refed(params, refs)
+    rows, failed, stats = refed.result()
+    names = {
+        "feedback": f"{params.output}_feedback",
+        "samples": params.output,
+        "failed": failed_name(params.output),
+    }
+    planned = refed.ckpt.get("versions")
+    if planned is None:
+        planned = {k: new_version() for k in names}
+        refed.ckpt.put("versions", planned)
+    feedback_rows = [
+        {k: v for k, v in fb.items() if k not in ("requests", "failure")}
+        for fb in refed.feedback()
+        if "failure" not in fb
+    ]
+
+    def write(kind: str, data: list[dict], inputs: list[DatasetRef], **kw) -> DatasetRef:
+        try:
+            return write_dataset(
+                names[kind], data, produced_by=run_id, inputs=inputs, version=planned[kind], **kw
+            )
+        except DatasetVersionExists:
+            stats["reused_earlier_output"] = True
+            return read_dataset(names[kind], planned[kind])
+
+    feedback = write("feedback", feedback_rows, [refs])
+    samples = write("samples", rows, [refs, feedback])
+    failures = write("failed", failed, [refs], schema=FAILED_SCHEMA)
+    return {
+        "stats": stats,
+        "datasets": {
+            "feedback": f"{feedback.name}@{feedback.version}",
+            "samples": f"{samples.name}@{samples.version}",
+            "failed": f"{failures.name}@{failures.version}",
+        },
+    }
+
+
+@flow(name="synth", log_prints=True)
+def reference(params: ReferenceSynthParams | None = None) -> dict:
+    """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
+    params = params or ReferenceSynthParams()
+    started = time.monotonic()
+    with tracked_run("synth/reference", params.model_dump(mode="json")) as run_id:
+        refs = check_inputs(params)
+        collect_feedback(params, refs)
+        synthesize_instructions(params, refs)
+        generate_responses(params, refs)
+        refine_responses(params, refs)
+        out = write_outputs(params, refs, run_id)
+        stats = out["stats"]
+        figures = {
+            "rows written": stats["rows"],
+            "failures": stats["failed"],
+            "references": stats["references"],
+            "feedback requests per synthesized sample": stats["feedback_requests_per_sample"],
+            "samples per reference": stats["samples_per_reference"],
+            "responses changed by refinement": stats["refined_changed"],
+            "dropped by diversity filter": stats["dropped_by_diversity"],
+            "dropped by judge": stats["dropped_by_judge"],
+            "seconds": round(time.monotonic() - started, 2),
+            **{f"dataset: {k}": v for k, v in out["datasets"].items()},
+        }
+        summary_artifact("synth-reference", "REFED synthesis", figures)
+        return out | {"seconds": figures["seconds"]}
