@@ -1,0 +1,37 @@
+"""Every deployment Flywheel serves, each on a nightly schedule."""
+
+from __future__ import annotations
+
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flywheel.flows.synth import reference
+from flywheel.flows.world import bootstrap
+
+NIGHTLY_UTC = {"world/bootstrap": "0 1 * * *", "synth/reference": "0 2 * * *"}
+
+
+def deployments() -> list[RunnerDeployment]:
+    """`<flow>/<deployment>` names as in DESIGN.md; started by hand with
+    `prefect deployment run synth/reference`."""
+    flows = {"world/bootstrap": bootstrap, "synth/reference": reference}
+    out = []
+    for full_name, flow in flows.items():
+        name = full_name.split("/", 1)[1]
+        out.append(
+            flow.to_deployment(
+                name=name,
+                cron=NIGHTLY_UTC[full_name],
+                description=(flow.__doc__ or "").strip().splitlines()[0],
+                # run by module path: works from any folder once the package is installed
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return out
+
+
+def serve_all() -> None:
+    """Register every deployment with its schedule and run what comes due (blocks)."""
+    import prefect
+
+    # pause_on_shutdown=False: schedules stay active while the serve process restarts
+    prefect.serve(*deployments(), pause_on_shutdown=False)
