@@ -142,10 +142,13 @@ GROUP_SHARES = {"plain": 0.8, "spaced": 0.2}
 def group_preference_pairs(n: int, rng: random.Random) -> list[dict]:
     """(group, prompt, chosen, rejected) rows: each group prefers its own style."""
     groups, weights = zip(*GROUP_SHARES.items(), strict=True)
-    rows = []
+    rows: list[dict] = []
     # count answers are one digit: both styles would be the same string
     families = [f for f in FAMILIES if f != "count"]
-    for task in sample_tasks(n, rng, families, min_len=3, max_len=6):
+    while len(rows) < n:
+        task = sample_tasks(1, rng, families, min_len=3, max_len=6)[0]
+        if len(task.answer) < 2:  # e.g. dedup of "aaa": the styles would not differ
+            continue
         group = rng.choices(groups, weights)[0]
         other = next(g for g in groups if g != group)
         rows.append(

@@ -61,7 +61,8 @@ def train_causal_lm(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, loss_value = time.monotonic(), float("nan")
+    start = timed_from = time.monotonic()
+    loss_value = float("nan")
     step = 0
     while step < total:
         if callable(examples):
@@ -88,12 +89,13 @@ def train_causal_lm(
         if progress and (step % 100 == 0 or step == total - 1):
             progress(step, loss_value)
         step += 1
-        if time_budget_s is not None and step == 10:
-            per_step = (time.monotonic() - start) / step
-            total = max(step + 1, min(steps, int(time_budget_s / per_step)))
-            log.info(
-                "%.3fs per step: training %d steps to fit %.0fs", per_step, total, time_budget_s
-            )
+        if step == 2:
+            timed_from = time.monotonic()  # the first steps pay one-off warm-up costs
+        if time_budget_s is not None and step == 12:
+            per_step = (time.monotonic() - timed_from) / 10
+            left = time_budget_s - (time.monotonic() - start)
+            total = max(step + 1, min(steps, step + int(left / per_step)))
+            log.info("%.3fs per step: %d steps fit %.0fs", per_step, total, time_budget_s)
     model.eval()
     return {"steps": step, "loss": loss_value, "seconds": time.monotonic() - start}
 

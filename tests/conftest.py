@@ -1,0 +1,45 @@
+"""Shared fixtures: a data folder per test, the world's models trained once per session,
+and a Prefect test server once per session."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh FLYWHEEL_DATA_DIR for one test."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def world_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """world-small and world-large, trained briefly (seconds, not the default minutes)."""
+    from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models
+
+    root = tmp_path_factory.mktemp("models")
+    config = BootstrapConfig(small_budget_s=4, large_budget_s=8, eval_tasks=60)
+    bootstrap_models(root, config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (SQLite in a temp folder) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()
