@@ -1,0 +1,236 @@
+"""REFED method tests: feedback once per reference, one-shot responses, refinement,
+filters, and failures kept with their raw text."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from flywheel.llm import Backend, BackendError, BackendSpec, TokenLogprob, make_backend
+from flywheel.synthesis.refed import (
+    LLMTeacher,
+    RefedConfig,
+    RefedRun,
+    SeedDataError,
+    references_from_rows,
+)
+from flywheel.synthesis.rouge import diverse_subset, rouge_l
+from flywheel.world.tasks import check, sample_tasks
+from flywheel.world.teacher import WorldTeacher
+
+
+def world_refs(n: int, seed: int = 1):
+    return references_from_rows([t.as_row() for t in sample_tasks(n, random.Random(seed))], "w")
+
+
+class CountingTeacher(WorldTeacher):
+    """The world teacher, counting feedback requests per reference."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.feedback_requests: Counter = Counter()
+
+    def instruction_feedback(self, references, attempt=0):
+        self.feedback_requests.update(r["id"] for r in references)
+        return super().instruction_feedback(references, attempt)
+
+    def response_feedback(self, references, attempt=0):
+        self.feedback_requests.update(r["id"] for r in references)
+        return super().response_feedback(references, attempt)
+
+
+class ScriptedBackend(Backend):
+    """Answers generate() from a function of the prompt; records prompts (unit tests only)."""
+
+    def __init__(self, answer) -> None:
+        self.model = "scripted"
+        self.answer = answer
+        self.prompts: list[str] = []
+
+    def generate(self, prompts: Sequence[str], **kw) -> list[str]:
+        self.prompts += prompts
+        return [self.answer(p) for p in prompts]
+
+    def score(self, prompts, completions) -> list[list[float]]:
+        raise NotImplementedError
+
+    def next_token_topk(self, prefixes, k=5) -> list[list[TokenLogprob]]:
+        raise NotImplementedError
+
+
+def config(world_models: Path, **kw) -> RefedConfig:
+    responder = BackendSpec(model=str(world_models / "world-large"))
+    return RefedConfig(responder=responder, **{"chunk_size": 16, **kw})
+
+
+def test_rouge_l() -> None:
+    assert rouge_l("a b c d", "a b c d") == 1.0
+    assert rouge_l("a b c d", "e f") == 0.0
+    assert rouge_l("the cat sat", "the cat ran") == pytest.approx(2 / 3)
+    assert diverse_subset(["a b", "a b", "c d", "a b c"], 0.7) == [True, False, True, False]
+    assert diverse_subset(["x y"], 0.7, seen=["x y"]) == [False]
+
+
+def test_feedback_once_per_reference_reused_for_all_samples(world_models, tmp_path) -> None:
+    refs = world_refs(12)
+    teacher = CountingTeacher()
+    cfg = config(world_models, samples_per_feature=6)
+    run = RefedRun(refs, cfg, tmp_path, teacher, lambda: make_backend(cfg.responder))
+    rows, failed, stats = run.result()
+    assert not failed
+    # exactly one instruction- and one response-feedback request per reference
+    assert teacher.feedback_requests == Counter({r.id: 2 for r in refs})
+    per_ref = Counter(r["reference_id"] for r in rows)
+    assert min(per_ref.values()) >= 6
+    assert stats["feedback_requests_per_sample"] == pytest.approx(2 * len(refs) / len(rows))
+    assert stats["feedback_requests_per_sample"] < 0.2
+    # refined answers follow the response feedback: every kept answer is correct
+    assert all(check(r["instruction"], r["response"]) == 1.0 for r in rows)
+    assert stats["refined_changed"] == sum(r["refined"] for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_responses_use_the_reference_as_one_shot_example(tmp_path) -> None:
+    refs = world_refs(3)
+    responder = ScriptedBackend(lambda p: "zz")
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
+    rows, _, stats = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder).result()
+    by_id = {r.id: r for r in refs}
+    for row in rows:
+        ref = by_id[row["reference_id"]]
+        prompt = f"{ref.instruction}={ref.response}\n{row['instruction']}="
+        assert prompt in responder.prompts
+        assert row["initial_response"] == "zz" and row["refined"]  # refinement fixed it
+    assert stats["refined_changed"] == len(rows)
+
+
+def test_diversity_filter_drops_near_duplicates(tmp_path) -> None:
+    class Repetitive(WorldTeacher):
+        def new_instructions(self, requests, n, attempt=0):
+            return [{"instructions": ["copy abc"] * n} for _ in requests]
+
+    refs = world_refs(2)
+    responder = ScriptedBackend(lambda p: "abc")
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=4)
+    rows, _, stats = RefedRun(refs, cfg, tmp_path, Repetitive(), lambda: responder).result()
+    assert [r["instruction"] for r in rows] == ["copy abc"]
+    assert stats["dropped_by_diversity"] == stats["instructions_proposed"] - 1
+
+
+def test_judge_filter_drops_low_scores(tmp_path) -> None:
+    class NoRefine(WorldTeacher):
+        def refine(self, requests, attempt=0):
+            return [{"response": resp} for *_, resp in requests]
+
+    refs = world_refs(4)
+    responder = ScriptedBackend(lambda p: "abc")  # right only for `copy abc`-like tasks
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), judge_filter=True)
+    rows, _, stats = RefedRun(refs, cfg, tmp_path, NoRefine(), lambda: responder).result()
+    assert stats["dropped_by_judge"] > 0
+    assert all(r["judge_score"] >= 7 for r in rows)
+
+
+def test_llm_teacher_json_is_validated_and_failures_keep_raw_text(tmp_path) -> None:
+    """An LLM teacher whose answers parse for some references and never for others."""
+    good_feedback = '{"subject_areas": ["copy"], "skills": ["transcription"]}'
+
+    def answer(prompt: str) -> str:
+        if "List the subject areas" in prompt:
+            return "sure! no json here" if "reverse" in prompt else "ok: " + good_feedback
+        if "what makes it good" in prompt:
+            return json.dumps(
+                {
+                    "content_quality": "exact",
+                    "communication": "bare",
+                    "instruction_alignment": "all",
+                }
+            )
+        if "new, different instructions" in prompt:
+            return '{"instructions": ["copy xy", "copy yz"]}'
+        if "Improve the response" in prompt:
+            return '{"response": "fixed"}'
+        raise AssertionError(prompt)
+
+    backend = ScriptedBackend(answer)
+    refs = references_from_rows(
+        [
+            {"instruction": "copy ab", "response": "ab"},
+            {"instruction": "reverse ab", "response": "ba"},
+        ],
+        "seed",
+    )
+    cfg = RefedConfig(
+        responder=BackendSpec(model="unused"),
+        teacher="llm",
+        teacher_backend=BackendSpec(model="unused"),
+        samples_per_feature=2,
+        max_attempts=3,
+    )
+    run = RefedRun(refs, cfg, tmp_path, LLMTeacher(backend), lambda: ScriptedBackend(lambda p: "q"))
+    rows, failed, stats = run.result()
+    assert {r["instruction"] for r in rows} == {"copy xy", "copy yz"}
+    assert all(r["response"] == "fixed" for r in rows)
+    [failure] = failed
+    assert failure["stage"] == "instruction_feedback"
+    assert failure["raw"] == "sure! no json here"
+    assert "no JSON object" in failure["error"] and failure["attempts"] == 3
+    # asked three times for the bad reference, once for the good one
+    asked = [p for p in backend.prompts if "List the subject areas" in p]
+    assert sum("reverse ab" in p for p in asked) == 3 and len(asked) == 4
+
+
+def test_llm_teacher_on_a_real_tiny_model_records_unparseable_answers(
+    world_models, tmp_path
+) -> None:
+    """A real (tiny, untrained for JSON) model as teacher: nothing parses, all is kept."""
+    spec = BackendSpec(model=str(world_models / "world-small"))
+    cfg = RefedConfig(
+        responder=spec, teacher="llm", teacher_backend=spec, max_attempts=2, samples_per_feature=2
+    )
+    with make_backend(spec) as backend:
+        teacher = LLMTeacher(backend, max_new_tokens=24)
+        run = RefedRun(world_refs(3), cfg, tmp_path, teacher, lambda: make_backend(spec))
+        rows, failed, stats = run.result()
+    assert rows == [] and len(failed) == 3
+    assert all(f["raw"] != "" or "no JSON" in f["error"] for f in failed)
+    assert stats["references_with_feedback"] == 0
+
+
+def test_responder_errors_are_recorded_not_dropped(tmp_path) -> None:
+    class Down(ScriptedBackend):
+        def generate(self, prompts, **kw):
+            raise BackendError("server said 503", raw='{"error": "overloaded"}')
+
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
+    rows, failed, _ = RefedRun(
+        world_refs(2), cfg, tmp_path, WorldTeacher(), lambda: Down(lambda p: "")
+    ).result()
+    assert rows == []
+    assert failed and all(f["stage"] == "response" for f in failed)
+    assert all(f["raw"] == '{"error": "overloaded"}' for f in failed)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"instruction": "copy ab"}], "column 'response' is missing"),
+        ([{"instruction": "copy ab", "response": "  "}], "row 0: 'response' is empty"),
+        ([{"instruction": 3, "response": "ab"}], "row 0: 'instruction' must be text, got int"),
+        ([], "no rows"),
+    ],
+)
+def test_bad_seed_rows_name_the_field(rows, message) -> None:
+    with pytest.raises(SeedDataError, match=message):
+        references_from_rows(rows, "dataset seeds")
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="teacher_backend is required"):
+        RefedConfig(responder=BackendSpec(model="x"), teacher="llm")
+    with pytest.raises(ValueError, match="samples_per_feature"):
+        RefedConfig(responder=BackendSpec(model="x"), samples_per_feature=0)
