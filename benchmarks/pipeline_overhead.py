@@ -36,7 +36,7 @@ def task_seconds(flow_run_id: Any) -> dict[str, float]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     seconds: dict[str, float] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
         name = run.name.rsplit("-", 1)[0]  # "collect-feedback-0" -> "collect-feedback"
         if run.start_time and run.end_time:
             seconds[name] = (run.end_time - run.start_time).total_seconds()
