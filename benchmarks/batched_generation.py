@@ -57,9 +57,7 @@ def main(args: argparse.Namespace) -> None:
         models = world_models(args, data)
         for size in ("large", "small"):
             one_s, reference, tokens = measure(models[size], prompts, 1, args)
-            per_size = {
-                "1": {"seconds": one_s, "tokens": tokens, "tokens_per_s": tokens / one_s}
-            }
+            per_size = {"1": {"seconds": one_s, "tokens": tokens, "tokens_per_s": tokens / one_s}}
             rows.append([f"world-{size}", 1, one_s, tokens / one_s, 1.0, "-"])
             for batch_size in args.batch_sizes:
                 seconds, outputs, tokens = measure(models[size], prompts, batch_size, args)

@@ -60,6 +60,7 @@ def bench_env(args: argparse.Namespace) -> Iterator[Path]:
     The project's `data/` is never touched; a temporary folder is removed at the end.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
     tmp = None
     if args.data_dir is not None:
@@ -72,6 +73,7 @@ def bench_env(args: argparse.Namespace) -> Iterator[Path]:
     os.environ["FLYWHEEL_DATA_DIR"] = str(data)
     os.environ["PREFECT_HOME"] = str(data / "_prefect")
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     try:
         yield data
     finally:
@@ -95,9 +97,11 @@ def world_models(args: argparse.Namespace, data: Path) -> dict[str, Path]:
         print(f"bootstrapping the world's tiny models into {root} (about 3 minutes)...")
         bootstrap_models(root, BootstrapConfig())
     paths = {size: model_dir(root, size) for size in SIZES}
-    for size, path in paths.items():
+    for path in paths.values():
         if not (path / "config.json").exists():
-            raise SystemExit(f"{path} holds no model; run `flywheel world bootstrap` or drop --models")
+            raise SystemExit(
+                f"{path} holds no model; run `flywheel world bootstrap` or drop --models"
+            )
     return paths
 
 
