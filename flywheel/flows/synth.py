@@ -11,7 +11,7 @@ from prefect import flow, task
 from pydantic import Field, field_validator
 
 from flywheel.flows.tracking import summary_artifact, tracked_run
-from flywheel.llm import make_backend
+from flywheel.llm import BackendError, make_backend
 from flywheel.store import (
     Checkpoint,
     DatasetRef,
@@ -77,6 +77,21 @@ def check_inputs(params: ReferenceSynthParams) -> DatasetRef:
     return ref
 
 
+def _retry_on_backend_error(task, task_run, state) -> bool:
+    """Retry a model-calling task only for backend errors (a server that went away);
+    its checkpoint makes the retry resume, not restart."""
+    try:
+        state.result()
+    except BackendError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_on_backend_error)
+
+
 def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     references = references_from_rows(refs.to_pandas().to_dict("records"), refs.name)
     config = RefedConfig.model_validate(params.model_dump(include=set(RefedConfig.model_fields)))
@@ -87,22 +102,22 @@ def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     )
 
 
-@task(name="collect-feedback")
+@task(name="collect-feedback", **MODEL_CALLS)
 def collect_feedback(params: ReferenceSynthParams, refs: DatasetRef) -> int:
     return len(_refed(params, refs).feedback())
 
 
-@task(name="synthesize-instructions")
+@task(name="synthesize-instructions", **MODEL_CALLS)
 def synthesize_instructions(params: ReferenceSynthParams, refs: DatasetRef) -> int:
     return sum(c["kept"] for c in _refed(params, refs).instructions())
 
 
-@task(name="generate-responses")
+@task(name="generate-responses", **MODEL_CALLS)
 def generate_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
     return len(_refed(params, refs).responses())
 
 
-@task(name="refine-responses")
+@task(name="refine-responses", **MODEL_CALLS)
 def refine_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
     return len(_refed(params, refs).refine())
 

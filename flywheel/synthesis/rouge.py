@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 
@@ -30,17 +31,37 @@ def rouge_l(a: str, b: str) -> float:
 def diverse_subset(texts: Iterable[str], threshold: float, seen: Iterable[str] = ()) -> list[bool]:
     """Keep a text only if its ROUGE-L with every text kept before (and `seen`) is <= threshold.
 
-    Returns a keep-flag per text, in order. Exact repeats are caught by a set
-    before any LCS is computed.
+    Returns a keep-flag per text, in order. An inverted index counts shared
+    tokens, an upper bound on the LCS, so the exact LCS is computed only for
+    pairs that could pass the threshold; without it the filter is quadratic
+    in LCS computations and dominates large runs.
     """
-    kept: list[str] = list(seen)
-    kept_set = {t.lower().strip() for t in kept}
+    kept_tokens: list[list[str]] = []
+    index: dict[str, list[tuple[int, int]]] = defaultdict(list)  # token -> (kept id, count)
+
+    def add(tokens: list[str]) -> None:
+        for token, count in Counter(tokens).items():
+            index[token].append((len(kept_tokens), count))
+        kept_tokens.append(tokens)
+
+    for text in seen:
+        add(text.lower().split())
     flags = []
     for text in texts:
-        key = text.lower().strip()
-        ok = key not in kept_set and all(rouge_l(text, k) <= threshold for k in kept)
+        tokens = text.lower().split()
+        shared: Counter = Counter()
+        for token, count in Counter(tokens).items():
+            for j, kept_count in index.get(token, ()):
+                shared[j] += min(count, kept_count)
+        ok = bool(tokens)
+        for j, overlap in shared.items():
+            other = kept_tokens[j]
+            if 2 * overlap / (len(tokens) + len(other)) <= threshold:
+                continue  # even a perfect LCS could not pass the threshold
+            if rouge_l(text, " ".join(other)) > threshold:
+                ok = False
+                break
         flags.append(ok)
         if ok:
-            kept.append(text)
-            kept_set.add(key)
+            add(tokens)
     return flags
