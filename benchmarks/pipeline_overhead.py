@@ -1,13 +1,14 @@
 """Pipeline overhead of `synth/reference`: the whole Prefect flow vs the backend alone.
 
 The flow runs end to end in this process under Prefect's test harness (the
-harness's server start-up is not timed; a tiny warm-up flow runs first). Then
+harness's server start-up is not timed; a tiny warm-up flow runs first),
+`--flow-runs` times with new seeds so that nothing is cached. Then
 the responder backend generates the very prompts REFED built (its one-shot
 prompts, rebuilt from the run's checkpointed candidates) with the same
 max_new_tokens, stop string and batch size, after a warm-up. The ratio
 flow seconds / generation seconds is the price of everything around generation
 (checks, feedback, instructions and the ROUGE-L filter, refinement, writes,
-catalog, Prefect). Target: at most 1.25.
+catalog, Prefect); the median over the runs is reported. Target: at most 1.25.
 
     .venv/bin/python benchmarks/pipeline_overhead.py --quick --models data/_models
 """
@@ -79,9 +80,23 @@ def run_flow(params: Any) -> tuple[float, dict, dict[str, float]]:
     return seconds, result, task_seconds(state.state_details.flow_run_id)
 
 
+def time_direct(
+    backend: Any, prompts: list[str], options: dict, repeats: int
+) -> tuple[float, list[str]]:
+    """Median seconds of `backend.generate(prompts)` over repeats, and its outputs."""
+    backend.generate(prompts[: 2 * backend.batch_size], **options)  # warm-up
+    times, outputs = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        outputs = backend.generate(prompts, **options)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), outputs
+
+
 def main(args: argparse.Namespace) -> None:
     if args.references is None:
-        args.references = 32 if args.quick else 120
+        args.references = 32 if args.quick else 240
+    seeds = [args.seed + i for i in range(args.flow_runs)]
     with bench_env(args) as data:
         models = world_models(args, data)
         from prefect.testing.utilities import prefect_test_harness
@@ -94,87 +109,115 @@ def main(args: argparse.Namespace) -> None:
         )
 
         def params(output: str, n: int, per_feature: int, seed: int) -> ReferenceSynthParams:
+            chunking = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
             return ReferenceSynthParams(
                 output=output,
                 n_references=n,
                 samples_per_feature=per_feature,
                 responder=responder,
                 seed=seed,
+                **chunking,
             )
 
         print("starting the Prefect test harness (not timed)...")
+        flows = []
         with prefect_test_harness(server_startup_timeout=60):
             warm_s, _, _ = run_flow(params("bench_warmup", 2, 1, args.seed + 1000))
             print(f"warm-up flow: {warm_s:.1f}s")
-            flow_params = params("bench_synth", args.references, args.per_feature, args.seed)
-            flow_s, result, tasks = run_flow(flow_params)
-        stats = result["stats"]
-        samples_version = result["datasets"]["samples"].split("@", 1)[1]
-        prompts, flow_responses = refed_prompts(data, samples_version)
-        print(f"flow: {flow_s:.1f}s for {len(prompts)} prompts, {stats['rows']} rows")
+            for seed in seeds:  # a new seed each time: new references, nothing cached
+                flow_params = params(f"bench_synth_{seed}", args.references, args.per_feature, seed)
+                flows.append(run_flow(flow_params))
+                print(f"flow (seed {seed}): {flows[-1][0]:.1f}s")
 
         backend = TransformersBackend(
             models["large"], device=args.device, batch_size=args.batch_size
         )
-        options = dict(max_new_tokens=flow_params.max_new_tokens, stop=["\n"], seed=args.seed)
-        backend.generate(prompts[: 2 * args.batch_size], **options)  # warm-up
-        times, direct = [], []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            direct = backend.generate(prompts, **options)
-            times.append(time.perf_counter() - started)
+        options = dict(max_new_tokens=flow_params.max_new_tokens, stop=["\n"])
+        runs = []
+        for seed, (flow_s, result, tasks) in zip(seeds, flows, strict=True):
+            stats = result["stats"]
+            samples_version = result["datasets"]["samples"].split("@", 1)[1]
+            prompts, flow_responses = refed_prompts(data, samples_version)
+            direct_s, direct = time_direct(backend, prompts, options | {"seed": seed}, args.repeats)
+            same = sum(a.strip() == b for a, b in zip(direct, flow_responses, strict=True))
+            runs.append(
+                {
+                    "seed": seed,
+                    "prompts_generated": len(prompts),
+                    "rows_written": stats["rows"],
+                    "failed_rows": stats["failed"],
+                    "feedback_requests_per_sample": stats["feedback_requests_per_sample"],
+                    "samples_per_reference": stats["samples_per_reference"],
+                    "dropped_by_diversity": stats["dropped_by_diversity"],
+                    "flow_seconds": flow_s,
+                    "flow_task_seconds": tasks,
+                    "flow_seconds_outside_tasks": flow_s - sum(tasks.values()),
+                    "direct_generation_seconds": direct_s,
+                    "direct_matches_flow_responses": same / len(prompts),
+                    "ratio_flow_over_generation": flow_s / direct_s,
+                }
+            )
         backend.close()
-        direct_s = statistics.median(times)
 
-    same = sum(a.strip() == b for a, b in zip(direct, flow_responses, strict=True))
-    ratio = flow_s / direct_s
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    ratio = median("ratio_flow_over_generation")
+    task_names = list(runs[0]["flow_task_seconds"])
     figures = {
         "references": args.references,
         "samples_per_feature": args.per_feature,
         "batch_size": args.batch_size,
+        "chunk_size": flow_params.chunk_size,
         "max_new_tokens": flow_params.max_new_tokens,
-        "prompts_generated": len(prompts),
-        "rows_written": stats["rows"],
-        "failed_rows": stats["failed"],
-        "feedback_requests_per_sample": stats["feedback_requests_per_sample"],
-        "samples_per_reference": stats["samples_per_reference"],
-        "dropped_by_diversity": stats["dropped_by_diversity"],
         "warmup_flow_seconds": warm_s,
-        "flow_seconds": flow_s,
-        "flow_task_seconds": tasks,
-        "direct_generation_seconds": direct_s,
-        "direct_generation_repeats": times,
-        "direct_matches_flow_responses": same / len(prompts),
+        "runs": runs,
+        "median_flow_seconds": median("flow_seconds"),
+        "median_direct_generation_seconds": median("direct_generation_seconds"),
         "ratio_flow_over_generation": ratio,
         "target": TARGET,
         "meets_target": ratio <= TARGET,
         "models": model_info(models),
     }
+
+    def row(name: str, values: list[Any]) -> list[Any]:
+        numbers = [v for v in values if isinstance(v, int | float)]
+        return [name, *values, statistics.median(numbers) if numbers else ""]
+
     rows = [
-        ["references", args.references],
-        ["samples per feature", args.per_feature],
-        ["prompts generated", len(prompts)],
-        ["rows written", stats["rows"]],
-        ["feedback requests per sample", stats["feedback_requests_per_sample"]],
-        ["flow wall s (warm)", flow_s],
-        *[[f"  task {name} s", s] for name, s in tasks.items()],
-        ["direct generation s (median)", direct_s],
-        ["direct == flow responses", f"{same}/{len(prompts)}"],
-        ["ratio flow / generation", ratio],
-        ["target", f"<= {TARGET} ({'met' if ratio <= TARGET else 'NOT met'})"],
+        row("prompts generated", [r["prompts_generated"] for r in runs]),
+        row("rows written", [r["rows_written"] for r in runs]),
+        row("feedback requests per sample", [r["feedback_requests_per_sample"] for r in runs]),
+        row("flow wall s", [r["flow_seconds"] for r in runs]),
+        *[
+            row(f"  task {name} s", [r["flow_task_seconds"].get(name, 0.0) for r in runs])
+            for name in task_names
+        ],
+        row(
+            "  outside tasks (Prefect, tracking) s", [r["flow_seconds_outside_tasks"] for r in runs]
+        ),
+        row("direct generation s", [r["direct_generation_seconds"] for r in runs]),
+        row("direct == flow responses", [r["direct_matches_flow_responses"] for r in runs]),
+        row("ratio flow / generation", [r["ratio_flow_over_generation"] for r in runs]),
     ]
-    print()
-    print(table(["figure", "value"], rows))
-    seeds = [args.seed]
+    print(f"\n{args.references} references, samples_per_feature {args.per_feature}, ", end="")
+    print(f"batch {args.batch_size}, chunk {flow_params.chunk_size}\n")
+    print(table(["figure", *[f"seed {s}" for s in seeds], "median"], rows))
+    verdict = "met" if ratio <= TARGET else "NOT met"
+    print(f"\nratio (median) {ratio:.3f}; target <= {TARGET}: {verdict}")
     write_results("pipeline_overhead", args, seeds, json.loads(json.dumps(figures)), args.device)
 
 
 if __name__ == "__main__":
     parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--references", type=int, help="default 120 (quick: 32)")
+    parser.add_argument("--references", type=int, help="default 240 (quick: 32)")
     parser.add_argument("--per-feature", type=int, default=8, help="samples_per_feature")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--chunk-size", type=int, help="REFED checkpoint chunk size (default: RefedConfig's)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="direct generation repeats")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="first flow run's seed")
+    parser.add_argument("--flow-runs", type=int, default=3, help="measured flow runs (median)")
     main(parser.parse_args())
