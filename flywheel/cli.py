@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -129,7 +128,7 @@ def _deployments_registered() -> bool:
 
 @world_app.command("bootstrap")
 def world_bootstrap(
-    small_budget_s: float = typer.Option(40.0), large_budget_s: float = typer.Option(125.0)
+    small_steps: int = typer.Option(1300), large_steps: int = typer.Option(1250)
 ) -> None:
     """Train the world's tiny models without Prefect (the `world/bootstrap` flow does the same)."""
     from flywheel.world.bootstrap import (
@@ -140,10 +139,9 @@ def world_bootstrap(
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = BootstrapConfig(small_budget_s=small_budget_s, large_budget_s=large_budget_s)
+    config = BootstrapConfig(small_steps=small_steps, large_steps=large_steps)
     report = bootstrap_models(models_root(), config)
     typer.echo(format_report(report))
-    typer.echo(json.dumps({k: v["path"] for k, v in report["models"].items()}))
 
 
 def main() -> None:

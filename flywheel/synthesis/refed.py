@@ -159,7 +159,7 @@ class RefedConfig(BaseModel):
     judge_filter: bool = False
     judge_min_score: float = Field(7.0, ge=0, le=10)
     max_attempts: int = Field(3, ge=1, le=10)
-    chunk_size: int = Field(64, ge=1)
+    chunk_size: int = Field(256, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -347,7 +347,11 @@ class RefedRun:
     def responses(self) -> list[dict]:
         """Stage 3: the responder answers each kept instruction, its reference as one-shot."""
         cfg = self.config
-        items = [c for c in self.instructions() if c["kept"]]
+        # similar lengths in a chunk: the backend pads each batch to its longest prompt
+        items = sorted(
+            (c for c in self.instructions() if c["kept"]),
+            key=lambda c: len(c["instruction"]) + len(self._by_id[c["reference_id"]].instruction),
+        )
         responder: Backend | None = None
 
         def run(chunk: list[dict]) -> list[dict]:

@@ -28,12 +28,14 @@ HARD_MIN_LEN = 6
 
 
 class BootstrapConfig(BaseModel):
-    small_budget_s: float = 40.0
+    # steps make the models reproducible; the time budgets only cap a slow or busy machine
+    small_steps: int = 2400
+    large_steps: int = 2400
+    small_budget_s: float = 45.0
     large_budget_s: float = 125.0
-    small_lr: float = 5e-3
-    large_lr: float = 5e-3
-    max_steps: int = 20_000
-    batch_size: int = 64
+    small_lr: float = 3e-3
+    large_lr: float = 2e-3
+    batch_size: int = 32
     seed: int = 0
     eval_tasks: int = 600
 
@@ -94,13 +96,14 @@ def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) ->
                 log.info("world-%s already trained with this config: %s", size, path)
                 report["models"][size] = previous
                 continue
-        log.info("training world-%s for about %.0fs", size, budget)
+        steps = config.small_steps if size == "small" else config.large_steps
+        log.info("training world-%s: %d steps, at most %.0fs", size, steps, budget)
         model = new_tiny_model(size, seed=config.seed)
         stats = train_causal_lm(
             model,
             char_tokenizer(),
             world_example,
-            steps=config.max_steps,
+            steps=steps,
             batch_size=config.batch_size,
             lr=config.small_lr if size == "small" else config.large_lr,
             seed=config.seed,

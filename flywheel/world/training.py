@@ -42,9 +42,9 @@ def train_causal_lm(
 ) -> dict:
     """Train on a fixed list of (prompt, answer) pairs, or on a sampler of fresh ones.
 
-    Cosine schedule with warm-up. With `time_budget_s`, the first 10 steps are
-    timed and the schedule is shortened to fit the budget, so the learning
-    rate still anneals. Returns {"steps", "loss", "seconds"}.
+    Cosine schedule with warm-up. With `time_budget_s`, step time is measured
+    as training goes and the schedule is shortened to fit the budget, so the
+    learning rate still anneals. Returns {"steps", "loss", "seconds"}.
     """
     if not callable(examples) and not examples:
         raise ValueError("examples is empty: nothing to train on")
@@ -79,7 +79,10 @@ def train_causal_lm(
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        device = model.device
+        loss = model(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,11 +94,14 @@ def train_causal_lm(
         step += 1
         if step == 2:
             timed_from = time.monotonic()  # the first steps pay one-off warm-up costs
-        if time_budget_s is not None and step == 12:
-            per_step = (time.monotonic() - timed_from) / 10
+        if time_budget_s is not None and step % 50 == 12:
+            # re-plan every 50 steps: step time drifts on a shared machine
+            per_step = (time.monotonic() - timed_from) / (step - 2)
             left = time_budget_s - (time.monotonic() - start)
-            total = max(step + 1, min(steps, step + int(left / per_step)))
-            log.info("%.3fs per step: %d steps fit %.0fs", per_step, total, time_budget_s)
+            planned = max(step + 1, min(steps, step + int(left / per_step)))
+            if planned != total:
+                log.info("%.3fs per step: %d steps fit %.0fs", per_step, planned, time_budget_s)
+            total = planned
     model.eval()
     return {"steps": step, "loss": loss_value, "seconds": time.monotonic() - start}
 
