@@ -2,8 +2,10 @@
 vs on the REFED-synthesized set built from the same references.
 
 Per seed: sample N seed references from the world; run REFED on them (world
-teacher, world-large as responder); then train the SAME fresh random init of
-world-small for the SAME steps and batch size on
+teacher, world-large as responder); then fine-tune the SAME starting model for
+the SAME steps and batch size: by default the bootstrapped world-small (as the
+paper fine-tunes a pretrained model), or with `--init scratch` a fresh random
+init; on
 
   (a) the seed references alone,
   (b) REFED: the seed references plus the synthesized samples (refined responses),
@@ -35,6 +37,7 @@ from common import (
 )
 
 ARMS = {
+    "base": "bootstrapped world-small, not fine-tuned",
     "seeds": "(a) seed references only",
     "refed": "(b) REFED (seeds + synthesized)",
     "refed_unrefined": "(c) REFED, unrefined responses",
@@ -65,14 +68,24 @@ def run_refed(
 
 
 def train_and_evaluate(
-    examples: list[tuple[str, str]], tasks: list, seed: int, folder: Path, args: argparse.Namespace
+    examples: list[tuple[str, str]],
+    tasks: list,
+    seed: int,
+    folder: Path,
+    args: argparse.Namespace,
+    init: Path | None,
 ) -> dict:
-    """Fine-tune a fresh world-small (init from `seed`) and evaluate it on `tasks`."""
+    """Fine-tune world-small (the bootstrapped one at `init`, or a fresh random init from
+    `seed` when init is None) and evaluate it on `tasks`."""
+    from transformers import AutoModelForCausalLM
+
     from flywheel.world.bootstrap import evaluate_model
     from flywheel.world.models import char_tokenizer, new_tiny_model, save_tiny
     from flywheel.world.training import train_causal_lm
 
-    model = new_tiny_model("small", seed=seed)
+    model = (
+        AutoModelForCausalLM.from_pretrained(init) if init else new_tiny_model("small", seed=seed)
+    )
     train = train_causal_lm(
         model,
         char_tokenizer(),
@@ -86,14 +99,23 @@ def train_and_evaluate(
     return {"train_examples": len(examples), "train": train, **evaluate_model(folder, tasks)}
 
 
-def one_seed(seed: int, large: Path, work: Path, args: argparse.Namespace) -> dict:
+def evaluate_model_at(folder: Path, tasks: list) -> dict:
+    from flywheel.world.bootstrap import evaluate_model
+
+    return {"train": {"steps": 0, "seconds": 0.0}, **evaluate_model(folder, tasks)}
+
+
+def one_seed(seed: int, models: dict, work: Path, args: argparse.Namespace) -> dict:
     from flywheel.synthesis.refed import references_from_rows
     from flywheel.world.bootstrap import held_out_tasks
     from flywheel.world.tasks import SEP, sample_tasks
 
     seed_tasks = sample_tasks(args.references, random.Random(seed))
     references = references_from_rows([t.as_row() for t in seed_tasks], f"world seed {seed}")
-    rows, stats = run_refed(references, large, seed, work / f"refed-{seed}", args.per_feature)
+    rows, stats = run_refed(
+        references, models["large"], seed, work / f"refed-{seed}", args.per_feature
+    )
+    init = models["small"] if args.init == "world-small" else None
     seeds_only = [(r.instruction + SEP, r.response) for r in references]
     sets = {
         "seeds": seeds_only,
@@ -104,8 +126,10 @@ def one_seed(seed: int, large: Path, work: Path, args: argparse.Namespace) -> di
     trained_on = {r.instruction for r in references} | {r["instruction"] for r in rows}
     tasks = [t for t in held_out_tasks(args.eval_tasks) if t.instruction not in trained_on]
     arms = {}
+    if init is not None:  # the starting point itself, for reference
+        arms["base"] = {"train_examples": 0, **evaluate_model_at(init, tasks)}
     for arm, examples in sets.items():
-        arms[arm] = train_and_evaluate(examples, tasks, seed, work / f"{arm}-{seed}", args)
+        arms[arm] = train_and_evaluate(examples, tasks, seed, work / f"{arm}-{seed}", args, init)
         print(
             f"  seed {seed} {arm}: {len(examples)} examples, "
             f"{arms[arm]['train']['seconds']:.0f}s, accuracy {arms[arm]['accuracy']['all']:.3f}"
@@ -127,22 +151,25 @@ def one_seed(seed: int, large: Path, work: Path, args: argparse.Namespace) -> di
 def main(args: argparse.Namespace) -> None:
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     if args.steps is None:
-        args.steps = 800 if args.quick else 2000
+        args.steps = (300 if args.quick else 600) if args.init == "world-small" else 2000
+    if args.lr is None:
+        args.lr = 1e-3 if args.init == "world-small" else 5e-3
     per_seed: dict[int, dict] = {}
     with bench_env(args) as data:
         models = world_models(args, data)
         for seed in seeds:
             print(f"seed {seed}: REFED on {args.references} references, then 3 fine-tunes")
-            per_seed[seed] = one_seed(seed, models["large"], data / "_bench", args)
+            per_seed[seed] = one_seed(seed, models, data / "_bench", args)
         info = model_info(models)
 
+    arms_run = [a for a in ARMS if a in per_seed[seeds[0]]["arms"]]
     families = list(per_seed[seeds[0]]["arms"]["seeds"]["accuracy"])  # sorted, with "all"
     families = [f for f in families if f != "all"] + ["all"]
     summary: dict[str, dict[str, list[float]]] = {}
     rows = []
     for family in [*families, "hard"]:
         row: list = [family if family != "hard" else "all, len>=6"]
-        for arm in ARMS:
+        for arm in arms_run:
             if family == "hard":
                 values = [per_seed[s]["arms"][arm]["accuracy_hard"]["all"] for s in seeds]
             else:
@@ -152,8 +179,11 @@ def main(args: argparse.Namespace) -> None:
             row.append(f"{mean:.3f} ± {std:.3f}")
         rows.append(row)
     print(f"\nheld-out accuracy of world-small, mean ± std over seeds {seeds}")
-    print(f"({args.steps} steps, batch {args.batch_size}, {args.references} seed references)\n")
-    print(table(["family", *ARMS.values()], rows))
+    print(
+        f"(from {args.init}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
+        f"{args.references} seed references)\n"
+    )
+    print(table(["family", *(ARMS[a] for a in arms_run)], rows))
 
     stat_names = [
         "synthesized_samples",
@@ -176,6 +206,7 @@ def main(args: argparse.Namespace) -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "init": args.init,
         "eval_tasks_requested": args.eval_tasks,
         "accuracy_mean_std": summary,
         "refed_mean": refed_mean,
@@ -189,9 +220,18 @@ if __name__ == "__main__":
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--references", type=int, default=24, help="seed references per seed")
     parser.add_argument("--per-feature", type=int, default=8, help="REFED samples_per_feature")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default 2000, quick 800)")
+    parser.add_argument(
+        "--steps", type=int, help="fine-tuning steps (world-small: 600, quick 300; scratch: 2000)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, help="default 1e-3 from world-small, 5e-3 scratch")
+    parser.add_argument(
+        "--init",
+        choices=["world-small", "scratch"],
+        default="world-small",
+        help="fine-tune the bootstrapped world-small (as the paper fine-tunes a pretrained "
+        "model) or a fresh random init",
+    )
     parser.add_argument("--eval-tasks", type=int, default=600, help="held-out world tasks")
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0 1)")
     main(parser.parse_args())
