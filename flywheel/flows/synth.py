@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
+from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, task
@@ -14,6 +16,7 @@ from flywheel.flows.tracking import summary_artifact, tracked_run
 from flywheel.llm import BackendError, make_backend
 from flywheel.store import (
     Checkpoint,
+    DatasetNotFound,
     DatasetRef,
     DatasetVersionExists,
     data_root,
@@ -23,6 +26,7 @@ from flywheel.store import (
     write_dataset,
 )
 from flywheel.store.datasets import new_version
+from flywheel.synthesis import refed as refed_module
 from flywheel.synthesis.refed import RefedConfig, RefedRun, make_teacher, references_from_rows
 from flywheel.world.tasks import sample_tasks
 
@@ -58,7 +62,7 @@ def _world_references(params: ReferenceSynthParams) -> DatasetRef:
     version = f"seed{params.seed}_n{params.n_references}"
     try:
         return read_dataset("world_references", version)
-    except Exception:
+    except DatasetNotFound:
         rows = [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))]
         try:
             return write_dataset("world_references", rows, produced_by="world", version=version)
@@ -95,7 +99,9 @@ MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_
 def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     references = references_from_rows(refs.to_pandas().to_dict("records"), refs.name)
     config = RefedConfig.model_validate(params.model_dump(include=set(RefedConfig.model_fields)))
-    key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version)
+    # inputs + source: a change to the method's code starts the work afresh
+    source = hashlib.sha256(Path(refed_module.__file__).read_bytes()).hexdigest()
+    key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version, source)
     workdir = data_root() / "_work" / "refed" / key
     return RefedRun(
         references, config, workdir, make_teacher(config), lambda: make_backend(config.responder)
