@@ -13,7 +13,8 @@ echo
 echo "== what synth/reference wrote (flywheel sql) =="
 flywheel sql "select family, count(*) as samples, round(avg(refined::int), 2) as refined_share
               from reference_synth group by 1 order by 1"
-flywheel sql "select dataset, version, produced_by from lineage order by recorded desc limit 5"
+flywheel sql "select dataset, version, input_dataset, produced_by as run_id from lineage
+              order by recorded desc limit 5"
 cat <<MSG
 
 The Prefect server (UI: http://127.0.0.1:4200) and the serve process are still running;

@@ -234,3 +234,21 @@ def test_config_errors_name_the_field() -> None:
         RefedConfig(responder=BackendSpec(model="x"), teacher="llm")
     with pytest.raises(ValueError, match="samples_per_feature"):
         RefedConfig(responder=BackendSpec(model="x"), samples_per_feature=0)
+
+
+def test_response_template_and_stop_are_configurable(tmp_path) -> None:
+    """A user's seed data in natural language gets a readable one-shot prompt."""
+    refs = references_from_rows([{"instruction": "copy abc", "response": "abc"}], "seed")
+    responder = ScriptedBackend(lambda p: "abc")
+    template = "Example:\nQ: {example_instruction}\nA: {example_response}\n\nQ: {instruction}\nA:"
+    cfg = RefedConfig(
+        responder=BackendSpec(model="unused"),
+        samples_per_feature=1,
+        response_template=template,
+        response_stop=["\nQ:"],
+    )
+    rows, _, _ = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder).result()
+    assert rows
+    assert all(p.startswith("Example:\nQ: copy abc\nA: abc\n\nQ: ") for p in responder.prompts)
+    with pytest.raises(ValueError, match="response_template must contain"):
+        RefedConfig(responder=BackendSpec(model="x"), response_template="{example_instruction}")

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from flywheel.llm import Backend, BackendError, BackendSpec
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
-from flywheel.world.tasks import one_shot_prompt, parse_instruction
+from flywheel.world.tasks import SEP, parse_instruction
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,13 @@ class RefedConfig(BaseModel):
     teacher: Literal["world", "llm"] = "world"
     teacher_backend: BackendSpec | None = None
     responder: BackendSpec = Field(default_factory=default_responder)
+    # the one-shot prompt the responder sees; the default is the world's format
+    # (flywheel.world.tasks.one_shot_prompt)
+    response_template: str = Field(
+        "{example_instruction}" + SEP + "{example_response}\n{instruction}" + SEP,
+        description="fields: {example_instruction}, {example_response}, {instruction}",
+    )
+    response_stop: list[str] | None = Field(["\n"], description="stop strings for responses")
     max_new_tokens: int = Field(16, ge=1)
     diversity_threshold: float | None = Field(
         0.7, ge=0, le=1, description="ROUGE-L above which a new instruction is dropped; null: off"
@@ -161,6 +168,20 @@ class RefedConfig(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10)
     chunk_size: int = Field(256, ge=1)
     seed: int = 0
+
+    @field_validator("response_template")
+    @classmethod
+    def _template_fields(cls, template: str) -> str:
+        try:
+            template.format(example_instruction="", example_response="", instruction="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"response_template may only use {{example_instruction}}, "
+                f"{{example_response}} and {{instruction}}: {err!r}"
+            ) from err
+        if "{instruction}" not in template:
+            raise ValueError("response_template must contain {instruction}")
+        return template
 
     @model_validator(mode="after")
     def _llm_teacher_needs_backend(self) -> RefedConfig:
@@ -360,10 +381,19 @@ class RefedRun:
             prompts = []
             for c in chunk:
                 ref = self._by_id[c["reference_id"]]
-                prompts.append(one_shot_prompt(ref.instruction, ref.response, c["instruction"]))
+                prompts.append(
+                    cfg.response_template.format(
+                        example_instruction=ref.instruction,
+                        example_response=ref.response,
+                        instruction=c["instruction"],
+                    )
+                )
             try:
                 texts = responder.generate(
-                    prompts, max_new_tokens=cfg.max_new_tokens, stop=["\n"], seed=cfg.seed
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    stop=cfg.response_stop,
+                    seed=cfg.seed,
                 )
             except BackendError as err:
                 fail = {"raw": err.raw or "", "error": f"responder: {err}", "attempts": 1}
