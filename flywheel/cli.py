@@ -95,7 +95,8 @@ def up(wait_s: float = typer.Option(60, help="seconds to wait for the deployment
             typer.echo("deployments registered: " + ", ".join(_deployment_names()))
             return
         time.sleep(1)
-    raise typer.Exit(f"deployments did not appear in {wait_s:.0f}s; see data/_run/serve.log")
+    typer.echo(f"deployments did not appear in {wait_s:.0f}s; see data/_run/serve.log", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -128,7 +129,8 @@ def _deployments_registered() -> bool:
 
 @world_app.command("bootstrap")
 def world_bootstrap(
-    small_steps: int = typer.Option(1300), large_steps: int = typer.Option(1250)
+    small_steps: int | None = typer.Option(None, help="default: BootstrapConfig's"),
+    large_steps: int | None = typer.Option(None, help="default: BootstrapConfig's"),
 ) -> None:
     """Train the world's tiny models without Prefect (the `world/bootstrap` flow does the same)."""
     from flywheel.world.bootstrap import (
@@ -139,7 +141,8 @@ def world_bootstrap(
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = BootstrapConfig(small_steps=small_steps, large_steps=large_steps)
+    overrides = {"small_steps": small_steps, "large_steps": large_steps}
+    config = BootstrapConfig(**{k: v for k, v in overrides.items() if v is not None})
     report = bootstrap_models(models_root(), config)
     typer.echo(format_report(report))
 

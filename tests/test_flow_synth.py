@@ -22,10 +22,12 @@ from flywheel.synthesis.refed import RefedConfig, RefedRun, SeedDataError, refer
 
 
 def params(world_models: Path, **kw) -> ReferenceSynthParams:
-    responder = BackendSpec(model=str(world_models / "world-large"))
-    return ReferenceSynthParams(
-        responder=responder, **{"n_references": 8, "samples_per_feature": 4, **kw}
+    defaults = dict(
+        responder=BackendSpec(model=str(world_models / "world-large")),
+        n_references=8,
+        samples_per_feature=4,
     )
+    return ReferenceSynthParams(**{**defaults, **kw})
 
 
 def test_flow_writes_datasets_catalog_lineage_and_artifact(
@@ -164,3 +166,37 @@ def test_run_killed_halfway_resumes_without_losing_or_duplicating_rows(
     assert set(got.index) == set(want)
     assert all(tuple(got.loc[i]) == want[i] for i in want)
     shutil.rmtree(workdir)
+
+
+def test_nothing_synthesized_still_writes_failures(prefect_api, world_models, data_dir) -> None:
+    """A real tiny model as LLM teacher cannot write JSON: every reference fails feedback.
+    The run completes, the failures are kept with their raw text, the samples are empty."""
+    teacher = BackendSpec(model=str(world_models / "world-small"))
+    p = params(world_models, n_references=3, teacher="llm", teacher_backend=teacher, max_attempts=1)
+    out = reference(p)
+    assert out["stats"]["rows"] == 0 and out["stats"]["failed"] == 3
+    assert read_dataset("reference_synth").num_rows == 0
+    failed = read_dataset("reference_synth__failed").to_pandas()
+    assert set(failed["stage"]) == {"instruction_feedback"}
+    # raw is whatever the model wrote (here often nothing), never replaced by a default
+    assert failed["raw"].notna().all()
+    assert failed["error"].str.contains("no JSON object").all()
+    assert sql("select count(*) n from reference_synth__failed")["n"][0] == 3
+
+
+def test_world_teacher_rejects_data_it_cannot_know(prefect_api, world_models, data_dir) -> None:
+    write_dataset("prose", [{"instruction": "Write a haiku about rain", "response": "..."}])
+    with pytest.raises(SeedDataError, match="teacher 'world' knows only world tasks"):
+        reference(params(world_models, seed_dataset="prose"))
+
+
+def test_new_model_weights_invalidate_the_cache(prefect_api, world_models, data_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world_models / "world-large", model)
+    p = params(world_models, responder=BackendSpec(model=str(model)))
+    first = reference(p)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, new file: a retrained model
+    second = reference(p)
+    assert second["datasets"]["samples"] != first["datasets"]["samples"]
+    assert len(list((data_dir / "_work" / "refed").iterdir())) == 2

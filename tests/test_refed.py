@@ -201,18 +201,37 @@ def test_llm_teacher_on_a_real_tiny_model_records_unparseable_answers(
     assert stats["references_with_feedback"] == 0
 
 
-def test_responder_errors_are_recorded_not_dropped(tmp_path) -> None:
-    class Down(ScriptedBackend):
-        def generate(self, prompts, **kw):
-            raise BackendError("server said 503", raw='{"error": "overloaded"}')
+def test_responder_outage_keeps_done_chunks_and_resumes(tmp_path) -> None:
+    """A server that goes away mid-stage: the error propagates, finished chunks stay,
+    the next run asks only for the rest; no row is lost or turned into an empty value."""
+    calls = []
 
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
-    rows, failed, _ = RefedRun(
-        world_refs(2), cfg, tmp_path, WorldTeacher(), lambda: Down(lambda p: "")
-    ).result()
-    assert rows == []
-    assert failed and all(f["stage"] == "response" for f in failed)
-    assert all(f["raw"] == '{"error": "overloaded"}' for f in failed)
+    class Flaky(ScriptedBackend):
+        def generate(self, prompts, **kw):
+            calls.append(len(prompts))
+            if len(calls) == 2:
+                raise BackendError("server said 503", raw='{"error": "overloaded"}')
+            return super().generate(prompts, **kw)
+
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=4, chunk_size=8)
+    responder = Flaky(lambda p: "x")
+    run = RefedRun(world_refs(4), cfg, tmp_path, WorldTeacher(), lambda: responder)
+    with pytest.raises(BackendError, match="503"):
+        run.result()
+    assert len(list((tmp_path / "responses").glob("chunk-*.json"))) == 1
+    rows, failed, stats = run.result()  # the server is back
+    assert (
+        not failed and len(rows) == stats["instructions_proposed"] - stats["dropped_by_diversity"]
+    )
+    assert sum(calls[2:]) == len(rows) - calls[0]  # only the missing chunks were asked again
+
+
+def test_duplicate_reference_ids_are_rejected() -> None:
+    rows = [{"instruction": "copy ab", "response": "ab"}] * 2
+    with pytest.raises(SeedDataError, match="occur more than once"):
+        references_from_rows(rows, "seed")
+    ok = references_from_rows([{"id": 0, **rows[0]}, {"id": 1, **rows[1]}], "seed")
+    assert [r.id for r in ok] == ["0", "1"]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.llm.managed_server import signal_group
 from flywheel.store import data_root
 
 API_URL = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")
@@ -26,15 +27,27 @@ def run_dir() -> Path:
     return path
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # exited, not yet reaped
+        return None
+    return fields[19]
+
+
 def _pid(name: str) -> int | None:
+    """The pid in the pid file if that very process still runs (not a reused pid)."""
     path = run_dir() / f"{name}.pid"
     if not path.exists():
         return None
-    pid = int(path.read_text())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        path.unlink()
+    pid_text, _, started = path.read_text().partition(" ")
+    pid = int(pid_text)
+    if _start_time(pid) is None or _start_time(pid) != started.strip():
+        path.unlink(missing_ok=True)
         return None
     return pid
 
@@ -65,7 +78,7 @@ def start(name: str, command: list[str], env: dict | None = None) -> int:
         start_new_session=True,
         env={**os.environ, **(env or {})},
     )
-    (run_dir() / f"{name}.pid").write_text(str(proc.pid))
+    (run_dir() / f"{name}.pid").write_text(f"{proc.pid} {_start_time(proc.pid)}")
     return proc.pid
 
 
@@ -74,12 +87,12 @@ def stop(name: str, grace_s: float = 15) -> bool:
     pid = _pid(name)
     if not pid:
         return False
-    os.killpg(pid, signal.SIGTERM)
+    signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and _pid(name):
         time.sleep(0.2)
     if _pid(name):
-        os.killpg(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
     (run_dir() / f"{name}.pid").unlink(missing_ok=True)
     return True
 
@@ -112,5 +125,8 @@ def start_server(timeout_s: float = 90) -> str:
 def start_serve() -> str:
     """Start `flywheel serve` detached: registers deployments and runs what comes due."""
     flywheel = str(Path(sys.executable).with_name("flywheel"))
-    pid = start("serve", [flywheel, "serve"])
+    # the serve process and its flow runs use this server and this data folder,
+    # whatever folder they are started from
+    env = {"PREFECT_API_URL": API_URL, "FLYWHEEL_DATA_DIR": str(data_root())}
+    pid = start("serve", [flywheel, "serve"], env=env)
     return f"serve process running (pid {pid}); log: {run_dir() / 'serve.log'}"

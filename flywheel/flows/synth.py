@@ -13,22 +13,32 @@ from prefect import flow, task
 from pydantic import Field, field_validator
 
 from flywheel.flows.tracking import summary_artifact, tracked_run
-from flywheel.llm import BackendError, make_backend
+from flywheel.llm import BackendError, ModelNotFound, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
-    DatasetNotFound,
     DatasetRef,
     DatasetVersionExists,
     data_root,
     failed_name,
+    list_datasets,
+    list_versions,
     read_dataset,
     validate_name,
     write_dataset,
 )
+from flywheel.store.catalog import register_version
 from flywheel.store.datasets import new_version
 from flywheel.synthesis import refed as refed_module
-from flywheel.synthesis.refed import RefedConfig, RefedRun, make_teacher, references_from_rows
-from flywheel.world.tasks import sample_tasks
+from flywheel.synthesis import rouge as rouge_module
+from flywheel.synthesis.refed import (
+    RefedConfig,
+    RefedRun,
+    SeedDataError,
+    make_teacher,
+    references_from_rows,
+)
+from flywheel.world import teacher as world_teacher
+from flywheel.world.tasks import parse_instruction, sample_tasks
 
 FAILED_SCHEMA = pa.schema(
     [
@@ -38,6 +48,34 @@ FAILED_SCHEMA = pa.schema(
         ("raw", pa.string()),
         ("error", pa.string()),
         ("attempts", pa.int64()),
+    ]
+)
+
+
+# Fixed schemas: a run that synthesizes nothing (every reference failed, the judge
+# dropped everything) still writes its (empty) datasets and, above all, its failures.
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("reference_id", pa.string()),
+        ("subject_areas", pa.list_(pa.string())),
+        ("skills", pa.list_(pa.string())),
+        ("content_quality", pa.string()),
+        ("communication", pa.string()),
+        ("instruction_alignment", pa.string()),
+    ]
+)
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reference_id", pa.string()),
+        ("reference_instruction", pa.string()),
+        ("feature", pa.string()),
+        ("family", pa.string()),
+        ("instruction", pa.string()),
+        ("response", pa.string()),
+        ("initial_response", pa.string()),
+        ("refined", pa.bool_()),
+        ("judge_score", pa.float64()),
     ]
 )
 
@@ -58,16 +96,15 @@ class ReferenceSynthParams(RefedConfig):
 
 
 def _world_references(params: ReferenceSynthParams) -> DatasetRef:
-    """World tasks as references; same seed and size give the same (reused) version."""
-    version = f"seed{params.seed}_n{params.n_references}"
-    try:
-        return read_dataset("world_references", version)
-    except DatasetNotFound:
-        rows = [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))]
-        try:
-            return write_dataset("world_references", rows, produced_by="world", version=version)
-        except DatasetVersionExists:  # another run wrote it meanwhile
-            return read_dataset("world_references", version)
+    """World tasks as references; the same seed and size reuse the version written before."""
+    producer = f"world:seed{params.seed}_n{params.n_references}"
+    if "world_references" in list_datasets():
+        for version in reversed(list_versions("world_references")):
+            ref = read_dataset("world_references", version)
+            if ref.meta.get("produced_by") == producer:
+                return ref
+    rows = [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))]
+    return write_dataset("world_references", rows, produced_by=producer)
 
 
 @task(name="check-inputs")
@@ -77,8 +114,22 @@ def check_inputs(params: ReferenceSynthParams) -> DatasetRef:
     if params.teacher_backend is not None:
         params.teacher_backend.check()
     ref = read_dataset(params.seed_dataset) if params.seed_dataset else _world_references(params)
-    references_from_rows(ref.to_pandas().to_dict("records"), f"dataset {ref.name}@{ref.version}")
+    source = f"dataset {ref.name}@{ref.version}"
+    references = references_from_rows(ref.to_pandas().to_dict("records"), source)
+    if params.teacher == "world":
+        unknown = [r.instruction for r in references if parse_instruction(r.instruction) is None]
+        if unknown:
+            raise SeedDataError(
+                f"{source}: teacher 'world' knows only world tasks, and {len(unknown)} "
+                f"instruction(s) are not, e.g. {unknown[0]!r}; use teacher='llm' with a "
+                "teacher_backend for other data"
+            )
     return ref
+
+
+SOURCE = hashlib.sha256(
+    b"".join(Path(m.__file__).read_bytes() for m in (refed_module, rouge_module, world_teacher))
+).hexdigest()
 
 
 def _retry_on_backend_error(task, task_run, state) -> bool:
@@ -86,6 +137,8 @@ def _retry_on_backend_error(task, task_run, state) -> bool:
     its checkpoint makes the retry resume, not restart."""
     try:
         state.result()
+    except ModelNotFound:
+        return False
     except BackendError:
         return True
     except Exception:
@@ -99,9 +152,11 @@ MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_
 def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     references = references_from_rows(refs.to_pandas().to_dict("records"), refs.name)
     config = RefedConfig.model_validate(params.model_dump(include=set(RefedConfig.model_fields)))
-    # inputs + source: a change to the method's code starts the work afresh
-    source = hashlib.sha256(Path(refed_module.__file__).read_bytes()).hexdigest()
-    key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version, source)
+    # inputs, models and source: new weights or changed method code start afresh
+    models = [model_fingerprint(config.responder)]
+    if config.teacher_backend is not None:
+        models.append(model_fingerprint(config.teacher_backend))
+    key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version, models, SOURCE)
     workdir = data_root() / "_work" / "refed" / key
     return RefedRun(
         references, config, workdir, make_teacher(config), lambda: make_backend(config.responder)
@@ -110,57 +165,67 @@ def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
 
 @task(name="collect-feedback", **MODEL_CALLS)
 def collect_feedback(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    return len(_refed(params, refs).feedback())
+    with _refed(params, refs) as run:
+        return len(run.feedback())
 
 
 @task(name="synthesize-instructions", **MODEL_CALLS)
 def synthesize_instructions(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    return sum(c["kept"] for c in _refed(params, refs).instructions())
+    with _refed(params, refs) as run:
+        return sum(c["kept"] for c in run.instructions())
 
 
 @task(name="generate-responses", **MODEL_CALLS)
 def generate_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    return len(_refed(params, refs).responses())
+    with _refed(params, refs) as run:
+        return len(run.responses())
 
 
 @task(name="refine-responses", **MODEL_CALLS)
 def refine_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    return len(_refed(params, refs).refine())
+    with _refed(params, refs) as run:
+        return len(run.refine())
 
 
 @task(name="write-outputs")
 def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -> dict:
     """Write feedback, samples and failures; versions are planned once, so a resumed or
     repeated run reuses them instead of writing the same rows again."""
-    refed = _refed(params, refs)
-    rows, failed, stats = refed.result()
+    with _refed(params, refs) as refed:
+        rows, failed, stats = refed.result()
+        feedback_rows = [
+            {k: v for k, v in fb.items() if k not in ("requests", "failure")}
+            for fb in refed.feedback()
+            if "failure" not in fb
+        ]
     names = {
         "feedback": f"{params.output}_feedback",
         "samples": params.output,
         "failed": failed_name(params.output),
     }
-    planned = refed.ckpt.get("versions")
-    if planned is None:
-        planned = {k: new_version() for k in names}
-        refed.ckpt.put("versions", planned)
-    feedback_rows = [
-        {k: v for k, v in fb.items() if k not in ("requests", "failure")}
-        for fb in refed.feedback()
-        if "failure" not in fb
-    ]
+    # planned once (the first writer wins), so a resumed, repeated or concurrent run with
+    # the same inputs reuses these versions instead of writing the same rows again
+    planned = refed.ckpt.put_once("versions", {k: new_version() for k in names})
 
-    def write(kind: str, data: list[dict], inputs: list[DatasetRef], **kw) -> DatasetRef:
+    def write(kind: str, data: list[dict], inputs: list[DatasetRef], schema: pa.Schema):
         try:
             return write_dataset(
-                names[kind], data, produced_by=run_id, inputs=inputs, version=planned[kind], **kw
+                names[kind],
+                data,
+                produced_by=run_id,
+                inputs=inputs,
+                version=planned[kind],
+                schema=schema,
             )
         except DatasetVersionExists:
             stats["reused_earlier_output"] = True
-            return read_dataset(names[kind], planned[kind])
+            ref = read_dataset(names[kind], planned[kind])
+            register_version(ref)  # idempotent: heals a write whose registration failed
+            return ref
 
-    feedback = write("feedback", feedback_rows, [refs])
-    samples = write("samples", rows, [refs, feedback])
-    failures = write("failed", failed, [refs], schema=FAILED_SCHEMA)
+    failures = write("failed", failed, [refs], FAILED_SCHEMA)
+    feedback = write("feedback", feedback_rows, [refs], FEEDBACK_SCHEMA)
+    samples = write("samples", rows, [refs, feedback], SAMPLES_SCHEMA)
     return {
         "stats": stats,
         "datasets": {

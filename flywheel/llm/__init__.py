@@ -11,7 +11,7 @@ from flywheel.llm.base import (
 )
 from flywheel.llm.managed_server import ManagedServer
 from flywheel.llm.openai_backend import OpenAIBackend
-from flywheel.llm.spec import BackendSpec, make_backend
+from flywheel.llm.spec import BackendSpec, make_backend, model_fingerprint
 
 if TYPE_CHECKING:
     from flywheel.llm.transformers_backend import TransformersBackend
@@ -27,6 +27,7 @@ __all__ = [
     "TokenLogprob",
     "TransformersBackend",
     "make_backend",
+    "model_fingerprint",
 ]
 
 

@@ -32,7 +32,7 @@ def _tail(path: Path, n: int = 20) -> str:
     return "\n".join(lines[-n:])
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -116,14 +116,14 @@ class ManagedServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             atexit.unregister(self.stop)
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
             # Children that outlived the leader would hold ports and GPU memory.
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -83,6 +84,22 @@ class BackendSpec(BaseModel):
                     f"server command {exe!r} not found (field: server_command). Install vLLM "
                     "in its own environment and give the full path to its `vllm` executable."
                 )
+
+
+def model_fingerprint(spec: BackendSpec) -> str:
+    """What identifies the model behind a spec, for cache keys: for a local folder its
+    config and its weight files' sizes and times, so retrained weights give a new key."""
+    folder = Path(spec.model).expanduser()
+    if not folder.is_dir():
+        return f"{spec.kind}:{spec.model}:{spec.base_url}"
+    parts = [spec.kind, str(folder.resolve())]
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json":
+            parts.append(path.read_text())
+        elif path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def make_backend(spec: BackendSpec) -> Backend:

@@ -92,6 +92,21 @@ class Checkpoint:
         _write_json_atomic(folder / "_done.json", {"items": len(items), "chunks": n_chunks})
         return self.load(stage)
 
+    def put_once(self, name: str, obj: Any) -> Any:
+        """Store obj under name unless something is stored there already; return what is.
+
+        Exclusive creation, so of two runs racing on the same folder, one wins."""
+        path = self.folder / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(obj))
+        try:
+            os.link(tmp, path)  # fails if path exists, atomically
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return json.loads(path.read_text())
+
     def put(self, name: str, obj: Any) -> None:
         _write_json_atomic(self.folder / f"{name}.json", obj)
 

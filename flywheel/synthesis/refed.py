@@ -26,16 +26,17 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from flywheel.llm import Backend, BackendError, BackendSpec
+from flywheel.llm import Backend, BackendSpec
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
-from flywheel.world.tasks import SEP, parse_instruction
+from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,16 @@ def references_from_rows(rows: Sequence[dict], source: str) -> list[Reference]:
         )
     refs = []
     for row in rows:
-        ref_id = str(row.get("id") or _digest(row["instruction"], row["response"]))
+        given = row.get("id")
+        ref_id = str(given) if given is not None else _digest(row["instruction"], row["response"])
         refs.append(Reference(id=ref_id, instruction=row["instruction"], response=row["response"]))
+    repeated = [i for i, n in Counter(r.id for r in refs).items() if n > 1]
+    if repeated:
+        raise SeedDataError(
+            f"{source}: {len(repeated)} reference id(s) occur more than once, e.g. "
+            f"{repeated[0]!r} (rows without an 'id' get one from their text, so identical rows "
+            "repeat it); drop the duplicate rows or give each row a unique 'id'"
+        )
     return refs
 
 
@@ -153,9 +162,8 @@ class RefedConfig(BaseModel):
     teacher_backend: BackendSpec | None = None
     responder: BackendSpec = Field(default_factory=default_responder)
     # the one-shot prompt the responder sees; the default is the world's format
-    # (flywheel.world.tasks.one_shot_prompt)
     response_template: str = Field(
-        "{example_instruction}" + SEP + "{example_response}\n{instruction}" + SEP,
+        ONE_SHOT_TEMPLATE,
         description="fields: {example_instruction}, {example_response}, {instruction}",
     )
     response_stop: list[str] | None = Field(["\n"], description="stop strings for responses")
@@ -187,6 +195,16 @@ class RefedConfig(BaseModel):
     def _llm_teacher_needs_backend(self) -> RefedConfig:
         if self.teacher == "llm" and self.teacher_backend is None:
             raise ValueError("teacher_backend is required when teacher='llm'")
+        teacher = self.teacher_backend
+        if (
+            teacher is not None
+            and teacher.kind == self.responder.kind == "vllm"
+            and teacher.port == self.responder.port
+        ):
+            raise ValueError(
+                f"teacher_backend.port and responder.port are both {teacher.port}: two managed "
+                "vLLM servers need different ports"
+            )
         return self
 
 
@@ -217,6 +235,7 @@ def ask_validated(
 
     Returns (per item: the validated model, or a failure dict with the raw
     text and error), and the number of requests made (retries included).
+    Answers that do not validate become failures; backend errors propagate.
     """
     results: list[BaseModel | dict | None] = [None] * len(items)
     pending = list(range(len(items)))
@@ -225,16 +244,11 @@ def ask_validated(
         if not pending:
             break
         requests += len(pending)
-        try:
-            answers = call([items[i] for i in pending], attempt)
-        except BackendError as err:
-            answers = [err] * len(pending)
+        # a BackendError (server gone, after the backend's own retries) propagates: the
+        # chunk is not checkpointed, so a retry of the task or a re-run asks again
+        answers = call([items[i] for i in pending], attempt)
         still = []
         for i, answer in zip(pending, answers, strict=True):
-            if isinstance(answer, BackendError):
-                results[i] = {"raw": answer.raw or "", "error": f"backend: {answer}"}
-                still.append(i)
-                continue
             try:
                 results[i] = parse_payload(answer, schema)
             except (ValueError, ValidationError) as err:
@@ -269,6 +283,18 @@ class RefedRun:
         self.teacher = teacher
         self.make_responder = responder
         self._by_id = {r.id: r for r in self.references}
+
+    def close(self) -> None:
+        """Release the teacher's backend, if it holds one."""
+        close = getattr(self.teacher, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> RefedRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _failure(self, stage: str, item_id: str, reference_id: str, fail: dict) -> dict:
         return {
@@ -388,22 +414,14 @@ class RefedRun:
                         instruction=c["instruction"],
                     )
                 )
-            try:
-                texts = responder.generate(
-                    prompts,
-                    max_new_tokens=cfg.max_new_tokens,
-                    stop=cfg.response_stop,
-                    seed=cfg.seed,
-                )
-            except BackendError as err:
-                fail = {"raw": err.raw or "", "error": f"responder: {err}", "attempts": 1}
-                return [
-                    {
-                        "id": c["id"],
-                        "failure": self._failure("response", c["id"], c["reference_id"], fail),
-                    }
-                    for c in chunk
-                ]
+            # a BackendError propagates: this chunk is not checkpointed and is asked again
+            # by the task's retry or the next run; earlier chunks are kept
+            texts = responder.generate(
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                stop=cfg.response_stop,
+                seed=cfg.seed,
+            )
             return [
                 {"id": c["id"], "response": t.strip()} for c, t in zip(chunk, texts, strict=True)
             ]
@@ -562,12 +580,30 @@ PROMPTS = {
 
 
 class LLMTeacher:
-    """REFED's teacher over any backend: prompts ask for JSON, REFED validates it."""
+    """REFED's teacher over any backend: prompts ask for JSON, REFED validates it.
 
-    def __init__(self, backend: Backend, max_new_tokens: int = 512) -> None:
-        self.backend = backend
-        self.name = f"llm:{backend.model}"
+    Takes a backend, or a function that makes one: then the backend (a model to
+    load, a server to start) is made on the first question only, so stages that
+    are already checkpointed cost nothing, and `close()` releases it.
+    """
+
+    name = "llm"
+
+    def __init__(self, backend: Backend | Callable[[], Backend], max_new_tokens: int = 512) -> None:
+        self._backend = backend if isinstance(backend, Backend) else None
+        self._make_backend = None if isinstance(backend, Backend) else backend
         self.max_new_tokens = max_new_tokens
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._make_backend()  # type: ignore[misc]
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None and self._make_backend is not None:
+            self._backend.close()
+            self._backend = None
 
     def _ask(self, prompts: list[str], attempt: int) -> list[str]:
         # a retry samples instead of repeating the same greedy answer
@@ -616,4 +652,4 @@ def make_teacher(config: RefedConfig) -> Teacher:
         return WorldTeacher(seed=config.seed)
     from flywheel.llm import make_backend
 
-    return LLMTeacher(make_backend(config.teacher_backend))  # type: ignore[arg-type]
+    return LLMTeacher(lambda: make_backend(config.teacher_backend))  # type: ignore[arg-type]

@@ -124,9 +124,16 @@ def sample_tasks(
     return [make_task(rng.choice(families), rng.randint(min_len, max_len), rng) for _ in range(n)]
 
 
+# The world's one-shot format: a solved example line, then the new instruction.
+ONE_SHOT_TEMPLATE = "{example_instruction}" + SEP + "{example_response}\n{instruction}" + SEP
+
+
 def one_shot_prompt(example_instruction: str, example_response: str, instruction: str) -> str:
-    """The world's one-shot format: a solved example line, then the new instruction."""
-    return f"{example_instruction}{SEP}{example_response}\n{instruction}{SEP}"
+    return ONE_SHOT_TEMPLATE.format(
+        example_instruction=example_instruction,
+        example_response=example_response,
+        instruction=instruction,
+    )
 
 
 # --- group preferences that disagree (for group robust preference optimisation) ---
