@@ -19,13 +19,9 @@ from common import bench_env, make_parser, mean_std, model_info, table, world_mo
 
 
 def world_pairs(n: int, seed: int) -> list[dict]:
-    from flywheel.world.tasks import sample_tasks
+    from flywheel.world.tasks import answer_preference_pairs
 
-    rows = []
-    for task in sample_tasks(n, random.Random(seed)):
-        wrong = task.answer[::-1] if task.answer[::-1] != task.answer else task.answer + "a"
-        rows.append({"prompt": task.prompt, "chosen": task.answer, "rejected": wrong})
-    return rows
+    return answer_preference_pairs(n, random.Random(seed))
 
 
 def trl_defaults(train: list[dict], evaluation: list[dict], backbone: Path, out: Path) -> dict:

@@ -14,16 +14,12 @@ from flywheel.reward_models.bradley_terry import (
     clean_preferences,
     train_reward_model,
 )
-from flywheel.world.tasks import sample_tasks
 
 
 def world_pairs(n: int, seed: int) -> list[dict]:
-    """Chosen: the correct answer; rejected: a plausible wrong one (reversed, or padded)."""
-    rows = []
-    for task in sample_tasks(n, random.Random(seed)):
-        wrong = task.answer[::-1] if task.answer[::-1] != task.answer else task.answer + "a"
-        rows.append({"prompt": task.prompt, "chosen": task.answer, "rejected": wrong})
-    return rows
+    from flywheel.world.tasks import answer_preference_pairs
+
+    return answer_preference_pairs(n, random.Random(seed))
 
 
 def test_bad_pairs_are_reported_and_kept_out() -> None:

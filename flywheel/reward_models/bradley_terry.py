@@ -83,19 +83,25 @@ class RewardTrainingConfig(BaseModel):
     seed: int = 0
 
 
+def encode_texts(tok, texts: Sequence[str], device) -> dict:
+    """Right-padded ids of each text + EOS: reward heads read the last real token."""
+    tok.padding_side = "right"
+    batch = tok(
+        [t + tok.eos_token for t in texts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _rewards(model, tok, texts: list[str], batch_size: int = 64) -> list[float]:
     import torch
 
     out: list[float] = []
-    tok.padding_side = "right"
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tok(
-                [t + tok.eos_token for t in texts[start : start + batch_size]],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
+            batch = encode_texts(tok, texts[start : start + batch_size], model.device)
             out += model(**batch).logits[:, 0].float().tolist()
     return out
 

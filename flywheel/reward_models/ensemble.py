@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from flywheel.reward_models.bradley_terry import clean_preferences
+from flywheel.reward_models.bradley_terry import clean_preferences, encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,6 @@ class SharedBackboneEnsemble(nn.Module):
         return self.heads(states)  # (batch, members)
 
 
-def _encode(tok, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    tok.padding_side = "right"
-    batch = tok(
-        [t + tok.eos_token for t in texts],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    )
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def _load(base_model: str | Path, members: int):
     from transformers import AutoModel, AutoTokenizer
 
@@ -93,7 +82,7 @@ def score_texts(
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            out.append(model(**_encode(tok, texts[start : start + batch_size], device)))
+            out.append(model(**encode_texts(tok, texts[start : start + batch_size], device)))
     return torch.cat(out).float().cpu()
 
 
@@ -117,7 +106,7 @@ def train_ensemble(
     started = time.monotonic()
     for step in range(steps):
         batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
-        both = _encode(
+        both = encode_texts(
             tok,
             [r["prompt"] + r["chosen"] for r in batch]
             + [r["prompt"] + r["rejected"] for r in batch],

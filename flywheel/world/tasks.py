@@ -136,6 +136,16 @@ def one_shot_prompt(example_instruction: str, example_response: str, instruction
     )
 
 
+def answer_preference_pairs(n: int, rng: random.Random) -> list[dict]:
+    """(prompt, chosen, rejected): the correct answer over a plausible wrong one (the answer
+    reversed, or padded when reversing changes nothing), for reward models."""
+    rows = []
+    for task in sample_tasks(n, rng):
+        wrong = task.answer[::-1] if task.answer[::-1] != task.answer else task.answer + "a"
+        rows.append({"prompt": task.prompt, "chosen": task.answer, "rejected": wrong})
+    return rows
+
+
 # --- group preferences that disagree (for group robust preference optimisation) ---
 
 # Two groups want the same answer in different styles; sizes are unequal on purpose.
