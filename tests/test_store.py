@@ -190,8 +190,8 @@ def test_lineage_records_inputs(tmp_path):
     assert mine.input_dataset.tolist() == ["a", "b"]
     assert mine.input_version.tolist() == [a.version, b.version]
     assert c.meta["inputs"] == [
-        {"name": "a", "version": a.version},
-        {"name": "b", "version": b.version},
+        {"kind": "dataset", "name": "a", "version": a.version},
+        {"kind": "dataset", "name": "b", "version": b.version},
     ]
 
 

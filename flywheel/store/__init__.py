@@ -17,6 +17,15 @@ from flywheel.store.datasets import (
     validate_name,
     write_dataset,
 )
+from flywheel.store.models import (
+    ModelNotRegistered,
+    ModelRef,
+    list_model_versions,
+    list_models,
+    models_dir,
+    read_model,
+    save_model_version,
+)
 
 __all__ = [
     "Checkpoint",
@@ -25,14 +34,21 @@ __all__ = [
     "DatasetRef",
     "DatasetVersionExists",
     "InvalidDatasetName",
+    "ModelNotRegistered",
+    "ModelRef",
     "StoreError",
     "data_root",
     "failed_name",
     "list_datasets",
+    "list_model_versions",
+    "list_models",
+    "models_dir",
     "list_versions",
     "read_dataset",
+    "read_model",
     "record_run",
     "refresh_catalog",
+    "save_model_version",
     "sql",
     "validate_name",
     "write_dataset",

@@ -1,4 +1,4 @@
-"""The DuckDB catalog ``<root>/flywheel.duckdb``: dataset views, ``runs`` and ``lineage``.
+"""The DuckDB catalog ``<root>/flywheel.duckdb``: dataset views, ``runs``, ``models``, ``lineage``.
 
 DuckDB lets one process at a time open the file read-write, and such a
 connection blocks every other process, readers included. So every access goes
@@ -29,6 +29,7 @@ from flywheel.store.datasets import (
     list_versions,
     read_dataset,
 )
+from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
 
 CATALOG_FILE = "flywheel.duckdb"
 LOCK_TIMEOUT_S = 60.0
@@ -53,6 +54,19 @@ CREATE TABLE IF NOT EXISTS lineage (
     input_dataset VARCHAR,
     input_version VARCHAR,
     recorded TIMESTAMP
+);
+-- `dataset`/`input_dataset` name a dataset or, where the kind says so, a model.
+ALTER TABLE lineage ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'dataset';
+ALTER TABLE lineage ADD COLUMN IF NOT EXISTS input_kind VARCHAR DEFAULT 'dataset';
+CREATE TABLE IF NOT EXISTS models (
+    name VARCHAR,
+    version VARCHAR,
+    kind VARCHAR,
+    path VARCHAR,
+    produced_by VARCHAR,
+    metrics VARCHAR,
+    created TIMESTAMP,
+    PRIMARY KEY (name, version)
 );
 """
 
@@ -127,23 +141,61 @@ def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str, base: Path) -
     _create_view(con, name, read_dataset(name, root=base))
 
 
-def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef) -> None:
-    """Lineage rows of one version from its _meta.json, unless it already has some."""
+def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef | ModelRef) -> None:
+    """Lineage rows of one version from its meta file, unless it already has some."""
+    kind = "model" if isinstance(ref, ModelRef) else "dataset"
     known = con.execute(
-        "SELECT count(*) FROM lineage WHERE dataset = ? AND version = ?", [ref.name, ref.version]
+        "SELECT count(*) FROM lineage WHERE dataset = ? AND version = ? AND kind = ?",
+        [ref.name, ref.version, kind],
     ).fetchone()
     if known and known[0]:
         return
     meta = ref.meta
-    inputs = meta.get("inputs") or [{"name": None, "version": None}]
+    inputs = meta.get("inputs") or [{"name": None, "version": None, "kind": None}]
     now = _utcnow()
     con.executemany(
-        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO lineage (dataset, version, produced_by, input_dataset, input_version, "
+        "recorded, kind, input_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            [ref.name, ref.version, meta.get("produced_by"), i["name"], i["version"], now]
+            [
+                ref.name,
+                ref.version,
+                meta.get("produced_by"),
+                i["name"],
+                i["version"],
+                now,
+                kind,
+                i.get("kind", "dataset") if i["name"] else None,
+            ]
             for i in inputs
         ],
     )
+
+
+def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
+    meta = ref.meta
+    con.execute(
+        "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            ref.name,
+            ref.version,
+            meta.get("kind"),
+            ref.path,
+            meta.get("produced_by"),
+            json.dumps(meta.get("metrics"), default=str),
+            _naive_utc(datetime.fromisoformat(meta["created"])),
+        ],
+    )
+    _add_lineage(con, ref)
+
+
+def register_model(ref: ModelRef, root: Path | None = None) -> None:
+    """Add one new model version to the catalog (its `models` row and lineage rows)."""
+    with _connect(data_root(root)) as con:
+        con.begin()
+        con.execute(_TABLES)
+        _add_model(con, ref)
+        con.commit()
 
 
 def register_version(ref: DatasetRef, root: Path | None = None) -> None:
@@ -159,7 +211,7 @@ def register_version(ref: DatasetRef, root: Path | None = None) -> None:
 
 
 def refresh_catalog(root: Path | None = None) -> None:
-    """Rebuild every dataset view and add any missing lineage rows; safe to run any time."""
+    """Rebuild every dataset view, add missing model and lineage rows; safe to run any time."""
     base = data_root(root)
     with _connect(base) as con:
         con.begin()
@@ -173,6 +225,9 @@ def refresh_catalog(root: Path | None = None) -> None:
                 wanted.add(f"{name}__{version}")
             _create_latest_view(con, name, base)
             wanted.add(name)
+        for name in list_models(base):
+            for version in list_model_versions(name, base):
+                _add_model(con, read_model(name, version, base))
         stale = con.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal AND comment = ?",
             [VIEW_COMMENT],

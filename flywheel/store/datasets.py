@@ -32,7 +32,7 @@ ROWS_PER_PART = 200_000
 META_FILE = "_meta.json"
 FAILED_SUFFIX = "__failed"
 # Tables in the catalog, so no dataset view may take these names.
-RESERVED_NAMES = frozenset({"runs", "lineage"})
+RESERVED_NAMES = frozenset({"runs", "lineage", "models"})
 
 
 class StoreError(RuntimeError):
@@ -191,6 +191,12 @@ def _to_table(rows: Any, schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def _input_record(ref: Any) -> dict[str, str]:
+    from flywheel.store.models import input_record
+
+    return input_record(ref)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -204,7 +210,7 @@ def write_dataset(
     rows: Iterable[dict[str, Any]] | pa.Table | Any,
     *,
     produced_by: str | None = None,
-    inputs: Sequence[DatasetRef] = (),
+    inputs: Sequence[Any] = (),
     version: str | None = None,
     root: Path | None = None,
     schema: pa.Schema | None = None,
@@ -239,7 +245,8 @@ def write_dataset(
             "version": version,
             "created": datetime.now(UTC).isoformat(),
             "produced_by": produced_by,
-            "inputs": [{"name": r.name, "version": r.version} for r in inputs],
+            # DatasetRefs or ModelRefs (models record their kind)
+            "inputs": [_input_record(r) for r in inputs],
             "num_rows": table.num_rows,
             "columns": {f.name: str(f.type) for f in table.schema},
         }

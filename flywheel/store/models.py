@@ -1,0 +1,164 @@
+"""Trained models on disk: ``<root>/_models/<name>/<version>/`` plus ``_model.json``.
+
+Like datasets, a model version is built in a temporary folder and renamed into
+place, so a crash never leaves half a model where a reader would load it, and a
+version never changes once it exists. The catalog's ``models`` table and
+``lineage`` rows say which run made each version from which datasets and models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.store.datasets import (
+    VERSION_RE,
+    CatalogBusy,
+    DatasetRef,
+    StoreError,
+    data_root,
+    new_version,
+)
+
+MODELS_DIR = "_models"
+MODEL_META = "_model.json"
+MODEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+class ModelNotRegistered(StoreError):
+    """No registered model (or version) of that name."""
+
+
+class ModelRef(BaseModel):
+    """One immutable version of a trained model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str
+    path: str
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The version's ``_model.json``: kind, producing run, inputs, metrics."""
+        return json.loads((Path(self.path) / MODEL_META).read_text())
+
+
+def models_dir(root: Path | str | None = None) -> Path:
+    return data_root(root) / MODELS_DIR
+
+
+def validate_model_name(name: str) -> str:
+    if isinstance(name, str) and MODEL_NAME_RE.match(name):
+        return name
+    raise ValueError(
+        f"invalid model name {name!r}: a lowercase letter, then up to 62 lowercase letters, "
+        "digits, '_' or '-' (regex ^[a-z][a-z0-9_-]{0,62}$)"
+    )
+
+
+def list_model_versions(name: str, root: Path | None = None) -> list[str]:
+    """Registered versions of a model, sorted (the last one is the latest)."""
+    folder = models_dir(root) / validate_model_name(name)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir() and VERSION_RE.match(p.name) and (p / MODEL_META).exists()
+    )
+
+
+def list_models(root: Path | None = None) -> list[str]:
+    base = models_dir(root)
+    if not base.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in base.iterdir()
+        if p.is_dir() and MODEL_NAME_RE.match(p.name) and list_model_versions(p.name, root)
+    )
+
+
+def read_model(name: str, version: str | None = None, root: Path | None = None) -> ModelRef:
+    """The named version of a registered model, or its latest."""
+    versions = list_model_versions(name, root)
+    if not versions:
+        raise ModelNotRegistered(
+            f"no registered model {name!r} under {models_dir(root)}; "
+            f"models: {list_models(root) or 'none'} (train one with `reward/train`)"
+        )
+    version = version or versions[-1]
+    if version not in versions:
+        raise ModelNotRegistered(f"model {name!r} has no version {version!r}; versions: {versions}")
+    return ModelRef(name=name, version=version, path=str(models_dir(root) / name / version))
+
+
+def input_record(ref: DatasetRef | ModelRef) -> dict[str, str]:
+    kind = "model" if isinstance(ref, ModelRef) else "dataset"
+    return {"kind": kind, "name": ref.name, "version": ref.version}
+
+
+def save_model_version(
+    name: str,
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    kind: str,
+    produced_by: str | None = None,
+    inputs: Sequence[DatasetRef | ModelRef] = (),
+    version: str | None = None,
+    root: Path | None = None,
+) -> ModelRef:
+    """Build a model into a fresh folder, then publish it as a new version.
+
+    ``build(folder)`` writes the model files and returns its metrics (JSON-able);
+    if it raises, nothing is published.
+    """
+    validate_model_name(name)
+    version = version or new_version()
+    folder = models_dir(root) / name
+    target = folder / version
+    if target.exists():
+        raise StoreError(f"model {name} version {version} already exists at {target}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        metrics = build(tmp)
+        meta = {
+            "name": name,
+            "version": version,
+            "kind": kind,
+            "created": datetime.now(UTC).isoformat(),
+            "produced_by": produced_by,
+            "inputs": [input_record(r) for r in inputs],
+            "metrics": metrics,
+        }
+        with open(tmp / MODEL_META, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ref = ModelRef(name=name, version=version, path=str(target))
+    from flywheel.store.catalog import register_model
+
+    try:
+        register_model(ref, root=root)
+    except CatalogBusy as e:
+        raise CatalogBusy(
+            f"{e}; the model itself is safely written at {target} and the next "
+            "refresh_catalog() registers it"
+        ) from e
+    return ref
