@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.flows.deployments import NIGHTLY_UTC
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
@@ -35,7 +36,9 @@ def stack(tmp_path: Path) -> Iterator[dict]:
         return done.stdout
 
     up = run(str(BIN / "flywheel"), "up", "--wait-s", "90")
-    assert "deployments registered: world/bootstrap, synth/reference" in up
+    registered = next(line for line in up.splitlines() if "deployments registered:" in line)
+    for name in NIGHTLY_UTC:
+        assert name in registered
     try:
         yield {"run": run, "env": env, "data": tmp_path / "data"}
     finally:
@@ -45,7 +48,7 @@ def stack(tmp_path: Path) -> Iterator[dict]:
 def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
     run, data = stack["run"], stack["data"]
     prefect = str(BIN / "prefect")
-    for name, cron in (("synth/reference", "0 2 * * *"), ("world/bootstrap", "0 1 * * *")):
+    for name, cron in NIGHTLY_UTC.items():
         assert cron in run(prefect, "deployment", "inspect", name)
 
     tiny = {"small_budget_s": 3, "large_budget_s": 4, "eval_tasks": 30}

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from flywheel.flows.reward import train_flow
 from flywheel.flows.synth import reference
 from flywheel.flows.world import bootstrap
 
-NIGHTLY_UTC = {"world/bootstrap": "0 1 * * *", "synth/reference": "0 2 * * *"}
+# The nightly order follows the data: models, then synthesis, then reward models on it.
+NIGHTLY_UTC = {
+    "world/bootstrap": "0 1 * * *",
+    "synth/reference": "0 2 * * *",
+    "reward/train": "0 3 * * *",
+}
 
 
 def deployments() -> list[RunnerDeployment]:
     """`<flow>/<deployment>` names as in DESIGN.md; started by hand with
     `prefect deployment run synth/reference`."""
-    flows = {"world/bootstrap": bootstrap, "synth/reference": reference}
+    flows = {"world/bootstrap": bootstrap, "synth/reference": reference, "reward/train": train_flow}
     out = []
     for full_name, flow in flows.items():
         name = full_name.split("/", 1)[1]

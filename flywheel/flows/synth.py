@@ -12,7 +12,7 @@ import pyarrow as pa
 from prefect import flow, task
 from pydantic import Field, field_validator
 
-from flywheel.flows.tracking import summary_artifact, tracked_run
+from flywheel.flows.tracking import reuse_or_write, summary_artifact, tracked_run
 from flywheel.llm import BackendError, ModelNotFound, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
@@ -20,8 +20,6 @@ from flywheel.store import (
     DatasetVersionExists,
     data_root,
     failed_name,
-    list_datasets,
-    list_versions,
     read_dataset,
     validate_name,
     write_dataset,
@@ -97,14 +95,11 @@ class ReferenceSynthParams(RefedConfig):
 
 def _world_references(params: ReferenceSynthParams) -> DatasetRef:
     """World tasks as references; the same seed and size reuse the version written before."""
-    producer = f"world:seed{params.seed}_n{params.n_references}"
-    if "world_references" in list_datasets():
-        for version in reversed(list_versions("world_references")):
-            ref = read_dataset("world_references", version)
-            if ref.meta.get("produced_by") == producer:
-                return ref
-    rows = [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))]
-    return write_dataset("world_references", rows, produced_by=producer)
+    return reuse_or_write(
+        "world_references",
+        f"world:seed{params.seed}_n{params.n_references}",
+        lambda: [t.as_row() for t in sample_tasks(params.n_references, random.Random(params.seed))],
+    )
 
 
 @task(name="check-inputs")

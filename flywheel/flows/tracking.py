@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flywheel.store import record_run
+from flywheel.store import (
+    DatasetRef,
+    list_datasets,
+    list_versions,
+    read_dataset,
+    record_run,
+    write_dataset,
+)
 
 
 def current_run_id() -> str:
@@ -44,3 +51,14 @@ def summary_artifact(key: str, title: str, figures: dict, extra_markdown: str = 
     except Exception as err:  # an artifact is a report, never a reason to fail the run
         logging.getLogger(__name__).warning("could not create artifact %s: %s", key, err)
     logging.getLogger(__name__).info("%s: %s", title, json.dumps(figures, default=str))
+
+
+def reuse_or_write(name: str, producer: str, make_rows: Callable[[], list[dict]]) -> DatasetRef:
+    """The version of `name` that `producer` wrote before, or a new one from `make_rows()`:
+    generated inputs (world tasks, world pairs) are written once per generator setting."""
+    if name in list_datasets():
+        for version in reversed(list_versions(name)):
+            ref = read_dataset(name, version)
+            if ref.meta.get("produced_by") == producer:
+                return ref
+    return write_dataset(name, make_rows(), produced_by=producer)

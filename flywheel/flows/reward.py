@@ -1,0 +1,232 @@
+"""`reward/train`: a Bradley-Terry reward model or a shared-backbone ensemble from a store
+dataset, published as a model version with its lineage. Wiring only; the methods are
+`flywheel.reward_models.bradley_terry` and `flywheel.reward_models.ensemble`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, task
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from flywheel.flows.tracking import reuse_or_write, summary_artifact, tracked_run
+from flywheel.reward_models import bradley_terry, ensemble
+from flywheel.reward_models.bradley_terry import (
+    PreferenceDataError,
+    RewardTrainingConfig,
+    clean_preferences,
+    train_reward_model,
+)
+from flywheel.reward_models.ensemble import EnsembleConfig, train_ensemble
+from flywheel.store import (
+    DatasetRef,
+    ModelRef,
+    list_model_versions,
+    read_dataset,
+    read_model,
+    save_model_version,
+    validate_name,
+)
+from flywheel.store.models import validate_model_name
+from flywheel.world.bootstrap import model_dir, models_root
+from flywheel.world.tasks import answer_preference_pairs
+
+WORLD_PAIRS = "world_preference_pairs"
+SOURCE = hashlib.sha256(
+    b"".join(Path(m.__file__).read_bytes() for m in (bradley_terry, ensemble))
+).hexdigest()
+
+
+def default_backbone() -> str:
+    return str(model_dir(models_root(), "small"))
+
+
+class RewardTrainParams(BaseModel):
+    """Parameters of `reward/train`."""
+
+    dataset: str = Field(
+        WORLD_PAIRS,
+        description=f"store dataset with text columns prompt, chosen, rejected (optional "
+        f"margin); {WORLD_PAIRS!r} is generated from the world when absent",
+    )
+    dataset_version: str | None = Field(None, description="null: the latest version")
+    eval_dataset: str | None = Field(
+        None, description="held-out pairs; null: hold out eval_fraction of `dataset`"
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    kind: Literal["bradley-terry", "ensemble"] = "bradley-terry"
+    members: int = Field(3, ge=2, le=32, description="ensemble members (kind=ensemble)")
+    model_name: str | None = Field(None, description="registered model name; null: derived")
+    base_model: str = Field(default_factory=default_backbone, description="backbone folder")
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=8)
+    world_pairs: int = Field(2000, ge=10, description=f"size of a generated {WORLD_PAIRS}")
+    seed: int = 0
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _dataset_name(cls, name: str | None) -> str | None:
+        return None if name is None else validate_name(name)
+
+    @model_validator(mode="after")
+    def _name(self) -> RewardTrainParams:
+        if self.model_name is None:
+            suffix = "rm" if self.kind == "bradley-terry" else f"ensemble{self.members}"
+            self.model_name = f"{self.dataset.replace('_', '-')}-{suffix}"
+        validate_model_name(self.model_name)
+        return self
+
+
+def _world_pairs(params: RewardTrainParams) -> DatasetRef:
+    return reuse_or_write(
+        WORLD_PAIRS,
+        f"world:seed{params.seed}_n{params.world_pairs}",
+        lambda: answer_preference_pairs(params.world_pairs, random.Random(params.seed)),
+    )
+
+
+def _split(params: RewardTrainParams, inputs: list[DatasetRef]) -> tuple[list, list]:
+    """Train and eval rows: the eval dataset, or a seeded hold-out of the train dataset."""
+    rows = inputs[0].to_pandas().to_dict("records")
+    if len(inputs) > 1:
+        return rows, inputs[1].to_pandas().to_dict("records")
+    order = list(range(len(rows)))
+    random.Random(params.seed).shuffle(order)
+    cut = max(1, round(len(rows) * params.eval_fraction))
+    if len(rows) - cut < 1:
+        raise PreferenceDataError(
+            f"dataset {inputs[0].name}@{inputs[0].version}: {len(rows)} row(s) leave nothing "
+            "to train on after the eval hold-out; add rows or pass eval_dataset"
+        )
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+
+
+@task(name="check-inputs")
+def check_inputs(params: RewardTrainParams) -> dict:
+    """Fail before any model loads: backbone folder, columns, at least one usable pair.
+    Returns the pinned dataset versions and the cleaning reports."""
+    backbone = Path(params.base_model).expanduser()
+    looks_like_hub_id = params.base_model.count("/") == 1 and params.base_model[0] not in "./~"
+    if not backbone.is_dir() and not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"base_model: no model folder at {backbone}; run `prefect deployment run "
+            "world/bootstrap` for the world models, or pass a backbone folder"
+        )
+    if params.dataset == WORLD_PAIRS and params.dataset_version is None:
+        inputs = [_world_pairs(params)]
+    else:
+        inputs = [read_dataset(params.dataset, params.dataset_version)]
+    if params.eval_dataset:
+        inputs.append(read_dataset(params.eval_dataset))
+    source = f"dataset {inputs[0].name}@{inputs[0].version}"
+    # Columns and usable rows first, so the error names the real problem.
+    clean_preferences(inputs[0].to_pandas().to_dict("records"), source)
+    train_rows, eval_rows = _split(params, inputs)
+    # The trainer cleans again; failing here means no model was loaded for nothing.
+    _, train_report = clean_preferences(train_rows, f"{source} (train)")
+    _, eval_report = clean_preferences(eval_rows, f"{source} (eval)")
+    return {"inputs": inputs, "reports": {"train": train_report, "eval": eval_report}}
+
+
+def _cache_key(params: RewardTrainParams, inputs: list[DatasetRef]) -> str:
+    parts = [
+        params.model_dump_json(exclude={"model_name"}),
+        *(f"{r.name}@{r.version}" for r in inputs),
+        SOURCE,
+        *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _weights(params)),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _weights(params: RewardTrainParams) -> list[Path]:
+    folder = Path(params.base_model).expanduser()
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def _earlier_model(name: str, key: str) -> ModelRef | None:
+    for version in reversed(list_model_versions(name)):
+        ref = read_model(name, version)
+        if ref.meta.get("metrics", {}).get("cache_key") == key:
+            return ref
+    return None
+
+
+@task(name="train-reward-model")
+def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
+    """Train and publish a model version; the same data, config and code reuse the last one."""
+    key = _cache_key(params, data["inputs"])
+    if earlier := _earlier_model(params.model_name, key):
+        return earlier
+    train_rows, eval_rows = _split(params, data["inputs"])
+
+    def build(folder: Path) -> dict:
+        common = dict(
+            base_model=params.base_model,
+            epochs=params.epochs,
+            learning_rate=params.learning_rate,
+            batch_size=params.batch_size,
+            seed=params.seed,
+        )
+        if params.kind == "bradley-terry":
+            config = RewardTrainingConfig(**common, max_length=params.max_length)
+            figures = train_reward_model(train_rows, eval_rows, config, folder)
+        else:
+            config = EnsembleConfig(**common, members=params.members)
+            figures = train_ensemble(train_rows, eval_rows, config, folder)
+        return json.loads(json.dumps({**figures, "cache_key": key}, default=str))
+
+    return save_model_version(
+        params.model_name,
+        build,
+        kind=params.kind,
+        produced_by=run_id,
+        inputs=data["inputs"],
+    )
+
+
+@flow(name="reward", log_prints=True)
+def train_flow(params: RewardTrainParams | None = None) -> dict:
+    """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
+    params = params or RewardTrainParams()
+    started = time.monotonic()
+    with tracked_run("reward/train", params.model_dump(mode="json")) as run_id:
+        data = check_inputs(params)
+        model = train(params, data, run_id)
+        metrics = model.meta["metrics"]
+        accuracy = metrics["eval_pairwise_accuracy"]
+        dropped = {
+            f"{split} rows dropped ({reason})": entry["count"]
+            for split, report in data["reports"].items()
+            for reason, entry in report["dropped"].items()
+        }
+        figures = {
+            "model": f"{model.name}@{model.version}",
+            "kind": params.kind,
+            "reused earlier version": model.meta["produced_by"] != run_id,
+            "train pairs": data["reports"]["train"]["kept"],
+            "eval pairs": data["reports"]["eval"]["kept"],
+            **dropped,
+            "eval pairwise accuracy": accuracy if params.kind == "bradley-terry" else None,
+            "eval pairwise accuracy (ensemble mean)": (
+                accuracy["mean"] if params.kind == "ensemble" else None
+            ),
+            "train seconds": metrics["train_seconds"],
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        figures = {k: v for k, v in figures.items() if v is not None}
+        examples = "\n".join(
+            f"- {split}: {entry['count']} row(s) {reason}, e.g. row {entry['example_row']}: "
+            f"`{json.dumps(entry['example'], default=str)[:200]}`"
+            for split, report in data["reports"].items()
+            for reason, entry in report["dropped"].items()
+        )
+        extra = f"## Rows kept out of training\n\n{examples}" if examples else ""
+        summary_artifact("reward-train", "Reward model training", figures, extra)
+        return {"model": model.model_dump(), "figures": figures}
