@@ -26,11 +26,17 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def world_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """world-small and world-large, trained briefly (seconds, not the default minutes)."""
+    """world-small, world-large and shop-agent, trained briefly (seconds, not minutes)."""
     from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models
 
     root = tmp_path_factory.mktemp("models")
-    config = BootstrapConfig(small_budget_s=4, large_budget_s=8, eval_tasks=60)
+    config = BootstrapConfig(
+        small_budget_s=4,
+        large_budget_s=8,
+        eval_tasks=60,
+        shop_agent_budget_s=10,
+        shop_agent_eval_intents=20,
+    )
     bootstrap_models(root, config)
     return root
 

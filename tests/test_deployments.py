@@ -51,7 +51,13 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
     for name, cron in NIGHTLY_UTC.items():
         assert cron in run(prefect, "deployment", "inspect", name)
 
-    tiny = {"small_budget_s": 3, "large_budget_s": 4, "eval_tasks": 30}
+    tiny = {
+        "small_budget_s": 3,
+        "large_budget_s": 4,
+        "eval_tasks": 30,
+        "shop_agent_budget_s": 3,
+        "shop_agent_eval_intents": 5,
+    }
     out = run(
         prefect,
         "deployment",
@@ -84,6 +90,20 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
     )
     counts = [int(line.split(",")[1]) for line in table.strip().splitlines()[1:]]
     assert sum(counts) > 0
+    reward = {"world_pairs": 200, "epochs": 1.0}
+    out = run(
+        prefect,
+        "deployment",
+        "run",
+        "reward/train",
+        "--watch",
+        "--param",
+        f"params={json.dumps(reward)}",
+    )
+    assert "Completed" in out
+    models = run(str(BIN / "flywheel"), "sql", "select name, kind from models", "--csv")
+    assert models.split() == ["name,kind", "world-preference-pairs-rm,bradley-terry"]
+
     runs = run(
         str(BIN / "duckdb"),
         str(data / "flywheel.duckdb"),
@@ -91,5 +111,10 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
         "-c",
         "select flow, status from runs order by started",
     )
-    assert runs.split() == ["flow,status", "world/bootstrap,completed", "synth/reference,completed"]
+    assert runs.split() == [
+        "flow,status",
+        "world/bootstrap,completed",
+        "synth/reference,completed",
+        "reward/train,completed",
+    ]
     assert "running (pid" in run(str(BIN / "flywheel"), "status")

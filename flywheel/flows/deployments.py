@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from flywheel.flows.armap import armap, best_of_n, mcts, reflexion
+from flywheel.flows.relabel import relabel
 from flywheel.flows.reward import train_flow
 from flywheel.flows.synth import reference
 from flywheel.flows.world import bootstrap
@@ -12,14 +14,28 @@ from flywheel.flows.world import bootstrap
 NIGHTLY_UTC = {
     "world/bootstrap": "0 1 * * *",
     "synth/reference": "0 2 * * *",
+    "synth/armap": "30 2 * * *",
     "reward/train": "0 3 * * *",
+    "reward/relabel": "30 3 * * *",
+    "plan/best-of-n": "0 4 * * *",
+    "plan/reflexion": "15 4 * * *",
+    "plan/mcts": "30 4 * * *",
 }
 
 
 def deployments() -> list[RunnerDeployment]:
     """`<flow>/<deployment>` names as in DESIGN.md; started by hand with
     `prefect deployment run synth/reference`."""
-    flows = {"world/bootstrap": bootstrap, "synth/reference": reference, "reward/train": train_flow}
+    flows = {
+        "world/bootstrap": bootstrap,
+        "synth/reference": reference,
+        "synth/armap": armap,
+        "reward/train": train_flow,
+        "reward/relabel": relabel,
+        "plan/best-of-n": best_of_n,
+        "plan/reflexion": reflexion,
+        "plan/mcts": mcts,
+    }
     out = []
     for full_name, flow in flows.items():
         name = full_name.split("/", 1)[1]

@@ -12,19 +12,22 @@ import pyarrow as pa
 from prefect import flow, task
 from pydantic import Field, field_validator
 
-from flywheel.flows.tracking import reuse_or_write, summary_artifact, tracked_run
-from flywheel.llm import BackendError, ModelNotFound, make_backend, model_fingerprint
+from flywheel.flows.tracking import (
+    MODEL_CALLS,
+    reuse_or_write,
+    summary_artifact,
+    tracked_run,
+    write_once,
+)
+from flywheel.llm import make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
     DatasetRef,
-    DatasetVersionExists,
     data_root,
     failed_name,
     read_dataset,
     validate_name,
-    write_dataset,
 )
-from flywheel.store.catalog import register_version
 from flywheel.store.datasets import new_version
 from flywheel.synthesis import refed as refed_module
 from flywheel.synthesis import rouge as rouge_module
@@ -127,23 +130,6 @@ SOURCE = hashlib.sha256(
 ).hexdigest()
 
 
-def _retry_on_backend_error(task, task_run, state) -> bool:
-    """Retry a model-calling task only for backend errors (a server that went away);
-    its checkpoint makes the retry resume, not restart."""
-    try:
-        state.result()
-    except ModelNotFound:
-        return False
-    except BackendError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_on_backend_error)
-
-
 def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     references = references_from_rows(refs.to_pandas().to_dict("records"), refs.name)
     config = RefedConfig.model_validate(params.model_dump(include=set(RefedConfig.model_fields)))
@@ -203,20 +189,9 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     planned = refed.ckpt.put_once("versions", {k: new_version() for k in names})
 
     def write(kind: str, data: list[dict], inputs: list[DatasetRef], schema: pa.Schema):
-        try:
-            return write_dataset(
-                names[kind],
-                data,
-                produced_by=run_id,
-                inputs=inputs,
-                version=planned[kind],
-                schema=schema,
-            )
-        except DatasetVersionExists:
-            stats["reused_earlier_output"] = True
-            ref = read_dataset(names[kind], planned[kind])
-            register_version(ref)  # idempotent: heals a write whose registration failed
-            return ref
+        ref, reused = write_once(names[kind], data, planned[kind], run_id, inputs, schema)
+        stats["reused_earlier_output"] = stats.get("reused_earlier_output", False) or reused
+        return ref
 
     failures = write("failed", failed, [refs], FAILED_SCHEMA)
     feedback = write("feedback", feedback_rows, [refs], FEEDBACK_SCHEMA)

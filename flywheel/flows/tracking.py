@@ -7,18 +7,24 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pyarrow as pa
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flywheel.llm import BackendError, BackendSpec, ModelNotFound, model_fingerprint
 from flywheel.store import (
     DatasetRef,
+    DatasetVersionExists,
+    ModelRef,
     list_datasets,
     list_versions,
     read_dataset,
     record_run,
     write_dataset,
 )
+from flywheel.store.catalog import register_version
 
 
 def current_run_id() -> str:
@@ -62,3 +68,49 @@ def reuse_or_write(name: str, producer: str, make_rows: Callable[[], list[dict]]
             if ref.meta.get("produced_by") == producer:
                 return ref
     return write_dataset(name, make_rows(), produced_by=producer)
+
+
+def write_once(
+    name: str,
+    rows: list[dict],
+    version: str,
+    produced_by: str,
+    inputs: list,
+    schema: pa.Schema | None = None,
+) -> tuple[DatasetRef, bool]:
+    """Write a planned version, or take the one an earlier (killed or repeated) run wrote.
+    Returns (ref, reused)."""
+    try:
+        ref = write_dataset(
+            name, rows, produced_by=produced_by, inputs=inputs, version=version, schema=schema
+        )
+        return ref, False
+    except DatasetVersionExists:
+        ref = read_dataset(name, version)
+        register_version(ref)  # idempotent: heals a write whose registration failed
+        return ref, True
+
+
+def _retry_on_backend_error(task, task_run, state) -> bool:
+    """Retry a model-calling task only for backend errors (a server that went away);
+    its checkpoint makes the retry resume, not restart."""
+    try:
+        state.result()
+    except ModelNotFound:
+        return False
+    except BackendError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Options for tasks that call models.
+MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_on_backend_error)
+
+
+def model_input(path: str | Path) -> ModelRef:
+    """A model folder as a lineage input: its folder name and a fingerprint of its weights."""
+    folder = Path(path).expanduser()
+    fingerprint = model_fingerprint(BackendSpec(model=str(folder)))
+    return ModelRef(name=folder.name, version=f"fp_{fingerprint}", path=str(folder))

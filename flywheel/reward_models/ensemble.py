@@ -63,6 +63,20 @@ def _load(base_model: str | Path, members: int):
     return tok, SharedBackboneEnsemble(backbone, backbone.config.hidden_size, members)
 
 
+def load_ensemble(path: str | Path) -> tuple:
+    """(tokenizer, model, meta) of a saved ensemble: backbone and heads as trained."""
+    path = Path(path)
+    if not (path / META_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a Flywheel reward ensemble ({META_FILE} missing); "
+            "train one with train_ensemble"
+        )
+    meta = json.loads((path / META_FILE).read_text())
+    tok, model = _load(path, meta["members"])
+    model.heads.load_state_dict(torch.load(path / HEADS_FILE))
+    return tok, model, meta
+
+
 def pairwise_accuracy(model: SharedBackboneEnsemble, tok, rows: Sequence[dict]) -> dict:
     """Per member and for the members' mean: share of pairs with r_chosen > r_rejected."""
     chosen = score_texts(model, tok, [r["prompt"] + r["chosen"] for r in rows])
@@ -91,13 +105,27 @@ def train_ensemble(
     eval_rows: Sequence[dict],
     config: EnsembleConfig,
     out_dir: str | Path,
+    init_from: str | Path | None = None,
 ) -> dict:
-    """Train all members in one run; save backbone, heads and figures to out_dir."""
+    """Train all members in one run; save backbone, heads and figures to out_dir.
+
+    `init_from`: a saved ensemble to continue training (backbone and heads as
+    saved there, e.g. to refine it on relabeled pairs); its member count must
+    equal `config.members`. Without it, `config.base_model` gets fresh heads.
+    """
     train, train_report = clean_preferences(train_rows, "train pairs")
     evaluation, eval_report = clean_preferences(eval_rows, "eval pairs")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    tok, model = _load(config.base_model, config.members)
+    if init_from is None:
+        tok, model = _load(config.base_model, config.members)
+    else:
+        tok, model, init_meta = load_ensemble(init_from)
+        if init_meta["members"] != config.members:
+            raise ValueError(
+                f"init_from {init_from} has {init_meta['members']} members but "
+                f"config.members is {config.members}; set members={init_meta['members']}"
+            )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -137,6 +165,7 @@ def train_ensemble(
         "reward_mean": train_scores.mean(dim=0).tolist(),
         "reward_std": train_scores.std(dim=0).clamp_min(1e-6).tolist(),
         "config": config.model_dump(),
+        "init_from": None if init_from is None else str(Path(init_from).absolute()),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,15 +180,7 @@ class EnsembleRewardModel:
     """A saved ensemble: per-member rewards (normalised per member), their mean and variance."""
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if not (path / META_FILE).exists():
-            raise FileNotFoundError(
-                f"{path} is not a Flywheel reward ensemble ({META_FILE} missing); "
-                "train one with train_ensemble"
-            )
-        self.meta = json.loads((path / META_FILE).read_text())
-        self.tok, self.model = _load(path, self.meta["members"])
-        self.model.heads.load_state_dict(torch.load(path / HEADS_FILE))
+        self.tok, self.model, self.meta = load_ensemble(path)
         self.model.eval()
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Train the world's tiny models (small and large) and report their accuracy per family."""
+"""Train the world's tiny models (small, large and the shop agent) and report their figures."""
 
 from __future__ import annotations
 
@@ -38,6 +38,38 @@ class BootstrapConfig(BaseModel):
     batch_size: int = 32
     seed: int = 0
     eval_tasks: int = 600
+    # the shop agent (flywheel.world.shop_agent), for ARMAP
+    shop_agent_steps: int = 2500
+    shop_agent_budget_s: float = 40.0
+    shop_agent_eval_intents: int = 100
+
+
+SHOP_AGENT = "shop-agent"
+
+
+def _own_config(config: dict, model: str) -> dict:
+    """The fields that define one model: changing the agent's budget keeps the world models."""
+    if model == SHOP_AGENT:
+        return {k: v for k, v in config.items() if k.startswith("shop_agent_") or k == "seed"}
+    return {k: v for k, v in config.items() if not k.startswith("shop_agent_")}
+
+
+def _cached(path: Path, config: BootstrapConfig, model: str) -> dict | None:
+    report_file = path / "bootstrap_report.json"
+    if not report_file.exists():
+        return None
+    previous = json.loads(report_file.read_text())
+    wanted = _own_config(config.model_dump(), model)
+    return previous if _own_config(previous.get("config", {}), model) == wanted else None
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    # a temporary folder renamed into place: a killed bootstrap leaves no half model
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
 
 
 def world_example(rng: random.Random) -> tuple[str, str]:
@@ -78,10 +110,11 @@ def model_dir(root: Path, size: ModelSize) -> Path:
 
 
 def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) -> dict:
-    """Train and save `world-small` and `world-large` under root; return the report.
+    """Train and save `world-small`, `world-large` and `shop-agent` under root; return the report.
 
-    A size whose folder already holds a report made with the same config is
-    kept, so a re-run is instant.
+    A model whose folder already holds a report made with the same config (its
+    own fields of it) is kept, so a re-run is instant. The shop agent's figures
+    are under "shop_agent", apart from the world models' under "models".
     """
     config = config or BootstrapConfig()
     root = Path(root)
@@ -89,13 +122,10 @@ def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) ->
     report: dict = {"config": config.model_dump(), "models": {}}
     for size, budget in (("small", config.small_budget_s), ("large", config.large_budget_s)):
         path = model_dir(root, size)
-        report_file = path / "bootstrap_report.json"
-        if report_file.exists():
-            previous = json.loads(report_file.read_text())
-            if previous.get("config") == config.model_dump():
-                log.info("world-%s already trained with this config: %s", size, path)
-                report["models"][size] = previous
-                continue
+        if (previous := _cached(path, config, size)) is not None:
+            log.info("world-%s already trained with this config: %s", size, path)
+            report["models"][size] = previous
+            continue
         steps = config.small_steps if size == "small" else config.large_steps
         log.info("training world-%s: %d steps, at most %.0fs", size, steps, budget)
         model = new_tiny_model(size, seed=config.seed)
@@ -112,7 +142,6 @@ def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) ->
                 "world-%s step %d loss %.3f", size, step, loss
             ),
         )
-        # write to a temporary folder and rename: a killed bootstrap leaves no half model
         tmp = path.with_name(path.name + ".tmp")
         save_tiny(model, tmp)
         entry = {
@@ -123,17 +152,45 @@ def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) ->
             **evaluate_model(tmp, tasks),
         }
         (tmp / "bootstrap_report.json").write_text(json.dumps(entry, indent=2))
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        tmp.rename(path)
+        _move_into_place(tmp, path)
         report["models"][size] = entry
+    report["shop_agent"] = bootstrap_shop_agent(root, config)
     return report
 
 
+def shop_agent_dir(root: Path) -> Path:
+    return Path(root) / SHOP_AGENT
+
+
+def bootstrap_shop_agent(root: str | Path, config: BootstrapConfig) -> dict:
+    """Train `shop-agent` under root (kept when trained with the same config); its report."""
+    from flywheel.world.shop_agent import train_shop_agent
+
+    path = shop_agent_dir(Path(root))
+    if (previous := _cached(path, config, SHOP_AGENT)) is not None:
+        log.info("shop-agent already trained with this config: %s", path)
+        return previous
+    log.info(
+        "training shop-agent: %d steps, at most %.0fs",
+        config.shop_agent_steps,
+        config.shop_agent_budget_s,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    trained = train_shop_agent(
+        tmp,
+        config.shop_agent_budget_s,
+        seed=config.seed,
+        steps=config.shop_agent_steps,
+        eval_intents=config.shop_agent_eval_intents,
+    )
+    entry = {"config": config.model_dump(), **trained, "path": str(path)}
+    (tmp / "bootstrap_report.json").write_text(json.dumps(entry, indent=2))
+    _move_into_place(tmp, path)
+    return entry
+
+
 def format_report(report: dict) -> str:
-    """A markdown table of accuracy per family for each model."""
+    """A markdown table of accuracy per family for each model; the shop agent's success."""
     families = sorted(FAMILIES) + ["all"]
     lines = [
         "| model | params | steps | train s | " + " | ".join(families) + " | hard (len>=6) |",
@@ -147,4 +204,16 @@ def format_report(report: dict) -> str:
             + " | ".join(f"{acc.get(f, 0.0):.2f}" for f in families)
             + f" | {entry['accuracy_hard'].get('all', 0.0):.2f} |"
         )
+    agent = report.get("shop_agent")
+    if agent and "eval" in agent:
+        ev = agent["eval"]
+        lines += [
+            "",
+            f"| model | params | steps | train s | shop success on {ev['intents']} held-out "
+            "intents: sampled (T=1) | greedy | the expert it imitates |",
+            "|---|---|---|---|---|---|---|",
+            f"| {SHOP_AGENT} | {agent['parameters']:,} | {agent['train']['steps']} | "
+            f"{agent['train']['seconds']:.0f} | {ev['sampled']['success']:.2f} | "
+            f"{ev['greedy']['success']:.2f} | {ev['expert']['success']:.2f} |",
+        ]
     return "\n".join(lines)

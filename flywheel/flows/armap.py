@@ -1,0 +1,323 @@
+"""`synth/armap` (ARMAP triplets, then a reward model trained on them) and the planner
+deployments `plan/best-of-n`, `plan/reflexion`, `plan/mcts`. Wiring only; the methods
+are `flywheel.synthesis.armap` and `flywheel.reward_models.planners`."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, task
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
+from flywheel.flows.tracking import (
+    MODEL_CALLS,
+    model_input,
+    summary_artifact,
+    tracked_run,
+    write_once,
+)
+from flywheel.llm import BackendSpec, make_backend, model_fingerprint
+from flywheel.reward_models import planners
+from flywheel.reward_models.bradley_terry import RewardModel
+from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model, validate_name
+from flywheel.store.datasets import new_version
+from flywheel.synthesis import armap as armap_module
+from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, ShopAgent, synthesize_triplets
+from flywheel.world import shop_agent as shop_agent_module
+from flywheel.world.bootstrap import models_root, shop_agent_dir
+from flywheel.world.shop_agent import held_out_intents
+
+SOURCE = hashlib.sha256(
+    b"".join(Path(m.__file__).read_bytes() for m in (armap_module, shop_agent_module))
+).hexdigest()
+
+TRIPLET_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("intent", pa.string()),
+        ("original_intent", pa.string()),
+        ("positive", pa.string()),
+        ("negative", pa.string()),
+        ("positive_score", pa.float64()),
+        ("negative_score", pa.float64()),
+        ("negative_source", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+    ]
+)
+FAILED_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("stage", pa.string()),
+        ("prompt", pa.string()),
+        ("raw", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _shop_agent_spec() -> BackendSpec:
+    return BackendSpec(model=str(shop_agent_dir(models_root())))
+
+
+class ArmapSynthParams(ArmapConfig):
+    """Parameters of `synth/armap`: ARMAP's knobs, the agent, and what to write."""
+
+    agent: BackendSpec = Field(default_factory=_shop_agent_spec, description="the acting LLM")
+    proposer_backend: BackendSpec | None = Field(
+        None, description="LLM that proposes intents (proposer='llm')"
+    )
+    output: str = Field("armap_triplets", description="name of the triplet dataset")
+    train_reward_model: bool = Field(True, description="train `<output>-rm` on the triplets")
+    reward_epochs: float = Field(2.0, gt=0)
+    reward_base_model: str = Field(
+        default_factory=default_backbone, description="backbone folder of the reward model"
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _dataset_name(cls, name: str) -> str:
+        return validate_name(name)
+
+
+@task(name="check-inputs")
+def check_armap_inputs(params: ArmapSynthParams) -> None:
+    """Fail before any model loads: the agent's, proposer's and reward backbone's folders."""
+    params.agent.check()
+    if params.train_reward_model and not Path(params.reward_base_model).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"reward_base_model: no model folder at {params.reward_base_model}; run "
+            "`prefect deployment run world/bootstrap` or pass a backbone folder"
+        )
+    if params.proposer == "llm":
+        if params.proposer_backend is None:
+            raise ValueError("proposer_backend: required when proposer is 'llm' (a BackendSpec)")
+        params.proposer_backend.check()
+
+
+def _workdir(params: ArmapSynthParams) -> Path:
+    config = ArmapConfig.model_validate(params.model_dump(include=set(ArmapConfig.model_fields)))
+    models = [model_fingerprint(params.agent)]
+    if params.proposer_backend is not None:
+        models.append(model_fingerprint(params.proposer_backend))
+    key = Checkpoint.key(config.model_dump(mode="json"), models, SOURCE)
+    return data_root() / "_work" / "armap" / key
+
+
+@task(name="synthesize-triplets", **MODEL_CALLS)
+def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
+    """Intents, trajectories, refined intents, triplets; checkpointed per chunk of intents,
+    so a killed run resumes and a repeated run reuses its versions."""
+    config = ArmapConfig.model_validate(params.model_dump(include=set(ArmapConfig.model_fields)))
+    ckpt = Checkpoint(_workdir(params))
+    with make_backend(params.agent) as backend:
+        agent = ShopAgent(backend, temperature=config.temperature, seed=config.seed)
+        proposer = None
+        if config.proposer == "llm":
+            assert params.proposer_backend is not None  # checked in check-inputs
+            proposer_backend = make_backend(params.proposer_backend)
+            proposer = LLMIntentProposer(proposer_backend)
+        try:
+            triplets, failures, figures = synthesize_triplets(config, proposer, agent, ckpt)
+        finally:
+            if config.proposer == "llm":
+                proposer_backend.close()
+    names = {"triplets": params.output, "failed": failed_name(params.output)}
+    planned = ckpt.put_once("versions", {k: new_version() for k in names})
+    inputs = [model_input(params.agent.model)] if Path(params.agent.model).is_dir() else []
+    keep = [f.name for f in TRIPLET_SCHEMA]
+    written, reused = write_once(
+        names["triplets"],
+        [{k: t[k] for k in keep} for t in triplets],
+        planned["triplets"],
+        run_id,
+        inputs,
+        TRIPLET_SCHEMA,
+    )
+    failed, _ = write_once(
+        names["failed"],
+        [{k: f[k] for k in FAILED_SCHEMA.names} for f in failures],
+        planned["failed"],
+        run_id,
+        inputs,
+        FAILED_SCHEMA,
+    )
+    return {
+        "figures": figures,
+        "triplets": f"{written.name}@{written.version}",
+        "failed": f"{failed.name}@{failed.version}",
+        "reused_earlier_output": reused,
+    }
+
+
+@flow(name="synth", log_prints=True)
+def armap(params: ArmapSynthParams | None = None) -> dict:
+    """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
+    params = params or ArmapSynthParams()
+    started = time.monotonic()
+    with tracked_run("synth/armap", params.model_dump(mode="json")) as run_id:
+        check_armap_inputs(params)
+        out = synthesize(params, run_id)
+        figures = {
+            "triplets": out["figures"]["triplets"],
+            "intents": out["figures"]["intents"],
+            "intent proposals that did not parse": out["figures"]["intent_failures"],
+            "episodes": out["figures"]["episodes"],
+            "agent success rate (plain sampling)": out["figures"]["agent_success"],
+            "agent mean reward": out["figures"]["agent_mean_reward"],
+            "dataset: triplets": out["triplets"],
+            "dataset: failed": out["failed"],
+        }
+        if params.train_reward_model and not out["figures"]["triplets"]:
+            # nothing to learn from: say so instead of failing inside the trainer
+            figures["reward model"] = "not trained: no triplets (the agent bought nothing)"
+        elif params.train_reward_model:
+            trained = train_flow(
+                RewardTrainParams(
+                    dataset=params.output,
+                    dataset_version=out["triplets"].split("@", 1)[1],
+                    model_name=f"{params.output.replace('_', '-')}-rm",
+                    epochs=params.reward_epochs,
+                    base_model=params.reward_base_model,
+                    seed=params.seed,
+                )
+            )
+            out["reward_model"] = trained["model"]
+            figures["reward model"] = trained["figures"]["model"]
+            figures["reward model held-out accuracy"] = trained["figures"]["eval pairwise accuracy"]
+        figures["seconds"] = round(time.monotonic() - started, 2)
+        summary_artifact("synth-armap", "ARMAP synthesis", figures)
+        return out | {"seconds": figures["seconds"]}
+
+
+# --- planners ---
+
+
+class PlanParams(BaseModel):
+    """What every planner deployment shares: the agent, the reward model, the intents."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward_model: str = Field(
+        "armap-triplets-rm", description="registered reward model (`synth/armap` trains one)"
+    )
+    agent: BackendSpec = Field(default_factory=_shop_agent_spec)
+    temperature: float = Field(1.0, ge=0)
+    intents: int = Field(100, ge=1, description="held-out intents to plan for")
+    seed: int = 0
+    output: str | None = Field(None, description="dataset of executed plans; null: derived")
+
+
+class BestOfNParams(PlanParams):
+    n: int = Field(8, ge=1, description="sampled episodes per intent")
+
+
+class ReflexionParams(PlanParams):
+    trials: int = Field(3, ge=1, description="attempts per intent")
+    threshold: float = Field(0.0, description="reward-model score that ends the retries")
+
+
+class MCTSParams(PlanParams):
+    simulations: int = Field(12, ge=1)
+    c_uct: float = Field(1.0, gt=0)
+    horizon: int = Field(10, ge=1)
+    expand_k: int = Field(3, ge=1, description="actions sampled per expansion")
+
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("intent", pa.string()),
+        ("reward", pa.float64()),
+        ("success", pa.bool_()),
+        ("env_steps", pa.int64()),
+        ("model_calls", pa.int64()),
+        ("rm_calls", pa.int64()),
+        ("episodes", pa.int64()),
+        ("actions", pa.list_(pa.string())),
+        ("trajectory", pa.string()),
+        ("score", pa.float64()),
+    ]
+)
+
+
+@task(name="check-inputs")
+def check_plan_inputs(params: PlanParams) -> ModelRef:
+    params.agent.check()
+    return read_model(params.reward_model)
+
+
+@task(name="plan", **MODEL_CALLS)
+def run_planner(
+    name: str, planner: planners.Planner, params: PlanParams, rm: ModelRef, run_id: str
+) -> dict:
+    """The planner and the plain policy on the same held-out intents, same run."""
+    catalog, intents = held_out_intents(params.intents)
+    reward_model = RewardModel(rm.path)
+    with make_backend(params.agent) as backend:
+        agent = ShopAgent(backend, temperature=params.temperature, seed=params.seed)
+        baseline = planners.evaluate(
+            planners.plain(), agent, reward_model, intents, catalog, seed=params.seed
+        )
+        planned = planners.evaluate(
+            planner, agent, reward_model, intents, catalog, seed=params.seed, keep_results=True
+        )
+    output = params.output or f"plan_{name.replace('-', '_')}"
+    inputs: list[Any] = [rm]
+    if Path(params.agent.model).is_dir():
+        inputs.append(model_input(params.agent.model))
+    rows = [{k: r[k] for k in PLAN_SCHEMA.names} for r in planned.pop("results")]
+    ref, _ = write_once(output, rows, new_version(), run_id, inputs, PLAN_SCHEMA)
+    return {"plain": baseline, "planner": planned, "dataset": f"{ref.name}@{ref.version}"}
+
+
+def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
+    with tracked_run(f"plan/{name}", params.model_dump(mode="json")) as run_id:
+        rm = check_plan_inputs(params)
+        out = run_planner(name, planner, params, rm, run_id)
+        plain, planned = out["plain"], out["planner"]
+        figures = {
+            "reward model": f"{rm.name}@{rm.version}",
+            "intents": planned["intents"],
+            "budget": str(planned["budget"]),
+            "success rate: plain policy": plain["success_rate"],
+            f"success rate: {name}": planned["success_rate"],
+            "mean reward: plain policy": plain["mean_reward"],
+            f"mean reward: {name}": planned["mean_reward"],
+            "env steps per intent: plain / planner": (
+                f"{plain['mean_env_steps']:.1f} / {planned['mean_env_steps']:.1f}"
+            ),
+            "agent calls per intent: plain / planner": (
+                f"{plain['mean_model_calls']:.1f} / {planned['mean_model_calls']:.1f}"
+            ),
+            "dataset": out["dataset"],
+        }
+        summary_artifact(f"plan-{name}", f"Planning with {name}", figures)
+        return out
+
+
+@flow(name="plan", log_prints=True)
+def best_of_n(params: BestOfNParams | None = None) -> dict:
+    """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
+    params = params or BestOfNParams()
+    return _plan("best-of-n", planners.best_of_n(params.n), params)
+
+
+@flow(name="plan", log_prints=True)
+def reflexion(params: ReflexionParams | None = None) -> dict:
+    """Reflexion (reward-model feedback for a retry) vs the plain policy."""
+    params = params or ReflexionParams()
+    return _plan("reflexion", planners.reflexion(params.trials, params.threshold), params)
+
+
+@flow(name="plan", log_prints=True)
+def mcts(params: MCTSParams | None = None) -> dict:
+    """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
+    params = params or MCTSParams()
+    planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
+    return _plan("mcts", planner, params)

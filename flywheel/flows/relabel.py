@@ -1,0 +1,419 @@
+"""`reward/relabel`: one UGDA round on a registered reward ensemble. Wiring only; the
+method is `flywheel.reward_models.ugda`, the labelers `flywheel.reward_models.labelers`.
+
+With `labeler: human` a run writes the selected pairs as a queue dataset and stops; the
+next run finds the labeled file, checks it against the queue and refines the ensemble.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from prefect import flow, task
+from pydantic import Field, field_validator
+
+from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
+from flywheel.flows.tracking import (
+    MODEL_CALLS,
+    model_input,
+    summary_artifact,
+    tracked_run,
+    write_once,
+)
+from flywheel.llm import BackendSpec, make_backend, model_fingerprint
+from flywheel.reward_models.ensemble import EnsembleRewardModel, pairwise_accuracy
+from flywheel.reward_models.labelers import (
+    LLMJudgeLabeler,
+    WorldOracleLabeler,
+    read_labels,
+    write_queue,
+)
+from flywheel.reward_models.ugda import (
+    UgdaConfig,
+    policy_pairs,
+    refine,
+    score_candidates,
+    select,
+)
+from flywheel.store import (
+    Checkpoint,
+    DatasetRef,
+    ModelNotRegistered,
+    ModelRef,
+    data_root,
+    failed_name,
+    list_versions,
+    read_dataset,
+    read_model,
+    save_model_version,
+    validate_name,
+)
+from flywheel.store.datasets import new_version
+from flywheel.world.tasks import sample_tasks
+
+DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("p_mean", pa.float64()),
+        ("variance", pa.float64()),
+        ("influence", pa.float64()),
+        ("selected", pa.bool_()),
+    ]
+)
+FAILED_SCHEMA = pa.schema(
+    [
+        (c, pa.string())
+        for c in ("id", "prompt", "response_a", "response_b", "raw", "error", "labeler")
+    ]
+)
+LABELED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("label", pa.string()),
+        ("labeler", pa.string()),
+    ]
+)
+
+
+def _policy_spec() -> BackendSpec:
+    return BackendSpec(model=default_backbone())
+
+
+class RelabelParams(UgdaConfig):
+    """Parameters of `reward/relabel`: UGDA's knobs, the policy, the labeler."""
+
+    ensemble: str = Field(
+        DEFAULT_ENSEMBLE,
+        description="registered reward ensemble; the default is trained first when missing",
+    )
+    policy: BackendSpec = Field(default_factory=_policy_spec, description="the current policy")
+    prompts_dataset: str | None = Field(
+        None, description="store dataset with a `prompt` column; null: world tasks"
+    )
+    n_prompts: int = Field(600, ge=2, description="world prompts to sample (2 responses each)")
+    validation_dataset: str | None = Field(
+        None,
+        description="labelled prompt/chosen/rejected pairs on the policy's distribution; "
+        "null: world oracle labels of a separate set of policy pairs",
+    )
+    n_validation_prompts: int = Field(200, ge=2)
+    temperature: float = Field(1.0, gt=0, description="policy sampling temperature")
+    labeler: Literal["world", "llm", "human"] = "world"
+    judge: BackendSpec | None = Field(None, description="the LLM judge (labeler 'llm')")
+    queue: str = Field("relabel_queue", description="dataset people label (labeler 'human')")
+    labels_file: str | None = Field(
+        None,
+        description="the labeled file for the latest queue (csv, jsonl or parquet); null: "
+        "data/_labels/<queue>.csv",
+    )
+    budget: int = Field(64, ge=1, description="pairs sent to the labeler")
+
+    @field_validator("prompts_dataset", "validation_dataset", "queue")
+    @classmethod
+    def _dataset_name(cls, name: str | None) -> str | None:
+        return None if name is None else validate_name(name)
+
+    def ugda(self) -> UgdaConfig:
+        return UgdaConfig.model_validate(self.model_dump(include=set(UgdaConfig.model_fields)))
+
+    def labels_path(self) -> Path:
+        if self.labels_file:
+            return Path(self.labels_file).expanduser()
+        return data_root() / "_labels" / f"{self.queue}.csv"
+
+
+@task(name="check-inputs")
+def check_inputs(params: RelabelParams) -> ModelRef:
+    """Fail before sampling: the ensemble, the policy, the labeler's settings, the data."""
+    params.policy.check()
+    if params.labeler == "llm":
+        if params.judge is None:
+            raise ValueError("judge: required when labeler is 'llm' (a BackendSpec)")
+        params.judge.check()
+    if params.prompts_dataset:
+        columns = read_dataset(params.prompts_dataset).meta["columns"]
+        if "prompt" not in columns:
+            raise ValueError(
+                f"prompts_dataset: {params.prompts_dataset} has no `prompt` column "
+                f"(columns: {sorted(columns)})"
+            )
+        if params.validation_dataset is None:
+            raise ValueError(
+                "validation_dataset: required with prompts_dataset (the world oracle can "
+                "only label world tasks); give labelled prompt/chosen/rejected pairs"
+            )
+    if params.validation_dataset:
+        read_dataset(params.validation_dataset)
+    try:
+        ensemble = read_model(params.ensemble)
+    except ModelNotRegistered:
+        if params.ensemble != DEFAULT_ENSEMBLE:
+            raise
+        # the nightly default bootstraps itself from the world's pairs
+        train_flow(RewardTrainParams(kind="ensemble", members=3, seed=params.seed))
+        ensemble = read_model(params.ensemble)
+    if ensemble.meta.get("kind") != "ensemble":
+        raise ValueError(
+            f"ensemble: {params.ensemble} is a {ensemble.meta.get('kind')!r} model; UGDA needs "
+            "an ensemble (train one with reward/train kind='ensemble')"
+        )
+    return ensemble
+
+
+def _workdir(params: RelabelParams, ensemble: ModelRef) -> Checkpoint:
+    key = Checkpoint.key(
+        params.model_dump(mode="json", exclude={"labels_file"}),
+        f"{ensemble.name}@{ensemble.version}",
+        model_fingerprint(params.policy),
+    )
+    return Checkpoint(data_root() / "_work" / "relabel" / key)
+
+
+def _prompts(params: RelabelParams) -> tuple[list[str], list[str]]:
+    """(candidate prompts, validation prompts): disjoint world tasks, or the dataset's."""
+    if params.prompts_dataset:
+        prompts = read_dataset(params.prompts_dataset).to_pandas()["prompt"].astype(str).tolist()
+        return prompts, []
+    rng = random.Random(f"relabel-{params.seed}")
+    tasks = sample_tasks(params.n_prompts + params.n_validation_prompts, rng)
+    prompts = [t.prompt for t in tasks]
+    return prompts[: params.n_prompts], prompts[params.n_prompts :]
+
+
+@task(name="sample-policy", **MODEL_CALLS)
+def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
+    """Two responses per prompt from the current policy; oracle-labelled validation pairs.
+    Kept in the run's checkpoint, so a re-run samples nothing again."""
+    ckpt = _workdir(params, ensemble)
+    if cached := ckpt.get("policy"):
+        return cached
+    prompts, validation_prompts = _prompts(params)
+    with make_backend(params.policy) as policy:
+        candidates, report = policy_pairs(
+            policy, prompts, temperature=params.temperature, seed=params.seed
+        )
+        if params.validation_dataset:
+            validation = read_dataset(params.validation_dataset).to_pandas().to_dict("records")
+        else:
+            pairs, _ = policy_pairs(
+                policy, validation_prompts, temperature=params.temperature, seed=params.seed + 1
+            )
+            validation, _ = WorldOracleLabeler().label(pairs)
+    params.ugda().check_candidates(len(candidates))
+    out = {"candidates": candidates, "validation": validation, "report": report}
+    ckpt.put("policy", out)
+    return out
+
+
+@task(name="score-and-select")
+def score_and_select(params: RelabelParams, ensemble: ModelRef, sampled: dict) -> dict:
+    ckpt = _workdir(params, ensemble)
+    if cached := ckpt.get("selection"):
+        return cached
+    config = params.ugda()
+    scores = score_candidates(ensemble.path, sampled["candidates"], sampled["validation"], config)
+    chosen = set(select(scores["variance"], scores["influence"], config))
+    influence = scores["influence"] or [None] * len(chosen)
+    rows = [
+        {
+            **pair,
+            "p_mean": scores["p_mean"][i],
+            "variance": scores["variance"][i],
+            "influence": influence[i] if scores["influence"] else None,
+            "selected": i in chosen,
+        }
+        for i, pair in enumerate(sampled["candidates"])
+    ]
+    ckpt.put("selection", rows)
+    return rows
+
+
+@task(name="label", **MODEL_CALLS)
+def label(params: RelabelParams, selected: list[dict]) -> tuple[list[dict], list[dict]]:
+    if params.labeler == "world":
+        return WorldOracleLabeler().label(selected)
+    assert params.judge is not None  # checked in check-inputs
+    with make_backend(params.judge) as judge:
+        return LLMJudgeLabeler(judge, seed=params.seed).label(selected)
+
+
+def _original_rows(ensemble: ModelRef) -> list[dict]:
+    """The pairs the ensemble was trained on (its first dataset input), for replay."""
+    for i in ensemble.meta.get("inputs", []):
+        if i.get("kind") == "dataset":
+            return read_dataset(i["name"], i["version"]).to_pandas().to_dict("records")
+    return []
+
+
+@task(name="refine-ensemble")
+def refine_ensemble(
+    params: RelabelParams,
+    ensemble: ModelRef,
+    labeled: list[dict],
+    validation: list[dict],
+    inputs: list,
+    version: str,
+    run_id: str,
+) -> ModelRef:
+    """Continue training the ensemble on the relabeled pairs (plus a replay of its original
+    pairs); a new version of the same model name. A planned version: a re-run reuses it."""
+    try:
+        return read_model(ensemble.name, version)
+    except ModelNotRegistered:
+        pass
+    config = params.ugda()
+    original = _original_rows(ensemble)
+
+    def build(folder: Path) -> dict:
+        return refine(ensemble.path, labeled, original, validation, config, folder)
+
+    return save_model_version(
+        ensemble.name,
+        build,
+        kind="ensemble",
+        produced_by=run_id,
+        inputs=[ensemble, *inputs],
+        version=version,
+    )
+
+
+def _accuracy(model: ModelRef, rows: list[dict]) -> float | None:
+    if not rows:
+        return None
+    loaded = EnsembleRewardModel(model.path)
+    return pairwise_accuracy(loaded.model, loaded.tok, rows)["mean"]
+
+
+def _queues() -> Checkpoint:
+    """Which queue versions were consumed, and each queue's validation pairs."""
+    return Checkpoint(data_root() / "_work" / "relabel-queues")
+
+
+def _pending_queue(params: RelabelParams) -> DatasetRef | None:
+    """The latest queue version that no refined ensemble has consumed yet."""
+    versions = list_versions(params.queue)
+    if not versions:
+        return None
+    queue = read_dataset(params.queue, versions[-1])
+    consumed = _queues().get(queue.version)
+    return None if consumed else queue
+
+
+@flow(name="reward", log_prints=True)
+def relabel(params: RelabelParams | None = None) -> dict:
+    """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
+    the validation set, then refine the ensemble on them."""
+    params = params or RelabelParams()
+    started = time.monotonic()
+    with tracked_run("reward/relabel", params.model_dump(mode="json")) as run_id:
+        ensemble = check_inputs(params)
+        ckpt = _workdir(params, ensemble)
+        names = ["candidates", "labeled", "failed", "model"]
+        planned = ckpt.put_once("versions", {k: new_version() for k in names})
+        figures: dict = {"ensemble": f"{ensemble.name}@{ensemble.version}", "arm": params.arm}
+        queue = _pending_queue(params) if params.labeler == "human" else None
+        if queue is not None:
+            # the human path, second half: labels for the queue written by an earlier run
+            path = params.labels_path()
+            if not path.exists():
+                figures["status"] = f"waiting for labels of {queue.name}@{queue.version} at {path}"
+                summary_artifact("reward-relabel", "UGDA relabeling", figures)
+                return {"status": "waiting", "queue": f"{queue.name}@{queue.version}"}
+            labeled, unlabeled = read_labels(path, queue)
+            failures: list[dict] = []
+            inputs: list = [queue]
+            validation = _queues().get(f"{queue.version}-validation") or []
+            figures["labels file"] = str(path)
+            figures["queue pairs left unlabeled"] = len(unlabeled)
+        else:
+            sampled = sample_policy(params, ensemble)
+            validation = sampled["validation"]
+            rows = score_and_select(params, ensemble, sampled)
+            candidates, _ = write_once(
+                "relabel_candidates",
+                rows,
+                planned["candidates"],
+                run_id,
+                [ensemble, model_input(params.policy.model)]
+                if Path(params.policy.model).is_dir()
+                else [ensemble],
+                CANDIDATE_SCHEMA,
+            )
+            selected = [r for r in rows if r["selected"]]
+            figures |= {
+                "policy pairs (candidates)": len(rows),
+                "identical response pairs skipped": sampled["report"]["identical"],
+                "selected for labeling": len(selected),
+                "mean variance: selected / all": (
+                    f"{_mean(r['variance'] for r in selected):.4g} / "
+                    f"{_mean(r['variance'] for r in rows):.4g}"
+                ),
+                "dataset: candidates": f"{candidates.name}@{candidates.version}",
+            }
+            if params.labeler == "human":
+                pairs = [
+                    {k: r[k] for k in ("id", "prompt", "response_a", "response_b")}
+                    for r in selected
+                ]
+                queued = write_queue(pairs, params.queue, produced_by=run_id, inputs=[candidates])
+                figures["status"] = (
+                    f"queued {len(pairs)} pairs as {queued.name}@{queued.version}; label them "
+                    f"(columns id, label = a or b) into {params.labels_path()} and run again"
+                )
+                _queues().put(f"{queued.version}-validation", validation)
+                summary_artifact("reward-relabel", "UGDA relabeling", figures)
+                return {"status": "queued", "queue": f"{queued.name}@{queued.version}"}
+            labeled, failures = label(params, selected)
+            inputs = [candidates]
+        labeled_ref, _ = write_once(
+            "relabel_labeled",
+            [{k: r[k] for k in LABELED_SCHEMA.names} for r in labeled],
+            planned["labeled"],
+            run_id,
+            inputs,
+            LABELED_SCHEMA,
+        )
+        failed_ref, _ = write_once(
+            failed_name("relabel_labeled"),
+            [{k: str(f[k]) for k in FAILED_SCHEMA.names} for f in failures],
+            planned["failed"],
+            run_id,
+            inputs,
+            FAILED_SCHEMA,
+        )
+        figures |= {
+            "labeled pairs": len(labeled),
+            "labeler failures (ties, unparsed answers)": len(failures),
+            "dataset: labeled": f"{labeled_ref.name}@{labeled_ref.version}",
+            "dataset: failed": f"{failed_ref.name}@{failed_ref.version}",
+        }
+        out: dict = {"status": "no labels", "figures": figures}
+        if labeled:
+            refined = refine_ensemble(
+                params, ensemble, labeled, validation, [labeled_ref], planned["model"], run_id
+            )
+            if queue is not None:
+                _queues().put(queue.version, True)
+            figures["refined ensemble"] = f"{refined.name}@{refined.version}"
+            figures["validation accuracy before"] = _accuracy(ensemble, validation)
+            figures["validation accuracy after"] = _accuracy(refined, validation)
+            out = {"status": "refined", "model": refined.model_dump(), "figures": figures}
+        figures["seconds"] = round(time.monotonic() - started, 2)
+        summary_artifact("reward-relabel", "UGDA relabeling", figures)
+        return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
