@@ -25,7 +25,8 @@ EVAL_CATALOG_SEED = 777_777  # the planners' held-out intents; synthesis never u
 
 
 def shop_agent(args: argparse.Namespace, models: dict[str, Path], data: Path) -> tuple[Path, dict]:
-    """`--agent`, else `shop-agent` beside the world models, else trained into the data folder."""
+    """`--agent`, else `shop-agent` beside the world models, else trained into the data folder
+    (the benchmark never writes into the project's data/)."""
     from flywheel.world.bootstrap import BootstrapConfig, bootstrap_shop_agent, shop_agent_dir
 
     candidates = [args.agent] if args.agent else [shop_agent_dir(models["small"].parent)]
@@ -36,8 +37,13 @@ def shop_agent(args: argparse.Namespace, models: dict[str, Path], data: Path) ->
             return path, report
     if args.agent:
         raise SystemExit(f"{args.agent} holds no model")
-    print("no shop-agent beside the world models: training one (default BootstrapConfig)...")
-    report = bootstrap_shop_agent(data / "_models", BootstrapConfig())
+    print(
+        "no shop-agent beside the world models: training one into the data folder "
+        f"({BootstrapConfig().shop_agent_steps} steps, at most {args.agent_budget:.0f}s)..."
+    )
+    # all the default steps, whatever the machine's load: the same agent on every run
+    config = BootstrapConfig(shop_agent_budget_s=args.agent_budget)
+    report = bootstrap_shop_agent(data / "_models", config)
     return Path(report["path"]), report
 
 
@@ -272,6 +278,12 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--agent", type=Path, help="a shop-agent model folder")
+    parser.add_argument(
+        "--agent-budget",
+        type=float,
+        default=150.0,
+        help="seconds cap when the shop agent has to be trained (default steps: 2500)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
     parser.add_argument("--intents", type=int, default=600, help="synthesis intents per seed")
     parser.add_argument("--trajectories", type=int, default=6, help="trajectories per intent")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -46,8 +46,16 @@ class ScriptedPolicy(Backend):
         raise NotImplementedError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # much faster than two threads on 2 busy cores
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def setting(world_models, tmp_path_factory) -> dict:
+def setting(world_models, tmp_path_factory, one_thread) -> dict:
     """A small pre-shift ensemble and unlabeled pairs from world-small at temperature 1.5."""
     from flywheel.llm import TransformersBackend
 
