@@ -8,7 +8,8 @@ held-out triplet accuracy (triplets from another catalog and seed); then every p
 the same held-out intents of a third catalog. The env's true score as the reward model
 (`EnvScoreOracle`) gives each planner's upper bound.
 
-    .venv/bin/python benchmarks/armap_planners.py --quick --models data/_models
+    .venv/bin/python benchmarks/armap_planners.py --quick --models data/_models  # 1 seed, ~5 min
+    .venv/bin/python benchmarks/armap_planners.py --models data/_models  # 3 seeds, ~20 min
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def one_seed(
 
 def main(args: argparse.Namespace) -> None:
     if args.quick:
-        args.intents, args.eval_intents, args.planner_intents = 200, 60, 100
+        args.intents, args.eval_intents, args.planner_intents = 400, 60, 100
         args.planner_temperatures = args.planner_temperatures[:1]
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     per_seed = {}

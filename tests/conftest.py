@@ -34,7 +34,10 @@ def world_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         small_budget_s=4,
         large_budget_s=8,
         eval_tasks=60,
-        shop_agent_budget_s=10,
+        # a fixed step count keeps the agent (and the tests) the same from run to run;
+        # 600 steps: it acts badly, but it buys things, so ARMAP has triplets to make
+        shop_agent_steps=600,
+        shop_agent_budget_s=120,
         shop_agent_eval_intents=20,
     )
     bootstrap_models(root, config)

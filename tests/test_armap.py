@@ -26,27 +26,15 @@ from flywheel.world.shop_agent import (
     agent_prompt,
     expert_episode,
     random_avoid,
-    train_shop_agent,
 )
 
 POSITIONS = 256  # max_position_embeddings of the tiny models
 
 
 @pytest.fixture(scope="module")
-def agent_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A shop agent trained for 600 steps (seconds): it acts, badly, but it buys things.
-
-    A fixed step count (the budget only caps a slow machine) keeps the model, and so
-    the tests, the same from run to run; one torch thread is much faster on 2 busy cores.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("agent") / "shop-agent"
-    train_shop_agent(path, budget_s=30, seed=0, steps=600, eval_intents=0)
-    yield path
-    torch.set_num_threads(threads)
+def agent_dir(world_models) -> Path:
+    """The session's shop agent (600 steps): it acts, badly, but it buys things."""
+    return world_models / "shop-agent"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def test_bootstrap_saves_loadable_models_with_report(world_models: Path) -> None
     agent = json.loads((world_models / "shop-agent" / "bootstrap_report.json").read_text())
     if agent["config"]["shop_agent_eval_intents"]:
         assert 0.0 <= agent["eval"]["sampled"]["success"] <= 1.0
-        assert agent["eval"]["expert"]["success"] > 0.5
+        assert agent["eval"]["expert"]["reward"] > 0.7  # the expert it imitates is good
     with TransformersBackend(world_models / "shop-agent") as backend:
         assert len(backend.generate(["task: small red mug under 9\nhome\naction: "])) == 1
     table = format_report({"models": {"small": small, "large": large}, "shop_agent": agent})

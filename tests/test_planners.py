@@ -15,26 +15,19 @@ from flywheel.reward_models.planners import (
 )
 from flywheel.synthesis.armap import ShopAgent, reward_prompt, trajectory_text
 from flywheel.world.shop import MAX_STEPS, Intent, make_catalog, sample_intent
-from flywheel.world.shop_agent import Episode, parse_listing, train_shop_agent
+from flywheel.world.shop_agent import Episode, parse_listing
 
 CATALOG = make_catalog(120, seed=11)
 INTENTS = [sample_intent(CATALOG, random.Random(k)) for k in range(24)]
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShopAgent]:
-    """A shop agent trained for 600 steps: a poor policy, so planning has room to help."""
-    import torch
-
+def agent(world_models) -> Iterator[ShopAgent]:
+    """The session's shop agent (600 steps): a poor policy, so planning has room to help."""
     from flywheel.llm import TransformersBackend
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # much faster than two threads on 2 busy cores
-    path = tmp_path_factory.mktemp("agent") / "shop-agent"
-    train_shop_agent(path, budget_s=30, seed=0, steps=600, eval_intents=0)
-    with TransformersBackend(path, batch_size=128) as backend:
+    with TransformersBackend(world_models / "shop-agent", batch_size=128) as backend:
         yield ShopAgent(backend, temperature=1.0)
-    torch.set_num_threads(threads)
 
 
 def check_result(result: PlanResult, intent: Intent) -> None:

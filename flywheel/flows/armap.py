@@ -90,15 +90,15 @@ class ArmapSynthParams(ArmapConfig):
 def check_armap_inputs(params: ArmapSynthParams) -> None:
     """Fail before any model loads: the agent's, proposer's and reward backbone's folders."""
     params.agent.check()
+    if params.proposer == "llm":
+        if params.proposer_backend is None:
+            raise ValueError("proposer_backend: required when proposer is 'llm' (a BackendSpec)")
+        params.proposer_backend.check()
     if params.train_reward_model and not Path(params.reward_base_model).expanduser().is_dir():
         raise FileNotFoundError(
             f"reward_base_model: no model folder at {params.reward_base_model}; run "
             "`prefect deployment run world/bootstrap` or pass a backbone folder"
         )
-    if params.proposer == "llm":
-        if params.proposer_backend is None:
-            raise ValueError("proposer_backend: required when proposer is 'llm' (a BackendSpec)")
-        params.proposer_backend.check()
 
 
 def _workdir(params: ArmapSynthParams) -> Path:

@@ -160,7 +160,14 @@ class Plain(Planner):
     def budget(self) -> dict[str, Any]:
         return {"episodes": 1}
 
-    def run(self, agent, reward_model, intents, catalog, seed=0) -> list[PlanResult]:
+    def run(
+        self,
+        agent: ShopAgent,
+        reward_model: Scorer | None,
+        intents: Sequence[Intent],
+        catalog: list[Item],
+        seed: int = 0,
+    ) -> list[PlanResult]:
         episodes = agent.rollout(intents, catalog, seed=seed)
         return [
             _result(
@@ -182,7 +189,14 @@ class BestOfN(Planner):
     def budget(self) -> dict[str, Any]:
         return {"n": self.n}
 
-    def run(self, agent, reward_model, intents, catalog, seed=0) -> list[PlanResult]:
+    def run(
+        self,
+        agent: ShopAgent,
+        reward_model: Scorer | None,
+        intents: Sequence[Intent],
+        catalog: list[Item],
+        seed: int = 0,
+    ) -> list[PlanResult]:
         if reward_model is None:
             raise ValueError("best_of_n needs a reward model")
         n = self.n
@@ -228,7 +242,14 @@ class Reflexion(Planner):
     def budget(self) -> dict[str, Any]:
         return {"trials": self.trials, "threshold": self.threshold, "final": self.final}
 
-    def run(self, agent, reward_model, intents, catalog, seed=0) -> list[PlanResult]:
+    def run(
+        self,
+        agent: ShopAgent,
+        reward_model: Scorer | None,
+        intents: Sequence[Intent],
+        catalog: list[Item],
+        seed: int = 0,
+    ) -> list[PlanResult]:
         if reward_model is None:
             raise ValueError("reflexion needs a reward model")
         attempts: list[list[tuple[Episode, float]]] = [[] for _ in intents]
@@ -351,7 +372,14 @@ class MCTS(Planner):
             node = max(children, key=lambda c: c.mean + self.c_uct * math.sqrt(log_n / c.visits))
         return node
 
-    def run(self, agent, reward_model, intents, catalog, seed=0) -> list[PlanResult]:
+    def run(
+        self,
+        agent: ShopAgent,
+        reward_model: Scorer | None,
+        intents: Sequence[Intent],
+        catalog: list[Item],
+        seed: int = 0,
+    ) -> list[PlanResult]:
         if reward_model is None:
             raise ValueError("mcts needs a reward model")
         trees = [_Tree(intent) for intent in intents]
