@@ -100,7 +100,7 @@ def train_causal_lm(
             left = time_budget_s - (time.monotonic() - start)
             planned = max(step + 1, min(steps, step + int(left / per_step)))
             if planned != total:
-                log.info("%.3fs per step: %d steps fit %.0fs", per_step, planned, time_budget_s)
+                log.debug("%.3fs per step: %d steps fit %.0fs", per_step, planned, time_budget_s)
             total = planned
     model.eval()
     return {"steps": step, "loss": loss_value, "seconds": time.monotonic() - start}
