@@ -76,18 +76,21 @@ def test_human_queue_then_labels_file(ensemble, world_models, data_dir, tmp_path
 
     pairs = queue.to_pandas()
     bad = tmp_path / "bad.csv"
-    pd.DataFrame({"id": pairs.id, "label": ["maybe"] * len(pairs)}).to_csv(bad, index=False)
-    with pytest.raises(LabelFileError, match="not a or b"):
+    pd.DataFrame({"id": ["not-in-queue"], "label": ["a"]}).to_csv(bad, index=False)
+    with pytest.raises(LabelFileError, match="1 id\\(s\\) are not in queue relabel_queue"):
         relabel(params(world_models, labeler="human", labels_file=str(bad)))
 
     good = data_dir / "_labels" / "relabel_queue.csv"
     good.parent.mkdir(parents=True, exist_ok=True)
     labels = ["a", "b"] * (len(pairs) // 2)
     labels[-1] = ""  # partial labeling is allowed
+    labels[-2] = "maybe"  # kept out and reported, not trained on
     pd.DataFrame({"id": pairs.id, "label": labels}).to_csv(good, index=False)
     done = relabel(params(world_models, labeler="human"))
     assert done["status"] == "refined"
-    assert read_dataset("relabel_labeled").num_rows == len(pairs) - 1
+    assert done["figures"]["queue pairs left unlabeled"] == 1
+    assert done["figures"]["queue pairs kept out (label not a or b)"] == 1
+    assert read_dataset("relabel_labeled").num_rows == len(pairs) - 2
     assert set(read_dataset("relabel_labeled").to_pandas().labeler) == {"human:relabel_queue.csv"}
 
 

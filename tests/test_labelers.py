@@ -248,10 +248,6 @@ def test_labeled_files_in_each_format_and_partial_labels(queue, tmp_path) -> Non
             r"1 id\(s\) appear more than once, e.g. 'p0'",
         ),
         (
-            pd.DataFrame({"id": ["p0", "p1", "p2"], "label": ["a", "tie", "c"]}),
-            r"2 label\(s\) are not a or b, e.g. id 'p1' has 'tie'",
-        ),
-        (
             pd.DataFrame({"id": ["p0"], "label": ["a"], "queue_version": ["v_other"]}),
             r"answers queue version\(s\) \['v_other'\], not v",
         ),
@@ -263,6 +259,18 @@ def test_labeled_files_are_rejected_with_the_reason(queue, tmp_path, labels, mes
     labels.to_csv(path, index=False)
     with pytest.raises(LabelFileError, match=message):
         read_labels(path, ref)
+
+
+def test_labels_outside_a_b_are_kept_out_and_reported(queue, tmp_path, caplog) -> None:
+    _, ref = queue
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"id": ["p0", "p1", "p2"], "label": ["a", "tie", "C"]}).to_csv(path, index=False)
+    rows, not_used = read_labels(path, ref)
+    assert [r["id"] for r in rows] == ["p0"]
+    reasons = {p["id"]: p["reason"] for p in not_used}
+    assert reasons["p1"] == "label 'tie' is not a or b"
+    assert reasons["p2"] == "label 'c' is not a or b"
+    assert "2 label(s) are not a or b and are kept out of training, e.g. id 'p1'" in caplog.text
 
 
 def test_unreadable_label_files_are_rejected(queue, tmp_path) -> None:

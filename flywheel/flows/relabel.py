@@ -330,12 +330,17 @@ def relabel(params: RelabelParams | None = None) -> dict:
                 figures["status"] = f"waiting for labels of {queue.name}@{queue.version} at {path}"
                 summary_artifact("reward-relabel", "UGDA relabeling", figures)
                 return {"status": "waiting", "queue": f"{queue.name}@{queue.version}"}
-            labeled, unlabeled = read_labels(path, queue)
+            labeled, not_used = read_labels(path, queue)
             failures: list[dict] = []
             inputs: list = [queue]
             validation = _queues().get(f"{queue.version}-validation") or []
             figures["labels file"] = str(path)
-            figures["queue pairs left unlabeled"] = len(unlabeled)
+            figures["queue pairs left unlabeled"] = sum(
+                p["reason"] == "unlabeled" for p in not_used
+            )
+            figures["queue pairs kept out (label not a or b)"] = sum(
+                p["reason"] != "unlabeled" for p in not_used
+            )
         else:
             sampled = sample_policy(params, ensemble)
             validation = sampled["validation"]

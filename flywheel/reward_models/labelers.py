@@ -328,12 +328,14 @@ def _text(value: object) -> str:
 
 
 def read_labels(path: str | Path, queue: DatasetRef) -> tuple[list[dict], list[dict]]:
-    """Check a labeled file against its queue; return (labeled rows, unlabeled queue pairs).
+    """Check a labeled file against its queue; return (labeled rows, queue pairs not used).
 
-    Rejected with LabelFileError (nothing is used): missing `id`/`label` columns,
-    a `queue_version` other than the queue's, ids not in the queue, duplicate ids,
-    labels other than a/b (case-insensitive). Empty labels are allowed (partial
-    labeling): those pairs come back in the second list and are logged.
+    Rejected with LabelFileError (nothing is used), since the file does not answer this
+    queue: missing `id`/`label` columns, a `queue_version` other than the queue's, ids
+    not in the queue, duplicate ids. Kept out of training and reported by count and
+    example: labels other than a/b (case-insensitive; `reason` "label 'x' is not a or
+    b") and empty labels (partial labeling; `reason` "unlabeled"). Both come back in
+    the second list, each pair with its `reason`.
     """
     path = Path(path)
     if not path.is_file():
@@ -372,17 +374,26 @@ def read_labels(path: str | Path, queue: DatasetRef) -> tuple[list[dict], list[d
             "give each pair one row (one label)"
         )
     labels = [_text(v).lower() for v in frame["label"]]
-    bad = [(i, lab) for i, lab in zip(ids, labels, strict=True) if lab and lab not in LABELS]
+    bad = {i: lab for i, lab in zip(ids, labels, strict=True) if lab and lab not in LABELS}
     if bad:
-        raise LabelFileError(
-            f"{path}: {len(bad)} label(s) are not a or b, e.g. id {bad[0][0]!r} has "
-            f"{bad[0][1]!r}; write a (response_a better) or b (response_b "
-            "better), or leave the cell empty to skip the pair"
+        first = next(iter(bad))
+        log.warning(
+            "%s: %d label(s) are not a or b and are kept out of training, e.g. id %r has %r; "
+            "write a (response_a better) or b (response_b better), or leave the cell empty",
+            path,
+            len(bad),
+            first,
+            bad[first],
         )
     labeler = f"human:{path.name}"
-    answered = {i: lab for i, lab in zip(ids, labels, strict=True) if lab}
+    answered = {i: lab for i, lab in zip(ids, labels, strict=True) if lab in LABELS}
     rows = [preference_row(pairs[i], lab, labeler) for i, lab in answered.items()]
-    unlabeled = [p for i, p in pairs.items() if i not in answered]
+    not_used = [
+        {**p, "reason": f"label {bad[i]!r} is not a or b" if i in bad else "unlabeled"}
+        for i, p in pairs.items()
+        if i not in answered
+    ]
+    unlabeled = [p for p in not_used if p["reason"] == "unlabeled"]
     if unlabeled:
         log.warning(
             "%s: %d of %d pairs of %s unlabeled (partial labeling), e.g. %r",
@@ -392,4 +403,4 @@ def read_labels(path: str | Path, queue: DatasetRef) -> tuple[list[dict], list[d
             where,
             unlabeled[0]["id"],
         )
-    return rows, unlabeled
+    return rows, not_used
