@@ -3,6 +3,11 @@ the reward model trained on them with lineage, planners against the plain policy
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +22,9 @@ from flywheel.flows.armap import (
     mcts,
     reflexion,
 )
-from flywheel.llm import BackendSpec, ModelNotFound
-from flywheel.store import ModelNotRegistered, read_dataset, read_model, sql
+from flywheel.llm import BackendSpec, ModelNotFound, make_backend
+from flywheel.store import Checkpoint, ModelNotRegistered, read_dataset, read_model, sql
+from flywheel.synthesis.armap import ArmapConfig, ShopAgent, synthesize_triplets
 
 
 def agent(world_models: Path) -> BackendSpec:
@@ -79,3 +85,54 @@ def test_bad_inputs_fail_before_work(prefect_api, world_models, data_dir):
         best_of_n(BestOfNParams(agent=agent(world_models), intents=2))
     with pytest.raises(ValueError, match="intents"):
         ArmapSynthParams(intents=0)
+
+
+KILL_SCRIPT = """
+import json, sys
+from flywheel.flows.armap import ArmapSynthParams, armap
+armap(ArmapSynthParams.model_validate(json.loads(sys.argv[1])))
+"""
+
+
+def test_armap_killed_halfway_resumes_without_losing_or_duplicating_rows(
+    prefect_api, world_models, data_dir, tmp_path
+):
+    params = ArmapSynthParams(
+        agent=agent(world_models),
+        intents=64,
+        trajectories_per_intent=4,
+        chunk_size=4,
+        train_reward_model=False,
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "FLYWHEEL_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, params.model_dump_json()],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    chunks: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        chunks = list((data_dir / "_work" / "armap").glob("*/armap-triplets-*/chunk-*.json"))
+        if len(chunks) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stage = chunks[0].parent
+    assert not (stage / "_done.json").exists(), "run finished before the kill"
+
+    out = armap(params)  # same parameters: resumes from the checkpoint
+    rows = read_dataset("armap_triplets").to_pandas()
+    assert len(rows) == out["figures"]["triplets"] == rows["id"].nunique()
+
+    # the same synthesis, never interrupted, in a separate checkpoint folder
+    config = ArmapConfig.model_validate(params.model_dump(include=set(ArmapConfig.model_fields)))
+    with make_backend(params.agent) as backend:
+        clean = ShopAgent(backend, temperature=config.temperature, seed=config.seed)
+        expected, _, _ = synthesize_triplets(config, None, clean, Checkpoint(tmp_path / "clean"))
+    assert sorted(rows["id"]) == sorted(t["id"] for t in expected)
+    by_id = rows.set_index("id")
+    assert all(by_id.loc[t["id"], "chosen"] == t["chosen"] for t in expected)
+    assert all(by_id.loc[t["id"], "rejected"] == t["rejected"] for t in expected)
