@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
-    model_input,
+    model_inputs,
     summary_artifact,
     tracked_run,
     write_once,
@@ -133,7 +133,7 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
                 proposer_backend.close()
     names = {"triplets": params.output, "failed": failed_name(params.output)}
     planned = ckpt.put_once("versions", {k: new_version() for k in names})
-    inputs = [model_input(params.agent.model)] if Path(params.agent.model).is_dir() else []
+    inputs = model_inputs(params.agent)
     keep = [f.name for f in TRIPLET_SCHEMA]
     written, reused = write_once(
         names["triplets"],
@@ -271,9 +271,7 @@ def run_planner(
             planner, agent, reward_model, intents, catalog, seed=params.seed, keep_results=True
         )
     output = params.output or f"plan_{name.replace('-', '_')}"
-    inputs: list[Any] = [rm]
-    if Path(params.agent.model).is_dir():
-        inputs.append(model_input(params.agent.model))
+    inputs: list[Any] = [rm, *model_inputs(params.agent)]
     rows = [{k: r[k] for k in PLAN_SCHEMA.names} for r in planned.pop("results")]
     ref, _ = write_once(output, rows, new_version(), run_id, inputs, PLAN_SCHEMA)
     return {"plain": baseline, "planner": planned, "dataset": f"{ref.name}@{ref.version}"}

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
-    model_input,
+    model_inputs,
     summary_artifact,
     tracked_run,
     write_once,
@@ -224,13 +224,14 @@ def score_and_select(params: RelabelParams, ensemble: ModelRef, sampled: dict) -
     config = params.ugda()
     scores = score_candidates(ensemble.path, sampled["candidates"], sampled["validation"], config)
     chosen = set(select(scores["variance"], scores["influence"], config))
-    influence = scores["influence"] or [None] * len(chosen)
+    # influence exists only for the uncertain pool, and only for arm uncertainty+influence
+    influence = scores["influence"] or [None] * len(sampled["candidates"])
     rows = [
         {
             **pair,
             "p_mean": scores["p_mean"][i],
             "variance": scores["variance"][i],
-            "influence": influence[i] if scores["influence"] else None,
+            "influence": influence[i],
             "selected": i in chosen,
         }
         for i, pair in enumerate(sampled["candidates"])
@@ -350,9 +351,7 @@ def relabel(params: RelabelParams | None = None) -> dict:
                 rows,
                 planned["candidates"],
                 run_id,
-                [ensemble, model_input(params.policy.model)]
-                if Path(params.policy.model).is_dir()
-                else [ensemble],
+                [ensemble, *model_inputs(params.policy)],
                 CANDIDATE_SCHEMA,
             )
             selected = [r for r in rows if r["selected"]]
@@ -412,7 +411,9 @@ def relabel(params: RelabelParams | None = None) -> dict:
                 _queues().put(queue.version, True)
             figures["refined ensemble"] = f"{refined.name}@{refined.version}"
             figures["validation accuracy before"] = _accuracy(ensemble, validation)
-            figures["validation accuracy after"] = _accuracy(refined, validation)
+            # refine() evaluates on the validation pairs it is given: read, do not recompute
+            after = refined.meta["metrics"]["eval_pairwise_accuracy"]["mean"]
+            figures["validation accuracy after"] = after
             out = {"status": "refined", "model": refined.model_dump(), "figures": figures}
         figures["seconds"] = round(time.monotonic() - started, 2)
         summary_artifact("reward-relabel", "UGDA relabeling", figures)

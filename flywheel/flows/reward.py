@@ -15,6 +15,7 @@ from prefect import flow, task
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flywheel.flows.tracking import reuse_or_write, summary_artifact, tracked_run
+from flywheel.llm import BackendSpec, model_fingerprint
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
     PreferenceDataError,
@@ -92,9 +93,9 @@ def _world_pairs(params: RewardTrainParams) -> DatasetRef:
     )
 
 
-def _split(params: RewardTrainParams, inputs: list[DatasetRef]) -> tuple[list, list]:
-    """Train and eval rows: the eval dataset, or a seeded hold-out of the train dataset."""
-    rows = inputs[0].to_pandas().to_dict("records")
+def _split(params: RewardTrainParams, inputs: list[DatasetRef], rows: list[dict]) -> tuple:
+    """Train and eval rows: the eval dataset, or a seeded hold-out of `rows` (the train
+    dataset's rows, read once by the caller)."""
     if len(inputs) > 1:
         return rows, inputs[1].to_pandas().to_dict("records")
     order = list(range(len(rows)))
@@ -126,9 +127,10 @@ def check_inputs(params: RewardTrainParams) -> dict:
     if params.eval_dataset:
         inputs.append(read_dataset(params.eval_dataset))
     source = f"dataset {inputs[0].name}@{inputs[0].version}"
+    rows = inputs[0].to_pandas().to_dict("records")
     # Columns and usable rows first, so the error names the real problem.
-    clean_preferences(inputs[0].to_pandas().to_dict("records"), source)
-    train_rows, eval_rows = _split(params, inputs)
+    clean_preferences(rows, source)
+    train_rows, eval_rows = _split(params, inputs, rows)
     # The trainer cleans again; failing here means no model was loaded for nothing.
     _, train_report = clean_preferences(train_rows, f"{source} (train)")
     _, eval_report = clean_preferences(eval_rows, f"{source} (eval)")
@@ -140,14 +142,10 @@ def _cache_key(params: RewardTrainParams, inputs: list[DatasetRef]) -> str:
         params.model_dump_json(exclude={"model_name"}),
         *(f"{r.name}@{r.version}" for r in inputs),
         SOURCE,
-        *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _weights(params)),
+        # the backbone's config and weight files: retrained weights give a new key
+        model_fingerprint(BackendSpec(model=params.base_model)),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def _weights(params: RewardTrainParams) -> list[Path]:
-    folder = Path(params.base_model).expanduser()
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
 def _earlier_model(name: str, key: str) -> ModelRef | None:
@@ -164,7 +162,8 @@ def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
     key = _cache_key(params, data["inputs"])
     if earlier := _earlier_model(params.model_name, key):
         return earlier
-    train_rows, eval_rows = _split(params, data["inputs"])
+    inputs = data["inputs"]
+    train_rows, eval_rows = _split(params, inputs, inputs[0].to_pandas().to_dict("records"))
 
     def build(folder: Path) -> dict:
         common = dict(

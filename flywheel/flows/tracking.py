@@ -109,8 +109,11 @@ def _retry_on_backend_error(task, task_run, state) -> bool:
 MODEL_CALLS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_on_backend_error)
 
 
-def model_input(path: str | Path) -> ModelRef:
-    """A model folder as a lineage input: its folder name and a fingerprint of its weights."""
-    folder = Path(path).expanduser()
+def model_inputs(spec: BackendSpec) -> list[ModelRef]:
+    """The model behind a spec as a lineage input (its folder name and a fingerprint of
+    its weights), or nothing when it is not a local folder (a server's model)."""
+    folder = Path(spec.model).expanduser()
+    if not folder.is_dir():
+        return []
     fingerprint = model_fingerprint(BackendSpec(model=str(folder)))
-    return ModelRef(name=folder.name, version=f"fp_{fingerprint}", path=str(folder))
+    return [ModelRef(name=folder.name, version=f"fp_{fingerprint}", path=str(folder))]
