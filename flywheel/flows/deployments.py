@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from flywheel.flows.align import group_robust_flow
 from flywheel.flows.armap import armap, best_of_n, mcts, reflexion
 from flywheel.flows.relabel import relabel
 from flywheel.flows.reward import train_flow
@@ -20,6 +21,7 @@ NIGHTLY_UTC = {
     "plan/best-of-n": "0 4 * * *",
     "plan/reflexion": "15 4 * * *",
     "plan/mcts": "30 4 * * *",
+    "align/group-robust": "0 5 * * *",
 }
 
 
@@ -35,6 +37,7 @@ def deployments() -> list[RunnerDeployment]:
         "plan/best-of-n": best_of_n,
         "plan/reflexion": reflexion,
         "plan/mcts": mcts,
+        "align/group-robust": group_robust_flow,
     }
     out = []
     for full_name, flow in flows.items():

@@ -14,8 +14,13 @@ from typing import Literal
 from prefect import flow, task
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flywheel.flows.tracking import reuse_or_write, summary_artifact, tracked_run
-from flywheel.llm import BackendSpec, model_fingerprint
+from flywheel.flows.tracking import (
+    earlier_model,
+    reuse_or_write,
+    summary_artifact,
+    tracked_run,
+    training_key,
+)
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
     PreferenceDataError,
@@ -27,9 +32,7 @@ from flywheel.reward_models.ensemble import EnsembleConfig, train_ensemble
 from flywheel.store import (
     DatasetRef,
     ModelRef,
-    list_model_versions,
     read_dataset,
-    read_model,
     save_model_version,
     validate_name,
 )
@@ -137,30 +140,13 @@ def check_inputs(params: RewardTrainParams) -> dict:
     return {"inputs": inputs, "reports": {"train": train_report, "eval": eval_report}}
 
 
-def _cache_key(params: RewardTrainParams, inputs: list[DatasetRef]) -> str:
-    parts = [
-        params.model_dump_json(exclude={"model_name"}),
-        *(f"{r.name}@{r.version}" for r in inputs),
-        SOURCE,
-        # the backbone's config and weight files: retrained weights give a new key
-        model_fingerprint(BackendSpec(model=params.base_model)),
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def _earlier_model(name: str, key: str) -> ModelRef | None:
-    for version in reversed(list_model_versions(name)):
-        ref = read_model(name, version)
-        if ref.meta.get("metrics", {}).get("cache_key") == key:
-            return ref
-    return None
-
-
 @task(name="train-reward-model")
 def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
     """Train and publish a model version; the same data, config and code reuse the last one."""
-    key = _cache_key(params, data["inputs"])
-    if earlier := _earlier_model(params.model_name, key):
+    key = training_key(
+        params.model_dump_json(exclude={"model_name"}), data["inputs"], SOURCE, params.base_model
+    )
+    if earlier := earlier_model(params.model_name, key):
         return earlier
     inputs = data["inputs"]
     train_rows, eval_rows = _split(params, inputs, inputs[0].to_pandas().to_dict("records"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -19,8 +20,10 @@ from flywheel.store import (
     DatasetVersionExists,
     ModelRef,
     list_datasets,
+    list_model_versions,
     list_versions,
     read_dataset,
+    read_model,
     record_run,
     write_dataset,
 )
@@ -117,3 +120,24 @@ def model_inputs(spec: BackendSpec) -> list[ModelRef]:
         return []
     fingerprint = model_fingerprint(BackendSpec(model=str(folder)))
     return [ModelRef(name=folder.name, version=f"fp_{fingerprint}", path=str(folder))]
+
+
+def training_key(params_json: str, inputs: list, sources: str, base_model: str) -> str:
+    """What a trained model depends on: parameters, input versions, the method's code and
+    the base model's weights (retrained weights give a new key)."""
+    parts = [
+        params_json,
+        *(f"{r.name}@{r.version}" for r in inputs),
+        sources,
+        model_fingerprint(BackendSpec(model=base_model)),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def earlier_model(name: str, key: str) -> ModelRef | None:
+    """The latest version of `name` trained with the same `training_key`, if any."""
+    for version in reversed(list_model_versions(name)):
+        ref = read_model(name, version)
+        if ref.meta.get("metrics", {}).get("cache_key") == key:
+            return ref
+    return None
