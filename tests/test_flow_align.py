@@ -53,7 +53,11 @@ def test_group_robust_flow_publishes_policy_baseline_and_plot(prefect_api, world
     assert ["world-group-pairs-gr-dpo", "world-small", "model"] in lineage.values.tolist()
     assert ["align_group_eval", "world-group-pairs-gr-dpo", "model"] in lineage.values.tolist()
     artifact = asyncio.run(_artifact("align-group-robust"))
-    assert "Held-out pairs per group" in artifact and "data:image/png;base64," in artifact
+    assert (
+        "Held-out pairs per group" in artifact
+        and "| q spaced |" in artifact
+        and "data:image/png;base64," in artifact
+    )
 
     again = group_robust_flow(params(world_models))
     assert again["figures"]["reused earlier version"] is True

@@ -159,10 +159,21 @@ def check_inputs(params: GroupRobustParams) -> dict:
     return {"inputs": inputs, "reports": {"train": train_report, "eval": eval_report}}
 
 
-def _plot_markdown(folder: Path) -> str:
-    # the PNG inline, so the artifact shows it without a file server
+def _history_markdown(folder: Path, rows: int = 10) -> str:
+    """About `rows` steps of the weights' history as a table, then the PNG inline (so
+    the artifact shows it without a file server)."""
+    history = json.loads((folder / "group_history.json").read_text())
+    groups = sorted(history[0]["weights"]) if history else []
+    lines = [
+        "| step | " + " | ".join(f"q {g}" for g in groups) + " | worst group (batch loss) |",
+        "|---" * (len(groups) + 2) + "|",
+    ]
+    for entry in history[:: max(1, len(history) // rows)] + history[-1:]:
+        worst = max(entry["loss"], key=entry["loss"].get)
+        weights = " | ".join(f"{entry['weights'][g]:.3f}" for g in groups)
+        lines.append(f"| {entry['step']} | {weights} | {worst} ({entry['loss'][worst]:.3f}) |")
     encoded = base64.b64encode((folder / PLOT).read_bytes()).decode()
-    return f"![group weights and losses](data:image/png;base64,{encoded})"
+    return "\n".join(lines) + f"\n\n![group weights and losses](data:image/png;base64,{encoded})"
 
 
 @task(name="train-group-robust")
@@ -276,7 +287,7 @@ def group_robust_flow(params: GroupRobustParams | None = None) -> dict:
             )
         extra = "## Held-out pairs per group\n\n" + "\n".join(lines)
         extra += "\n\n## Group weights and losses over training\n\n"
-        extra += _plot_markdown(Path(model.path))
+        extra += _history_markdown(Path(model.path))
         summary_artifact(
             "align-group-robust", "Group robust preference optimisation", figures, extra
         )
