@@ -8,6 +8,7 @@ from flywheel.flows.align import group_robust_flow
 from flywheel.flows.armap import armap, best_of_n, mcts, reflexion
 from flywheel.flows.relabel import relabel
 from flywheel.flows.reward import train_flow
+from flywheel.flows.selectors import kmeans_selector
 from flywheel.flows.synth import reference
 from flywheel.flows.world import bootstrap
 
@@ -22,6 +23,7 @@ NIGHTLY_UTC = {
     "plan/reflexion": "15 4 * * *",
     "plan/mcts": "30 4 * * *",
     "align/group-robust": "0 5 * * *",
+    "selectors/kmeans": "30 5 * * *",
 }
 
 
@@ -38,6 +40,7 @@ def deployments() -> list[RunnerDeployment]:
         "plan/reflexion": reflexion,
         "plan/mcts": mcts,
         "align/group-robust": group_robust_flow,
+        "selectors/kmeans": kmeans_selector,
     }
     out = []
     for full_name, flow in flows.items():

@@ -1,0 +1,308 @@
+"""A library of LoRA adapters on one base model: one adapter per task, never merged.
+
+Each adapter is trained with peft on its own task's (prompt, answer) pairs and saved
+with `save_pretrained` into `<library>/<name>/`; `library.json` names the base model
+and lists the adapters with how they were trained. `AdapterLibrary.load_model()` puts
+every adapter into one `PeftModel` under its own name, so switching task is
+`model.set_adapter(name)` and the base weights are held once.
+
+Inputs are embedded by mean-pooling the base model's input embedding layer over the
+prompt's tokens: no sentence-embedding model is installed here, and the base's own
+embeddings need nothing beyond the model every adapter already sits on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+ADAPTER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LIBRARY_FILE = "library.json"
+# Attention and MLP projections of Llama-style models.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class SelectorInputError(ValueError):
+    """Bad input to the adapter selector, found before anything is trained."""
+
+
+def check_adapter_name(name: str, field: str = "name") -> str:
+    """`name` if it can name an adapter (it becomes a folder and a peft adapter name)."""
+    if isinstance(name, str) and ADAPTER_NAME_RE.match(name):
+        return name
+    raise SelectorInputError(
+        f"{field}: invalid adapter name {name!r}; use a lowercase letter, then up to 62 "
+        "lowercase letters, digits, '_' or '-' (regex ^[a-z][a-z0-9_-]{0,62}$)"
+    )
+
+
+class LoraTraining(BaseModel):
+    """How one LoRA adapter is trained (the short loop of `world.training`)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: 2 * rank")
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+def load_base(base_model: str | Path) -> tuple[Any, Any]:
+    """The base causal LM and its tokenizer from a local folder (never downloads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(base_model).expanduser()
+    if not (folder / "config.json").exists():
+        raise SelectorInputError(
+            f"base_model: no model folder at {folder}; run `flywheel world bootstrap` for "
+            "the world models, or pass a local model folder"
+        )
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok.padding_side = "left"  # generation: every prompt ends at the last position
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tok
+
+
+def lora_config(training: LoraTraining) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=training.rank,
+        lora_alpha=training.alpha or 2 * training.rank,
+        target_modules=list(LORA_TARGETS),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_model(
+    base_model: str | Path, training: LoraTraining, *, init_from: str | Path | None = None
+) -> tuple[Any, Any]:
+    """A trainable PeftModel on the base (a fresh LoRA, or one continued from a saved
+    adapter folder) and the tokenizer."""
+    from peft import PeftModel, get_peft_model
+
+    model, tok = load_base(base_model)
+    torch.manual_seed(training.seed)  # the LoRA init is random too
+    if init_from is not None:
+        return PeftModel.from_pretrained(model, str(init_from), is_trainable=True), tok
+    return get_peft_model(model, lora_config(training)), tok
+
+
+def fit_lora(
+    peft_model: Any,
+    tok: Any,
+    examples: Sequence[tuple[str, str]],
+    training: LoraTraining,
+    *,
+    steps: int | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train the active LoRA of `peft_model` on (prompt, answer) pairs (loss on the answer
+    and EOS only); the base weights stay frozen. Returns {"steps", "loss", "seconds"}."""
+    from flywheel.world.training import train_causal_lm
+
+    if not examples:
+        raise SelectorInputError("examples: no (prompt, answer) pairs to train the adapter on")
+    return train_causal_lm(
+        peft_model,
+        tok,
+        list(examples),
+        steps=steps or training.steps,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        seed=training.seed,
+        progress=progress,
+    )
+
+
+def train_lora(
+    base_model: str | Path,
+    examples: Sequence[tuple[str, str]],
+    out_dir: str | Path,
+    training: LoraTraining,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train one LoRA adapter on (prompt, answer) pairs and save it into `out_dir`
+    (`save_pretrained`). Returns the loop's {"steps", "loss", "seconds"}."""
+    if not examples:
+        raise SelectorInputError("examples: no (prompt, answer) pairs to train the adapter on")
+    peft_model, tok = lora_model(base_model, training)
+    stats = fit_lora(peft_model, tok, examples, training, progress=progress)
+    peft_model.save_pretrained(str(out_dir))
+    return stats
+
+
+class PromptEmbedder:
+    """Mean-pooled input embeddings of a base model: the features for k-means and the head.
+
+    Only the embedding matrix is kept, so embedding costs a lookup, not a forward pass.
+    """
+
+    def __init__(self, base_model: str | Path | None = None, *, model: Any = None, tok: Any = None):
+        if model is None:
+            model, tok = load_base(base_model)  # type: ignore[arg-type]
+        self.tok = tok
+        self.weight = model.get_input_embeddings().weight.detach().clone()
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(prompts), self.dim), dtype=np.float32)
+        for i, prompt in enumerate(prompts):
+            ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+            if ids:
+                out[i] = self.weight[ids].mean(0).numpy()
+        return out
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over a folder's file names and bytes: equal digests, byte-identical files."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    # a temporary copy renamed into place: a crash never leaves half an adapter
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
+    shutil.copytree(source, tmp)
+    os.rename(tmp, target)
+
+
+class AdapterLibrary:
+    """A folder of LoRA adapters on one base model, each in `<folder>/<name>/`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / LIBRARY_FILE
+        if not index.exists():
+            raise SelectorInputError(
+                f"library: {self.folder} holds no {LIBRARY_FILE}; create one with "
+                "AdapterLibrary.create(folder, base_model)"
+            )
+        self._index = json.loads(index.read_text())
+
+    @classmethod
+    def create(cls, folder: str | Path, base_model: str | Path) -> AdapterLibrary:
+        """An empty library for adapters on `base_model`."""
+        folder = Path(folder)
+        base = Path(base_model).expanduser()
+        if not (base / "config.json").exists():
+            raise SelectorInputError(
+                f"base_model: no model folder at {base}; pass a local model folder"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        index = {"base_model": str(base.absolute()), "adapters": {}}
+        (folder / LIBRARY_FILE).write_text(json.dumps(index, indent=2))
+        return cls(folder)
+
+    @property
+    def base_model(self) -> str:
+        return self._index["base_model"]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._index["adapters"])
+
+    def info(self, name: str) -> dict:
+        """What `library.json` records about an adapter (training settings, figures)."""
+        return self._index["adapters"][self.check_known(name)]
+
+    def path(self, name: str) -> Path:
+        return self.folder / self.check_known(name)
+
+    def check_known(self, name: str, field: str = "name") -> str:
+        if name not in self._index["adapters"]:
+            raise SelectorInputError(
+                f"{field}: no adapter {name!r} in the library at {self.folder}; "
+                f"known adapters: {self.names or 'none'}"
+            )
+        return name
+
+    def _save_index(self) -> None:
+        tmp = self.folder / f".{LIBRARY_FILE}.tmp"
+        tmp.write_text(json.dumps(self._index, indent=2, default=str))
+        os.replace(tmp, self.folder / LIBRARY_FILE)
+
+    def train(
+        self,
+        name: str,
+        examples: Sequence[tuple[str, str]],
+        training: LoraTraining,
+        info: dict | None = None,
+    ) -> dict:
+        """Train a new adapter for one task into the library; its training figures."""
+        check_adapter_name(name)
+        if name in self._index["adapters"]:
+            raise SelectorInputError(f"name: adapter {name!r} is already in the library")
+        tmp = self.folder / f".tmp-{uuid.uuid4().hex}"
+        try:
+            stats = train_lora(self.base_model, examples, tmp, training)
+            os.rename(tmp, self.folder / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        entry = {"training": training.model_dump(), "train": stats, **(info or {})}
+        self._index["adapters"][name] = entry
+        self._save_index()
+        return entry
+
+    def add(self, name: str, adapter_path: str | Path, info: dict | None = None) -> None:
+        """Copy a saved LoRA adapter (a peft `save_pretrained` folder) into the library."""
+        check_adapter_name(name)
+        source = Path(adapter_path)
+        if not (source / "adapter_config.json").exists():
+            raise SelectorInputError(
+                f"adapter_path: {source} is not a saved LoRA adapter (no adapter_config.json); "
+                "pass a folder written by PeftModel.save_pretrained"
+            )
+        if name in self._index["adapters"]:
+            raise SelectorInputError(f"name: adapter {name!r} is already in the library")
+        _copy_into_place(source, self.folder / name)
+        self._index["adapters"][name] = dict(info or {})
+        self._save_index()
+
+    def copy_to(self, folder: str | Path, names: Sequence[str] | None = None) -> AdapterLibrary:
+        """A new library holding byte-identical copies of `names` (default: all)."""
+        names = self.names if names is None else [self.check_known(n) for n in names]
+        target = AdapterLibrary.create(folder, self.base_model)
+        for name in names:
+            _copy_into_place(self.path(name), target.folder / name)
+            target._index["adapters"][name] = self._index["adapters"][name]
+        target._save_index()
+        return target
+
+    def digest(self, name: str) -> str:
+        return folder_digest(self.path(name))
+
+    def load_model(self, names: Sequence[str] | None = None) -> tuple[Any, Any]:
+        """One PeftModel on the base with every adapter in `names` (default: all) loaded
+        under its own name, and the tokenizer."""
+        from peft import PeftModel
+
+        names = self.names if names is None else [self.check_known(n) for n in names]
+        if not names:
+            raise SelectorInputError(f"library: {self.folder} holds no adapters to load")
+        base, tok = load_base(self.base_model)
+        model = PeftModel.from_pretrained(base, str(self.path(names[0])), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(self.path(name)), adapter_name=name)
+        return model.eval(), tok
