@@ -131,6 +131,12 @@ def test_train_add_remove_publish_versions_with_lineage(prefect_api, world_model
     ):
         kmeans_selector(params(world_models, remove="sort"))
 
+    # adding back a removed adapter routes to the library's own copy again, untouched
+    kmeans_selector(params(world_models, add="sort"))
+    library4, selector4 = read_model("kmeans-adapters"), read_model("kmeans-selector")
+    assert "sort" in selector4.meta["metrics"]["names"]["head"]
+    assert folder_digest(Path(library4.path) / "sort") == folder_digest(Path(library.path) / "sort")
+
     # the same fresh run again reuses its adapters instead of training them
     kmeans_selector(params(world_models))
     index = AdapterLibrary(read_model("kmeans-adapters").path)

@@ -242,7 +242,10 @@ def train_adapters(
         for family in data:
             key = _adapter_key(params, family, training)
             info = {"key": key, "train_examples": len(data[family])}
-            if earlier := _earlier_adapter(key):
+            if family in library.names:
+                # removed from the selector earlier, still in the library: route to it again
+                pass
+            elif earlier := _earlier_adapter(key):
                 library.add(family, earlier, {**info, "reused_from": str(earlier)})
             else:
                 library.train(family, data[family], training, info)
