@@ -3,32 +3,21 @@ the evaluation dataset and plot, reuse, and bad input stopped before training.""
 
 from __future__ import annotations
 
-import asyncio
 import random
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from flywheel.alignment.group_robust import GroupDataError
 from flywheel.flows.align import GroupRobustParams, group_robust_flow
 from flywheel.store import read_dataset, read_model, sql, write_dataset
 from flywheel.world.tasks import group_preference_pairs
+from tests.helpers.prefect_reads import read_artifact
 
 
 def params(world_models: Path, **kw) -> GroupRobustParams:
     defaults = dict(base_model=str(world_models / "world-small"), world_pairs=200, batch_size=16)
     return GroupRobustParams(**{**defaults, **kw})
-
-
-async def _artifact(key: str) -> str:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        )
-    return found[0].data
 
 
 def test_group_robust_flow_publishes_policy_baseline_and_plot(prefect_api, world_models, data_dir):
@@ -52,7 +41,7 @@ def test_group_robust_flow_publishes_policy_baseline_and_plot(prefect_api, world
     assert ["world-group-pairs-gr-dpo", "world_group_pairs", "dataset"] in lineage.values.tolist()
     assert ["world-group-pairs-gr-dpo", "world-small", "model"] in lineage.values.tolist()
     assert ["align_group_eval", "world-group-pairs-gr-dpo", "model"] in lineage.values.tolist()
-    artifact = asyncio.run(_artifact("align-group-robust"))
+    artifact = read_artifact("align-group-robust")
     assert (
         "Held-out pairs per group" in artifact
         and "| q spaced |" in artifact

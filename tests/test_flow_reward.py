@@ -5,27 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from flywheel.flows.reward import RewardTrainParams, train_flow
 from flywheel.reward_models.bradley_terry import PreferenceDataError, RewardModel
 from flywheel.reward_models.ensemble import EnsembleRewardModel
 from flywheel.store import read_model, sql, write_dataset
+from tests.helpers.prefect_reads import read_artifact
 
 
 def params(world_models: Path, **kw) -> RewardTrainParams:
     defaults = dict(base_model=str(world_models / "world-small"), world_pairs=300, epochs=1.0)
     return RewardTrainParams(**{**defaults, **kw})
-
-
-async def _artifact(key: str) -> str:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        )
-    return found[0].data
 
 
 def test_train_publishes_model_with_lineage_and_reuses_it(prefect_api, world_models, data_dir):
@@ -43,9 +33,7 @@ def test_train_publishes_model_with_lineage_and_reuses_it(prefect_api, world_mod
     lineage = sql("select input_dataset, input_kind from lineage where kind = 'model'")
     assert lineage.values.tolist() == [["world_preference_pairs", "dataset"]]
 
-    import asyncio
-
-    assert "Reward model training" in asyncio.run(_artifact("reward-train"))
+    assert "Reward model training" in read_artifact("reward-train")
 
     again = train_flow(params(world_models))
     assert again["model"]["version"] == model.version

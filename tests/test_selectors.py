@@ -44,15 +44,7 @@ def pairs_of(family: str, n: int) -> list[tuple[str, str]]:
     return [(t.prompt, t.answer) for t in tasks]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads slow tiny models down a lot."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
