@@ -1,0 +1,543 @@
+"""Co-LLM: a base model that learns, token by token, when to defer to a frozen assistant.
+
+"Learning to Decode Collaboratively with Multiple Language Models" (ACL 2024).
+A deferral head (Linear(hidden, 1), then a sigmoid) reads the base model's last
+hidden state and gives P(defer). Training treats "who writes token t" as a
+latent variable and maximises the marginal likelihood of the targets,
+
+    -log[(1 - p_defer) p_base(x_t) + p_defer p_assistant(x_t)],
+
+with the assistant frozen, so its log-probs of the targets are computed once
+(`assistant_targets`) and reused every epoch. The head starts from weak
+supervision: defer (1) where the assistant's argmax is the target and the
+base's is not, else 0. At decode time a token is written by the assistant when
+P(defer) > eta, else by the base; both models keep KV caches fed every token.
+Pick eta on a validation set with `sweep_eta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from flywheel.decoders.stepping import (
+    CausalLM,
+    CausalStepper,
+    Decoded,
+    check_prompts,
+    check_same_vocab,
+    chunks,
+    decode_text,
+    drive,
+    prompt_ids,
+)
+from flywheel.llm.base import Backend, BackendError
+
+BASE, ASSISTANT = "base", "assistant"
+HEAD_FILE = "deferral_head.pt"
+INFO_FILE = "co_llm.json"
+
+Example = tuple[str, str]  # (prompt, answer)
+
+
+class CoLLM(torch.nn.Module):
+    """The base model plus its deferral head; `save`/`load` keep both in one folder."""
+
+    def __init__(self, base: CausalLM, head: torch.nn.Linear | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.lm = base.model  # registered, so .parameters() holds base and head
+        self.head = head or torch.nn.Linear(base.model.config.hidden_size, 1)
+        self.head.to(base.model.device)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.base.tokenizer
+
+    def defer_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logit of P(defer) for hidden states (..., hidden) -> (...)."""
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the base model (save_pretrained), its tokenizer and the head to `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.base.model.save_pretrained(folder)
+        self.base.tokenizer.save_pretrained(folder)
+        torch.save(self.head.state_dict(), folder / HEAD_FILE)
+        (folder / INFO_FILE).write_text(
+            json.dumps({"method": "co-llm", "hidden_size": self.head.in_features})
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str = "cpu") -> CoLLM:
+        """Load what `save` wrote."""
+        folder = Path(folder)
+        if not (folder / HEAD_FILE).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no {HEAD_FILE}: it is not a saved Co-LLM model (field: folder). "
+                "Pass the folder that CoLLM.save wrote."
+            )
+        base = CausalLM.load(folder, device=device)
+        model = cls(base)
+        state = torch.load(folder / HEAD_FILE, map_location=device, weights_only=True)
+        model.head.load_state_dict(state)
+        return model.eval()
+
+
+# --- training data: (prompt, answer) pairs, targets = answer tokens + EOS ---
+
+
+def example_key(prompt: str, answer: str) -> str:
+    """A stable key for one training pair (the assistant's stored log-probs use it)."""
+    return hashlib.sha1(f"{prompt}\x00{answer}".encode()).hexdigest()[:16]
+
+
+def _encode(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Ids of prompt + answer + EOS, and the prompt's length."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    if not p:
+        raise ValueError(f"empty prompt in the training examples (answer {answer!r})")
+    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + a, len(p)
+
+
+def _batch(tok: PreTrainedTokenizerBase, examples: Sequence[Example], device: torch.device) -> dict:
+    """Right-padded ids, and for the shifted logits grid (rows, width - 1) a mask of the
+    positions that predict a target token and those targets."""
+    encoded = [_encode(tok, p, a) for p, a in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    target_mask = torch.zeros((len(encoded), width - 1), dtype=torch.bool)
+    for i, (seq, n_prompt) in enumerate(encoded):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        # logits at position j predict token j + 1: the targets start at n_prompt
+        target_mask[i, n_prompt - 1 : len(seq) - 1] = True
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "target_mask": target_mask.to(device),
+        "targets": ids[:, 1:].to(device),
+    }
+
+
+def _check_examples(examples: Sequence[Example]) -> None:
+    if len(examples) == 0:
+        raise ValueError("examples is empty (field: examples): give (prompt, answer) pairs")
+
+
+# --- the assistant's log-probs of the targets: computed once, stored, reused ---
+
+AssistantTargets = dict[str, dict[str, torch.Tensor]]
+
+
+@torch.inference_mode()
+def assistant_targets(
+    assistant: CausalLM,
+    examples: Sequence[Example],
+    *,
+    path: str | Path | None = None,
+    batch_size: int = 64,
+) -> AssistantTargets:
+    """The frozen assistant's log-prob of every target token and its argmax there, per
+    example key: {"logprob": (T,), "argmax": (T,)} with T = answer tokens + EOS.
+
+    With `path`, rows already stored there for the same assistant are reused and
+    only missing ones are computed; the file is rewritten with all of them.
+    """
+    _check_examples(examples)
+    stored: AssistantTargets = {}
+    if path is not None and Path(path).is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("assistant") == assistant.name:
+            stored = saved["rows"]
+    wanted = {example_key(p, a): (p, a) for p, a in examples}
+    missing = [wanted[k] for k in wanted if k not in stored]
+    for idx in chunks(len(missing), batch_size):
+        batch = _batch(assistant.tokenizer, [missing[i] for i in idx], assistant.model.device)
+        logits = assistant.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits[:, :-1]
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        picked = logps.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        argmax = logps.argmax(-1)
+        for row, i in enumerate(idx):
+            m = batch["target_mask"][row]
+            stored[example_key(*missing[i])] = {
+                "logprob": picked[row][m].cpu().clone(),
+                "argmax": argmax[row][m].cpu().clone(),
+            }
+    if path is not None and missing:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        torch.save({"assistant": assistant.name, "rows": stored}, tmp)
+        tmp.replace(path)
+    return {k: stored[k] for k in wanted}
+
+
+def _gather_stored(
+    targets: AssistantTargets, examples: Sequence[Example], key: str, mask: torch.Tensor
+) -> torch.Tensor:
+    """Place the stored per-target values of each example into the (rows, width - 1) grid."""
+    grid = torch.zeros(mask.shape, dtype=targets[example_key(*examples[0])][key].dtype)
+    for row, (p, a) in enumerate(examples):
+        k = example_key(p, a)
+        if k not in targets:
+            raise KeyError(
+                f"no stored assistant log-probs for prompt {p!r}: compute them with "
+                "assistant_targets on the same examples (field: targets)"
+            )
+        values = targets[k][key]
+        n = int(mask[row].sum())
+        if values.shape[0] != n:
+            raise ValueError(
+                f"stored assistant log-probs for prompt {p!r} have {values.shape[0]} targets, "
+                f"the base tokenizer gives {n}: the models must share a tokenizer"
+            )
+        grid[row][mask[row].cpu()] = values
+    return grid.to(mask.device)
+
+
+def _base_terms(model: CoLLM, examples: Sequence[Example]) -> dict:
+    """Base log-probs of the targets, its argmax, and the deferral logits, on the grid."""
+    batch = _batch(model.tokenizer, examples, model.lm.device)
+    out = model.lm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+    )
+    logps = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    return {
+        **batch,
+        "base_logprob": logps.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1),
+        "base_argmax": logps.argmax(-1),
+        "hidden": out.hidden_states[-1][:, :-1],
+        "defer_logit": model.defer_logit(out.hidden_states[-1][:, :-1]).float(),
+    }
+
+
+# --- weak supervision, then the marginal likelihood ---
+
+
+@torch.no_grad()
+def weak_labels(
+    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+) -> list[list[int]]:
+    """Per example, per target token: 1 where the assistant's argmax is the target and
+    the base's is not, else 0."""
+    _check_examples(examples)
+    terms, labels = _weak_label_grid(model, examples, targets)
+    mask = terms["target_mask"]
+    return [labels[row][mask[row]].long().tolist() for row in range(len(examples))]
+
+
+def _weak_label_grid(
+    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+) -> tuple[dict, torch.Tensor]:
+    terms = _base_terms(model, examples)
+    asst_argmax = _gather_stored(targets, examples, "argmax", terms["target_mask"])
+    gold = terms["targets"]
+    return terms, (asst_argmax == gold) & (terms["base_argmax"] != gold)
+
+
+def weak_bce(model: CoLLM, examples: Sequence[Example], targets: AssistantTargets) -> torch.Tensor:
+    """BCE of the deferral head against the weak labels, with the base frozen (no grad)."""
+    with torch.no_grad():
+        terms, labels = _weak_label_grid(model, examples, targets)
+    mask = terms["target_mask"]
+    logit = model.defer_logit(terms["hidden"]).float()
+    return F.binary_cross_entropy_with_logits(logit[mask], labels.float()[mask])
+
+
+def marginal_nll(
+    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+) -> torch.Tensor:
+    """Mean over target tokens of -log[(1 - p_defer) p_base(x_t) + p_defer p_asst(x_t)]."""
+    terms = _base_terms(model, examples)
+    mask = terms["target_mask"]
+    asst = _gather_stored(targets, examples, "logprob", mask)
+    z = terms["defer_logit"]
+    mixed = torch.logaddexp(
+        F.logsigmoid(-z) + terms["base_logprob"], F.logsigmoid(z) + asst.float()
+    )
+    return -(mixed[mask]).mean()
+
+
+def _loop(
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[Sequence[Example]], torch.Tensor],
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> dict:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (field: steps), got {steps}")
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = time.monotonic()
+    losses = []
+    for _ in range(steps):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return {
+        "steps": steps,
+        "first_loss": losses[0],
+        "loss": losses[-1],
+        "seconds": time.monotonic() - start,
+    }
+
+
+def init_head_weak(
+    model: CoLLM,
+    examples: Sequence[Example],
+    targets: AssistantTargets,
+    *,
+    steps: int = 200,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> dict:
+    """Train the head alone (base frozen) with BCE on `weak_labels`' targets.
+
+    Returns {"steps", "first_loss", "loss", "seconds", "positive_share"}.
+    """
+    _check_examples(examples)
+    model.lm.eval()
+    torch.manual_seed(seed)
+    stats = _loop(
+        list(model.head.parameters()),
+        lambda batch: weak_bce(model, batch, targets),
+        examples,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
+    labels = weak_labels(model, examples[: min(len(examples), 256)], targets)
+    flat = [x for row in labels for x in row]
+    stats["positive_share"] = sum(flat) / len(flat) if flat else 0.0
+    model.eval()
+    return stats
+
+
+def train_marginal(
+    model: CoLLM,
+    examples: Sequence[Example],
+    targets: AssistantTargets,
+    *,
+    steps: int = 200,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """Fine-tune base and head together on `marginal_nll`; the assistant stays frozen
+    (only its stored log-probs are read). Returns {"steps", "first_loss", "loss", "seconds"}."""
+    _check_examples(examples)
+    torch.manual_seed(seed)
+    model.train()
+    stats = _loop(
+        list(model.parameters()),
+        lambda batch: marginal_nll(model, batch, targets),
+        examples,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
+    model.eval()
+    return stats
+
+
+def train_co_llm(
+    base: CausalLM,
+    assistant: CausalLM,
+    examples: Sequence[Example],
+    *,
+    targets_path: str | Path | None = None,
+    init_steps: int = 200,
+    steps: int = 300,
+    batch_size: int = 32,
+    head_lr: float = 1e-2,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[CoLLM, dict]:
+    """The whole recipe: store the assistant's target log-probs, weak-supervision
+    initialisation of the head, then marginal-likelihood training. Returns the model
+    and {"init": ..., "marginal": ...} statistics."""
+    _check_examples(examples)
+    check_same_vocab(base.tokenizer, assistant.tokenizer, base.name, assistant.name)
+    targets = assistant_targets(assistant, examples, path=targets_path, batch_size=batch_size)
+    model = CoLLM(base)
+    init = init_head_weak(
+        model, examples, targets, steps=init_steps, batch_size=batch_size, lr=head_lr, seed=seed
+    )
+    marginal = train_marginal(
+        model, examples, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+    )
+    return model, {"init": init, "marginal": marginal}
+
+
+# --- decoding ---
+
+
+def check_eta(eta: float) -> None:
+    """Raise ValueError unless 0 <= eta <= 1."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
+        raise ValueError(
+            f"eta must be a number in [0, 1] (field: eta), got {eta!r}: a token is deferred "
+            "when P(defer) > eta, so 0 defers every token and 1 defers none"
+        )
+
+
+def _backend_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The id of a token a backend returned as text (an empty text or EOS string -> EOS)."""
+    if text == "" or text == tokenizer.eos_token:
+        return tokenizer.eos_token_id
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+@torch.inference_mode()
+def co_llm_decode(
+    model: CoLLM,
+    assistant: CausalLM | Backend,
+    prompts: Sequence[str],
+    *,
+    eta: float,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> Decoded:
+    """Greedy Co-LLM decoding: each token is the assistant's when P(defer) > eta, else the
+    base's. `writers` holds "base"/"assistant" per token; `share("assistant")` is the
+    share deferred.
+
+    The assistant is either an in-process `CausalLM` (its own KV cache is fed every
+    chosen token) or any `Backend`, e.g. an OpenAI-compatible server: then only the
+    rows that defer ask it, with `next_token_topk(prefix, k=1)` on the text so far. A
+    server re-reads the prefix on every call; prefix caching (vLLM's default) makes that
+    cheap. A backend must use the base's tokenizer; its token text is mapped back to an
+    id with that tokenizer.
+    """
+    check_eta(eta)
+    check_prompts(prompts)
+    if isinstance(assistant, CausalLM):
+        check_same_vocab(model.tokenizer, assistant.tokenizer, model.base.name, assistant.name)
+    elif isinstance(assistant, Backend):
+        if (tok := getattr(assistant, "tokenizer", None)) is not None:
+            check_same_vocab(model.tokenizer, tok, model.base.name, assistant.model)
+    else:
+        raise TypeError(
+            f"assistant must be a CausalLM or a Backend (field: assistant), got "
+            f"{type(assistant).__name__}"
+        )
+    model.eval()
+    tok = model.tokenizer
+    ids: list[list[int]] = []
+    writers: list[list[int]] = []
+    for idx in chunks(len(prompts), batch_size):
+        batch_prompts = [prompts[i] for i in idx]
+        encoded = [prompt_ids(tok, p) for p in batch_prompts]
+        base = CausalStepper(model.base, encoded, want_hidden=True)
+        steppers = [base]
+        helper = None
+        if isinstance(assistant, CausalLM):
+            helper = CausalStepper(assistant, encoded)
+            steppers.append(helper)
+
+        def choose(
+            written: list[list[int]],
+            base: CausalStepper = base,
+            helper: CausalStepper | None = helper,
+            batch_prompts: list[str] = batch_prompts,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            p_defer = torch.sigmoid(model.defer_logit(base.hidden).double())
+            defer = (p_defer > eta) & ~base.finished
+            chosen = base.logits.argmax(-1)
+            if helper is not None:
+                chosen = torch.where(defer, helper.logits.argmax(-1), chosen)
+            elif bool(defer.any()):
+                rows = defer.nonzero().view(-1).tolist()
+                prefixes = [batch_prompts[r] + tok.decode(written[r]) for r in rows]
+                answers = assistant.next_token_topk(prefixes, k=1)
+                for r, top in zip(rows, answers, strict=True):
+                    if not top:
+                        raise BackendError(
+                            f"assistant {assistant.model!r} returned no next token for "
+                            f"prefix {batch_prompts[r]!r}"
+                        )
+                    chosen[r] = _backend_token_id(tok, top[0].token)
+            return chosen, defer.long()
+
+        batch_ids, batch_writers = drive(steppers, choose, max_new_tokens)
+        ids += batch_ids
+        writers += batch_writers
+    names = (BASE, ASSISTANT)
+    return Decoded(
+        texts=[decode_text(model.base, row) for row in ids],
+        token_ids=ids,
+        writers=[[names[w] for w in row] for row in writers],
+    )
+
+
+def sweep_eta(
+    model: CoLLM,
+    assistant: CausalLM | Backend,
+    prompts: Sequence[str],
+    score: Callable[[int, str], float],
+    *,
+    etas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> dict:
+    """Decode a validation set at every eta; `score(i, text)` scores prompt i's output.
+
+    Returns {"results": [{"eta", "accuracy", "deferral_share"}, ...],
+    "recommended_eta"}: the best mean score, ties broken by fewer deferrals.
+    """
+    if len(etas) == 0:
+        raise ValueError("etas is empty (field: etas): give at least one eta in [0, 1]")
+    for eta in etas:
+        check_eta(eta)
+    check_prompts(prompts)
+    results = []
+    for eta in etas:
+        out = co_llm_decode(
+            model,
+            assistant,
+            prompts,
+            eta=eta,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        scores = [float(score(i, text)) for i, text in enumerate(out.texts)]
+        results.append(
+            {
+                "eta": float(eta),
+                "accuracy": sum(scores) / len(scores),
+                "deferral_share": out.share(ASSISTANT),
+            }
+        )
+    best = min(results, key=lambda r: (-r["accuracy"], r["deferral_share"], -r["eta"]))
+    if math.isnan(best["accuracy"]):
+        raise ValueError("score returned NaN (field: score): it must give a number per output")
+    return {"results": results, "recommended_eta": best["eta"]}
