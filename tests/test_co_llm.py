@@ -25,6 +25,7 @@ from flywheel.decoders.co_llm import (
 from flywheel.decoders.stepping import CausalLM
 from flywheel.llm import TransformersBackend
 from flywheel.world.tasks import check, sample_tasks
+from tests.helpers.greedy import hf_greedy
 
 MAX_NEW = 10
 
@@ -65,22 +66,6 @@ def trained(
     )
     assert stats["init"]["steps"] == 15 and stats["marginal"]["steps"] == 10
     return model
-
-
-def hf_greedy(lm: CausalLM, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy generate on a left-padded batch, cut after the first EOS."""
-    lm.tokenizer.padding_side = "left"
-    enc = lm.tokenizer(prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = lm.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-    rows = out[:, enc["input_ids"].shape[1] :].tolist()
-    eos = lm.eos_ids
-    return [row[: next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def argmax_at_targets(lm: CausalLM, prompt: str, answer: str) -> list[int]:

@@ -19,6 +19,7 @@ from flywheel.decoders.stepping import (
 )
 from flywheel.world.models import char_tokenizer, new_tiny_model
 from flywheel.world.tasks import sample_tasks
+from tests.helpers.greedy import hf_greedy
 
 MAX_NEW = 10
 
@@ -38,22 +39,6 @@ def prompts() -> list[str]:
     # lengths differ, so the batch is left padded
     tasks = sample_tasks(10, random.Random(3), min_len=3, max_len=8)
     return [t.prompt for t in tasks] + ["copy ab=", "reverse abcdefgh="]
-
-
-def hf_greedy(lm: CausalLM, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy generate on a left-padded batch, cut after the first EOS."""
-    lm.tokenizer.padding_side = "left"
-    enc = lm.tokenizer(prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = lm.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-    rows = out[:, enc["input_ids"].shape[1] :].tolist()
-    eos = lm.eos_ids
-    return [row[: next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def test_stepper_greedy_equals_generate(small: CausalLM, prompts: list[str]) -> None:

@@ -24,7 +24,7 @@ from flywheel.alignment.group_robust import (
     plot_history,
     train_group_robust,
 )
-from flywheel.flows.reward import default_backbone
+from flywheel.flows.reward import default_backbone, split_pairs
 from flywheel.flows.tracking import (
     earlier_model,
     model_inputs,
@@ -35,7 +35,7 @@ from flywheel.flows.tracking import (
     write_once,
 )
 from flywheel.llm import BackendSpec
-from flywheel.store import DatasetRef, ModelRef, read_dataset, save_model_version, validate_name
+from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
 from flywheel.store.models import validate_model_name
 from flywheel.world.tasks import group_preference_pairs
 
@@ -107,16 +107,6 @@ class GroupRobustParams(BaseModel):
         )
 
 
-def _split(params: GroupRobustParams, inputs: list[DatasetRef]) -> tuple[list, list]:
-    rows = inputs[0].to_pandas().to_dict("records")
-    if len(inputs) > 1:
-        return rows, inputs[1].to_pandas().to_dict("records")
-    order = list(range(len(rows)))
-    random.Random(params.seed).shuffle(order)
-    cut = round(len(rows) * params.eval_fraction)
-    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
-
-
 @task(name="check-inputs")
 def check_inputs(params: GroupRobustParams) -> dict:
     """Fail before any model loads: policy folder, columns, group column, every group
@@ -139,11 +129,10 @@ def check_inputs(params: GroupRobustParams) -> dict:
     if params.eval_dataset:
         inputs.append(read_dataset(params.eval_dataset))
     source = f"dataset {inputs[0].name}@{inputs[0].version}"
+    rows = inputs[0].to_pandas().to_dict("records")
     # the whole dataset first, so a missing column or group is named as such
-    check_groups(
-        inputs[0].to_pandas().to_dict("records"), params.group_column, source, params.groups
-    )
-    train_rows, eval_rows = _split(params, inputs)
+    check_groups(rows, params.group_column, source, params.groups)
+    train_rows, eval_rows = split_pairs(params, inputs, rows)
     train, train_report = check_groups(
         train_rows, params.group_column, f"{source} (train)", params.groups
     )
@@ -186,7 +175,8 @@ def train(params: GroupRobustParams, data: dict, run_id: str) -> ModelRef:
     )
     if earlier := earlier_model(params.model_name, key):
         return earlier
-    train_rows, eval_rows = _split(params, data["inputs"])
+    rows = data["inputs"][0].to_pandas().to_dict("records")
+    train_rows, eval_rows = split_pairs(params, data["inputs"], rows)
 
     def build(folder: Path) -> dict:
         column, groups = params.group_column, params.groups

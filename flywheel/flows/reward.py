@@ -96,9 +96,9 @@ def _world_pairs(params: RewardTrainParams) -> DatasetRef:
     )
 
 
-def _split(params: RewardTrainParams, inputs: list[DatasetRef], rows: list[dict]) -> tuple:
-    """Train and eval rows: the eval dataset, or a seeded hold-out of `rows` (the train
-    dataset's rows, read once by the caller)."""
+def split_pairs(params: BaseModel, inputs: list[DatasetRef], rows: list[dict]) -> tuple:
+    """Train and eval rows: the eval dataset, or a seeded hold-out (params.eval_fraction,
+    params.seed) of `rows` (the train dataset's rows, read once by the caller)."""
     if len(inputs) > 1:
         return rows, inputs[1].to_pandas().to_dict("records")
     order = list(range(len(rows)))
@@ -133,7 +133,7 @@ def check_inputs(params: RewardTrainParams) -> dict:
     rows = inputs[0].to_pandas().to_dict("records")
     # Columns and usable rows first, so the error names the real problem.
     clean_preferences(rows, source)
-    train_rows, eval_rows = _split(params, inputs, rows)
+    train_rows, eval_rows = split_pairs(params, inputs, rows)
     # The trainer cleans again; failing here means no model was loaded for nothing.
     _, train_report = clean_preferences(train_rows, f"{source} (train)")
     _, eval_report = clean_preferences(eval_rows, f"{source} (eval)")
@@ -149,7 +149,7 @@ def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
     if earlier := earlier_model(params.model_name, key):
         return earlier
     inputs = data["inputs"]
-    train_rows, eval_rows = _split(params, inputs, inputs[0].to_pandas().to_dict("records"))
+    train_rows, eval_rows = split_pairs(params, inputs, inputs[0].to_pandas().to_dict("records"))
 
     def build(folder: Path) -> dict:
         common = dict(
