@@ -150,7 +150,13 @@ def test_eta_one_is_the_base_and_eta_zero_is_the_assistant(
     trained: CoLLM, assistant: CausalLM, tasks: list
 ) -> None:
     prompts = [t.prompt for t in tasks[:12]]
-    never = co_llm_decode(trained, assistant, prompts, eta=1.0, max_new_tokens=MAX_NEW)
+    assistant_calls: list[int] = []
+    hook = assistant.model.register_forward_hook(lambda *_: assistant_calls.append(1))
+    try:
+        never = co_llm_decode(trained, assistant, prompts, eta=1.0, max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert assistant_calls == []  # never deferred to, so it never ran
     assert never.token_ids == hf_greedy(trained.base, prompts, MAX_NEW)
     assert never.share("assistant") == 0.0
     assert all(set(w) == {"base"} for w in never.writers)

@@ -83,6 +83,23 @@ def test_cache_grows_by_one_per_step_and_finished_rows_are_masked(
     assert stepper.attention_mask[0, width:].tolist() == [1, 0, 0]
 
 
+def test_appends_queue_until_logits_are_read(small: CausalLM, prompts: list[str]) -> None:
+    # a stepper read every step and one read only at the end see the same tokens; the
+    # second runs the model twice (prompt, then the three queued tokens at once)
+    encoded = [prompt_ids(small.tokenizer, p) for p in prompts]
+    eager = CausalStepper(small, encoded, want_hidden=True)
+    lazy = CausalStepper(small, encoded, want_hidden=True)
+    assert lazy.forwards == 0  # nothing runs before logits are read
+    for _ in range(3):
+        token = eager.logits.argmax(-1)
+        eager.append(token)
+        lazy.append(token)
+    assert torch.allclose(lazy.logits, eager.logits, atol=1e-5)
+    assert torch.allclose(lazy.hidden, eager.hidden, atol=1e-5)
+    assert (eager.forwards, lazy.forwards) == (4, 1)
+    assert lazy.cache_length == eager.cache_length
+
+
 def test_check_same_vocab_names_models_and_fix(world_models: Path, small: CausalLM) -> None:
     other = AutoTokenizer.from_pretrained(str(world_models / "world-large"))
     check_same_vocab(small.tokenizer, other, "world-small", "world-large")  # same: no error
@@ -95,7 +112,13 @@ def test_never_triggering_threshold_is_the_small_model(
     small: CausalLM, large: CausalLM, prompts: list[str]
 ) -> None:
     # entropy can never exceed log(vocab) < 100 nats
-    out = hybrid_decode(small, large, prompts, threshold=100.0, max_new_tokens=MAX_NEW)
+    large_calls: list[int] = []
+    hook = large.model.register_forward_hook(lambda *_: large_calls.append(1))
+    try:
+        out = hybrid_decode(small, large, prompts, threshold=100.0, max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert large_calls == []  # never asked, so it never ran
     assert out.token_ids == hf_greedy(small, prompts, MAX_NEW)
     assert out.share("large") == 0.0
     assert all(set(w) == {"small"} for w in out.writers)
@@ -133,6 +156,15 @@ def test_share_counts_the_tokens_sent(small: CausalLM, large: CausalLM, prompts:
     # the first token's writer follows the small model's first-step entropy
     first = uncertain(stepper.logits, "entropy", threshold).tolist()
     assert [w[0] == "large" for w in out.writers] == first
+    # every token is its writer's greedy choice given the whole text so far, re-read from
+    # scratch: the large model's lazily caught-up cache gives what a full re-read gives
+    models = {"small": small, "large": large}
+    for prompt, ids, writers in zip(prompts, out.token_ids, out.writers, strict=True):
+        for j, (token, writer) in enumerate(zip(ids, writers, strict=True)):
+            lm = models[writer]
+            context = torch.tensor([prompt_ids(lm.tokenizer, prompt) + ids[:j]])
+            with torch.no_grad():
+                assert int(lm.model(input_ids=context).logits[0, -1].argmax()) == token
 
 
 @pytest.mark.parametrize(

@@ -473,9 +473,11 @@ def co_llm_decode(
             p_defer = torch.sigmoid(model.defer_logit(base.hidden).double())
             defer = (p_defer > eta) & ~base.finished
             chosen = base.logits.argmax(-1)
-            if helper is not None:
+            if not bool(defer.any()):
+                pass  # the assistant's stepper is not read, so it does not run this step
+            elif helper is not None:
                 chosen = torch.where(defer, helper.logits.argmax(-1), chosen)
-            elif bool(defer.any()):
+            else:
                 rows = defer.nonzero().view(-1).tolist()
                 prefixes = [batch_prompts[r] + tok.decode(written[r]) for r in rows]
                 answers = assistant.next_token_topk(prefixes, k=1)

@@ -3,10 +3,10 @@
 "Hybrid SLM and LLM for Edge-Cloud Collaborative Inference" (2024). At every
 step the small model's next-token distribution is measured; when it is too
 uncertain the large model writes that token instead. Both models keep KV caches
-fed every chosen token, so neither re-reads the prefix (the large model thus
-runs one cached step per token; on a remote large model it would catch up only
-when asked). The share of tokens sent to the large model is the cost to report
-against quality.
+fed every chosen token, so neither re-reads the prefix; the large model's cache
+catches up lazily, in one forward over the tokens it missed, only on steps where
+some row sends it a token (`CausalStepper`). The share of tokens sent to the
+large model is the cost to report against quality.
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def hybrid_decode(
             _: list[list[int]], lead: CausalStepper = lead, helper: CausalStepper = helper
         ) -> tuple[torch.Tensor, torch.Tensor]:
             send = uncertain(lead.logits, measure, threshold) & ~lead.finished
-            chosen = torch.where(send, helper.logits.argmax(-1), lead.logits.argmax(-1))
+            chosen = lead.logits.argmax(-1)
+            if bool(send.any()):  # else the large model's stepper is not read and does not run
+                chosen = torch.where(send, helper.logits.argmax(-1), chosen)
             return chosen, send.long()
 
         batch_ids, batch_writers = drive([lead, helper], choose, max_new_tokens)

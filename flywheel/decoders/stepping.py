@@ -3,8 +3,10 @@
 Co-LLM and hybrid gating both let two models take turns writing one text. Each
 model keeps its own `CausalStepper`: the prompts are encoded once, and every
 chosen token (whoever wrote it) is appended to both caches, so no prefix is
-ever re-encoded. The models must share a tokenizer so one token id means the
-same thing to both (`check_same_vocab`).
+ever re-encoded. Appending is lazy: a model runs only when its next-token
+logits are read, then on all the tokens it has not seen in one forward. The
+models must share a tokenizer so one token id means the same thing to both
+(`check_same_vocab`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class CausalStepper:
     """One model, one left-padded batch, one KV cache: next-token logits for every row,
     and `append` to feed one chosen token per row.
 
+    Lazy: `append` only queues the token; the model runs when `logits` or `hidden`
+    is read, on every queued token in one forward. A helper model that is asked
+    for a token only now and then (Co-LLM's assistant, hybrid gating's large
+    model) thus costs nothing on the steps it is not asked, and catches up on the
+    skipped tokens in one call when it is, without re-reading the prefix.
+
     Positions count real tokens only, so a padded row sees the same positions as
     it would alone. Finished rows (see `finished`) are fed the pad token with
     attention mask 0, so they never change what the other rows see.
@@ -122,10 +130,20 @@ class CausalStepper:
         self.finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         self._next_position = positions[:, -1:].to(self.device) + 1
         self.past_key_values = None
-        self._forward(ids.to(self.device), positions.to(self.device))
+        self.forwards = 0  # model calls so far, for cost accounting
+        # queued (token ids, position ids) blocks, each (rows, length); the prompt first
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (ids.to(self.device), positions.to(self.device))
+        ]
 
     @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+    def _flush(self) -> None:
+        """Run the model on every queued token; the mask already covers them."""
+        if not self._pending:
+            return
+        input_ids = torch.cat([ids for ids, _ in self._pending], dim=-1)
+        position_ids = torch.cat([pos for _, pos in self._pending], dim=-1)
+        self._pending = []
         out = self.lm.model(
             input_ids=input_ids,
             attention_mask=self.attention_mask,
@@ -134,20 +152,33 @@ class CausalStepper:
             use_cache=True,
             output_hidden_states=self.want_hidden,
         )
+        self.forwards += 1
         self.past_key_values = out.past_key_values
         # next-token logits (rows, vocab); the last layer's hidden state (rows, hidden)
-        self.logits: torch.Tensor = out.logits[:, -1].float()
-        self.hidden: torch.Tensor | None = (
-            out.hidden_states[-1][:, -1] if self.want_hidden else None
-        )
+        self._logits = out.logits[:, -1].float()
+        self._hidden = out.hidden_states[-1][:, -1] if self.want_hidden else None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Next-token logits of every row, (rows, vocab), float32."""
+        self._flush()
+        return self._logits
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        """The last layer's hidden state at the last position (rows, hidden), or None
+        unless made with `want_hidden=True`."""
+        self._flush()
+        return self._hidden
 
     @property
     def cache_length(self) -> int:
         """Positions held in the KV cache (prompt width plus appended tokens)."""
+        self._flush()
         return int(self.past_key_values.get_seq_length())
 
     def append(self, token_ids: torch.Tensor) -> None:
-        """Feed one token per row; rows already finished get the pad token, masked out.
+        """Queue one token per row; rows already finished get the pad token, masked out.
 
         A row whose token is an EOS id is marked finished after this call.
         """
@@ -163,7 +194,7 @@ class CausalStepper:
         positions = self._next_position
         self._next_position = positions + 1
         self.finished = self.finished | _is_eos(token_ids, self.lm.eos_ids)
-        self._forward(token_ids.unsqueeze(-1), positions)
+        self._pending.append((token_ids.unsqueeze(-1), positions))
 
 
 def _is_eos(token_ids: torch.Tensor, ids: set[int]) -> torch.Tensor:
