@@ -6,13 +6,15 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flywheel.flows.align import group_robust_flow
 from flywheel.flows.armap import armap, best_of_n, mcts, reflexion
+from flywheel.flows.decode import co_llm_flow, collab_flow, hybrid_flow
 from flywheel.flows.relabel import relabel
 from flywheel.flows.reward import train_flow
 from flywheel.flows.selectors import kmeans_selector
 from flywheel.flows.synth import reference
 from flywheel.flows.world import bootstrap
 
-# The nightly order follows the data: models, then synthesis, then reward models on it.
+# The nightly order follows the data: models, then synthesis, then reward models on it,
+# then the policies and decoders that use them.
 NIGHTLY_UTC = {
     "world/bootstrap": "0 1 * * *",
     "synth/reference": "0 2 * * *",
@@ -24,6 +26,9 @@ NIGHTLY_UTC = {
     "plan/mcts": "30 4 * * *",
     "align/group-robust": "0 5 * * *",
     "selectors/kmeans": "30 5 * * *",
+    "decode/co-llm": "0 6 * * *",
+    "decode/collab": "30 6 * * *",
+    "decode/hybrid": "0 7 * * *",
 }
 
 
@@ -41,6 +46,9 @@ def deployments() -> list[RunnerDeployment]:
         "plan/mcts": mcts,
         "align/group-robust": group_robust_flow,
         "selectors/kmeans": kmeans_selector,
+        "decode/co-llm": co_llm_flow,
+        "decode/collab": collab_flow,
+        "decode/hybrid": hybrid_flow,
     }
     out = []
     for full_name, flow in flows.items():
