@@ -250,3 +250,18 @@ def test_different_tokenizers_fail_before_decoding(
         sweep_eta(trained, assistant, ["copy abc="], lambda i, t: 0.0, etas=[])
     with pytest.raises(ValueError, match="field: examples"):
         train_co_llm(CausalLM.load(paths[0]), assistant, [], init_steps=1, steps=1)
+
+
+def test_training_is_reproducible_from_its_seed(
+    paths: tuple[Path, Path], assistant: CausalLM, examples: list
+) -> None:
+    def train(seed: int) -> CoLLM:
+        torch.rand(3)  # moves the global random state, which the seed must override
+        model, _ = train_co_llm(
+            CausalLM.load(paths[0]), assistant, examples[:8], init_steps=2, steps=2, seed=seed
+        )
+        return model
+
+    first, second, other = train(0), train(0), train(1)
+    assert torch.equal(first.head.weight, second.head.weight)
+    assert not torch.equal(first.head.weight, other.head.weight)

@@ -103,6 +103,25 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
     assert "Completed" in out
     models = run(str(BIN / "flywheel"), "sql", "select name, kind from models", "--csv")
     assert models.split() == ["name,kind", "world-preference-pairs-rm,bradley-terry"]
+    # Collab with its default target reward: the reward model reward/train just published
+    collab = {"world_prompts": 6, "k": 2, "rollout_len": 4, "max_new_tokens": 6}
+    out = run(
+        prefect,
+        "deployment",
+        "run",
+        "decode/collab",
+        "--watch",
+        "--param",
+        f"params={json.dumps(collab)}",
+    )
+    assert "Completed" in out
+    decoded = run(
+        str(BIN / "flywheel"),
+        "sql",
+        "select count(*) n, count(reward) scored from decoded_collab",
+        "--csv",
+    )
+    assert decoded.split() == ["n,scored", "6,6"]
 
     runs = run(
         str(BIN / "duckdb"),
@@ -116,5 +135,6 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
         "world/bootstrap,completed",
         "synth/reference,completed",
         "reward/train,completed",
+        "decode/collab,completed",
     ]
     assert "running (pid" in run(str(BIN / "flywheel"), "status")

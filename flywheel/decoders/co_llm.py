@@ -387,6 +387,7 @@ def train_co_llm(
     _check_examples(examples)
     check_same_vocab(base.tokenizer, assistant.tokenizer, base.name, assistant.name)
     targets = assistant_targets(assistant, examples, path=targets_path, batch_size=batch_size)
+    torch.manual_seed(seed)  # the head's initial weights, so a seed gives one result
     model = CoLLM(base)
     init = init_head_weak(
         model, examples, targets, steps=init_steps, batch_size=batch_size, lr=head_lr, seed=seed
