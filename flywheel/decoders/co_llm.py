@@ -347,11 +347,15 @@ def train_marginal(
     *,
     steps: int = 200,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     seed: int = 0,
 ) -> dict:
     """Fine-tune base and head together on `marginal_nll`; the assistant stays frozen
-    (only its stored log-probs are read). Returns {"steps", "first_loss", "loss", "seconds"}."""
+    (only its stored log-probs are read). Returns {"steps", "first_loss", "loss", "seconds"}.
+
+    lr 1e-4 by default: on the world, 1e-3 let the base forget the tokens it hands over
+    (alone it fell from 0.363 to 0.168 accuracy) and pushed deferral to 95% of tokens.
+    """
     _check_examples(examples)
     torch.manual_seed(seed)
     model.train()
@@ -378,7 +382,7 @@ def train_co_llm(
     steps: int = 300,
     batch_size: int = 32,
     head_lr: float = 1e-2,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     seed: int = 0,
 ) -> tuple[CoLLM, dict]:
     """The whole recipe: store the assistant's target log-probs, weak-supervision

@@ -139,7 +139,7 @@ class CoLLMParams(DecodeParams):
     steps: int = Field(300, ge=1, description="marginal-likelihood steps, base and head")
     train_batch_size: int = Field(32, ge=1)
     head_lr: float = Field(1e-2, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0, description="base and head, marginal likelihood")
     eta: float | None = Field(
         None, ge=0, le=1, description="defer when P(defer) > eta; null: the sweep's best"
     )

@@ -32,9 +32,16 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer that round-trips every string over ALPHABET."""
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *ALPHABET])}
+def char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that round-trips every string over ALPHABET.
+
+    With `vocab_size`, filler tokens `<x0>`, `<x1>`, ... pad the vocabulary to that size
+    (for speed runs with a real model's vocabulary; text still encodes to characters).
+    """
+    names = [PAD, BOS, EOS, UNK, *ALPHABET]
+    if vocab_size is not None:
+        names += [f"<x{i}>" for i in range(vocab_size - len(names))]
+    vocab = {tok: i for i, tok in enumerate(names)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
