@@ -128,6 +128,7 @@ class CausalStepper:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.attention_mask = mask.to(self.device)
         self.finished = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self._eos = torch.tensor(sorted(lm.eos_ids), dtype=torch.long, device=self.device)
         self._next_position = positions[:, -1:].to(self.device) + 1
         self.past_key_values = None
         self.forwards = 0  # model calls so far, for cost accounting
@@ -193,14 +194,8 @@ class CausalStepper:
         self.attention_mask = torch.cat([self.attention_mask, new_mask], dim=-1)
         positions = self._next_position
         self._next_position = positions + 1
-        self.finished = self.finished | _is_eos(token_ids, self.lm.eos_ids)
+        self.finished = self.finished | torch.isin(token_ids, self._eos)
         self._pending.append((token_ids.unsqueeze(-1), positions))
-
-
-def _is_eos(token_ids: torch.Tensor, ids: set[int]) -> torch.Tensor:
-    if not ids:
-        return torch.zeros_like(token_ids, dtype=torch.bool)
-    return torch.isin(token_ids, torch.tensor(sorted(ids), device=token_ids.device))
 
 
 # A chooser sees the tokens written so far in every row and returns, for every row,
