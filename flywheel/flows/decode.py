@@ -11,11 +11,12 @@ models alone on the same prompts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +32,13 @@ from flywheel.decoders import stepping
 from flywheel.decoders.co_llm import CoLLM, co_llm_decode, sweep_eta, train_co_llm
 from flywheel.decoders.collab import CollabConfig, collab_decode
 from flywheel.decoders.hybrid import check_threshold, hybrid_decode
-from flywheel.decoders.stepping import CausalLM, check_same_vocab, decode_text, greedy_decode
+from flywheel.decoders.stepping import (
+    CausalLM,
+    Decoded,
+    check_same_vocab,
+    decode_text,
+    greedy_decode,
+)
 from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
     MODEL_CALLS,
@@ -43,7 +50,7 @@ from flywheel.flows.tracking import (
     training_key,
     write_once,
 )
-from flywheel.llm import BackendSpec, make_backend, model_fingerprint
+from flywheel.llm import Backend, BackendSpec, make_backend, model_fingerprint
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.reward_models.ensemble import EnsembleRewardModel
 from flywheel.store import (
@@ -301,18 +308,27 @@ def _prompt_rows(params: DecodeParams) -> tuple[DatasetRef, list[dict]]:
     return ref, rows
 
 
-def _examples(name: str | None, world: Callable[[], list[dict]], label: str, field: str):
-    """A prompt/answer dataset: `name` from the store, or the world's rows written once."""
-    ref = read_dataset(name) if name else reuse_or_write(*world())
-    rows = ref.to_pandas()
-    missing = [c for c in ("prompt", "answer") if c not in rows.columns]
+def _examples(
+    name: str | None, field: str, world_name: str, n: int, seed: int, avoid: set[str]
+) -> DatasetRef:
+    """A prompt/answer dataset: `name` from the store, or `n` world tasks (none of them in
+    `avoid`, the prompts to decode) written once per setting."""
+    if name is None:
+        avoided = hashlib.sha256("\n".join(sorted(avoid)).encode()).hexdigest()[:8]
+        ref = reuse_or_write(
+            world_name, f"world:seed{seed}_n{n}_avoid{avoided}", lambda: _world_rows(n, seed, avoid)
+        )
+    else:
+        ref = read_dataset(name)
+    table = ref.to_arrow()
+    missing = [c for c in ("prompt", "answer") if c not in table.column_names]
     if missing:
         raise ValueError(
-            f"{label} dataset {ref.name}@{ref.version} lacks column(s) {missing} (field: "
-            f"{field}); it needs text columns prompt and answer"
+            f"dataset {ref.name}@{ref.version} lacks column(s) {missing} (field: {field}); "
+            "it needs text columns prompt and answer"
         )
-    if len(rows) == 0:
-        raise ValueError(f"{label} dataset {ref.name}@{ref.version} is empty (field: {field})")
+    if table.num_rows == 0:
+        raise ValueError(f"dataset {ref.name}@{ref.version} is empty (field: {field})")
     return ref
 
 
@@ -378,19 +394,36 @@ def _common_fields() -> list[tuple[str, pa.DataType]]:
     ]
 
 
-def _baseline_accuracy(
-    rows: list[dict], models: dict[str, str], max_new_tokens: int, batch_size: int
-) -> dict[str, float | None]:
-    """Greedy accuracy of each model alone on the same prompts."""
-    out = {}
+def _token_rows(chunk: list[dict], out: Decoded, share_column: str, helper: str) -> list[dict]:
+    """Output rows of a two-model decoding: text, token ids, writers and the share of
+    tokens the helper model wrote."""
+    return [
+        {
+            "id": r["id"],
+            "prompt": r["prompt"],
+            "completion": text,
+            "answer": r["answer"],
+            "correct": _correct(r, text),
+            "writers": writers,
+            "token_ids": ids,
+            share_column: writers.count(helper) / len(writers) if writers else 0.0,
+        }
+        for r, text, ids, writers in zip(chunk, out.texts, out.token_ids, out.writers, strict=True)
+    ]
+
+
+def _alone_figures(rows: list[dict], models: dict[str, str], params: DecodeParams) -> dict:
+    """`<label> accuracy` of each model alone (greedy) on the same prompts."""
+    figures = {}
     for label, path in models.items():
         lm = CausalLM.load(path)
         texts = []
-        for start in range(0, len(rows), batch_size):
-            batch = [r["prompt"] for r in rows[start : start + batch_size]]
-            texts += [decode_text(lm, ids) for ids in greedy_decode(lm, batch, max_new_tokens)]
-        out[label] = _accuracy(rows, texts)
-    return out
+        for start in range(0, len(rows), params.batch_size):
+            batch = [r["prompt"] for r in rows[start : start + params.batch_size]]
+            ids = greedy_decode(lm, batch, params.max_new_tokens)
+            texts += [decode_text(lm, row) for row in ids]
+        figures[f"{label} accuracy"] = _figure(_accuracy(rows, texts))
+    return figures
 
 
 def _figure(value: float | None) -> float | str:
@@ -417,23 +450,19 @@ def check_co_llm_inputs(params: CoLLMParams) -> dict:
     held_out = {r["prompt"] for r in rows}
     examples = _examples(
         params.train_dataset,
-        lambda: (
-            WORLD_EXAMPLES,
-            f"world:seed{params.seed}_n{params.world_examples}",
-            lambda: _world_rows(params.world_examples, params.seed, held_out),
-        ),
-        "training",
         "train_dataset",
+        WORLD_EXAMPLES,
+        params.world_examples,
+        params.seed,
+        held_out,
     )
     validation = _examples(
         params.validation_dataset,
-        lambda: (
-            WORLD_VALIDATION,
-            f"world:seed{params.seed + 1}_n{params.world_validation}",
-            lambda: _world_rows(params.world_validation, params.seed + 1, held_out),
-        ),
-        "validation",
         "validation_dataset",
+        WORLD_VALIDATION,
+        params.world_validation,
+        params.seed + 1,
+        held_out,
     )
     return {"prompts": prompts, "rows": rows, "examples": examples, "validation": validation}
 
@@ -481,11 +510,14 @@ def train_pair(params: CoLLMParams, data: dict, run_id: str) -> ModelRef:
     )
 
 
-def _assistant(params: CoLLMParams):
-    """The assistant for decoding: in process, or behind the given backend."""
+@contextlib.contextmanager
+def _assistant(params: CoLLMParams) -> Iterator[CausalLM | Backend]:
+    """The assistant for decoding: in process, or behind the given backend (closed after)."""
     if params.assistant_backend is None:
-        return CausalLM.load(params.assistant_model)
-    return make_backend(params.assistant_backend)
+        yield CausalLM.load(params.assistant_model)
+        return
+    with make_backend(params.assistant_backend) as backend:
+        yield backend
 
 
 @task(name="choose-eta", **MODEL_CALLS)
@@ -496,20 +528,16 @@ def choose_eta(params: CoLLMParams, model: ModelRef, data: dict, run_id: str) ->
     pairs = _pairs(data["validation"])
     prompts = [p for p, _ in pairs]
     pair = CoLLM.load(model.path)
-    assistant = _assistant(params)
-    try:
+    with _assistant(params) as assistant:
         report = sweep_eta(
             pair,
             assistant,
             prompts,
-            lambda i, text: float(text.strip() == pairs[i][1].strip()),
+            lambda i, text: float(_correct({"answer": pairs[i][1]}, text)),
             etas=params.etas,
             max_new_tokens=params.max_new_tokens,
             batch_size=params.batch_size,
         )
-    finally:
-        if hasattr(assistant, "close"):
-            assistant.close()
     rows = [
         {
             "model": f"{model.name}@{model.version}",
@@ -532,40 +560,28 @@ def decode_co_llm(
     params: CoLLMParams, model: ModelRef, data: dict, eta: float, run_id: str
 ) -> tuple[DatasetRef, bool]:
     pair = CoLLM.load(model.path)
-    assistant = _assistant(params)
-
-    def decode_chunk(chunk: list[dict]) -> list[dict]:
-        out = co_llm_decode(
-            pair,
-            assistant,
-            [r["prompt"] for r in chunk],
-            eta=eta,
-            max_new_tokens=params.max_new_tokens,
-            batch_size=params.batch_size,
-        )
-        return [
-            {
-                "id": r["id"],
-                "prompt": r["prompt"],
-                "completion": text,
-                "answer": r["answer"],
-                "correct": _correct(r, text),
-                "writers": writers,
-                "token_ids": ids,
-                "deferral_share": writers.count("assistant") / len(writers) if writers else 0.0,
-            }
-            for r, text, ids, writers in zip(
-                chunk, out.texts, out.token_ids, out.writers, strict=True
-            )
-        ]
-
     spec = params.assistant_backend or BackendSpec(model=params.assistant_model)
-    key = [f"{model.name}@{model.version}", eta, model_fingerprint(spec), _work_key(params, data)]
-    try:
+    key = [
+        f"{model.name}@{model.version}",
+        eta,
+        model_fingerprint(spec),
+        CO_LLM_SOURCE,
+        _work_key(params, data),
+    ]
+    with _assistant(params) as assistant:
+
+        def decode_chunk(chunk: list[dict]) -> list[dict]:
+            out = co_llm_decode(
+                pair,
+                assistant,
+                [r["prompt"] for r in chunk],
+                eta=eta,
+                max_new_tokens=params.max_new_tokens,
+                batch_size=params.batch_size,
+            )
+            return _token_rows(chunk, out, "deferral_share", "assistant")
+
         rows, ckpt = _decode_rows("co-llm", key, data["rows"], decode_chunk, params.batch_size)
-    finally:
-        if hasattr(assistant, "close"):
-            assistant.close()
     inputs = [data["prompts"], model, *model_inputs(spec)]
     return _write_output(params, ckpt, rows, CO_LLM_SCHEMA, run_id, inputs)
 
@@ -609,10 +625,7 @@ def co_llm_flow(params: CoLLMParams | None = None) -> dict:
         }
         if params.baselines:
             alone = {"base alone": params.base_model, "assistant alone": params.assistant_model}
-            for label, value in _baseline_accuracy(
-                data["rows"], alone, params.max_new_tokens, params.batch_size
-            ).items():
-                figures[f"{label} accuracy"] = _figure(value)
+            figures |= _alone_figures(data["rows"], alone, params)
         figures["seconds"] = round(time.monotonic() - started, 2)
         extra = ""
         if chosen["sweep"] is not None:
@@ -663,21 +676,7 @@ def decode_hybrid(params: HybridParams, data: dict, run_id: str) -> tuple[Datase
             max_new_tokens=params.max_new_tokens,
             batch_size=params.batch_size,
         )
-        return [
-            {
-                "id": r["id"],
-                "prompt": r["prompt"],
-                "completion": text,
-                "answer": r["answer"],
-                "correct": _correct(r, text),
-                "writers": writers,
-                "token_ids": ids,
-                "large_share": writers.count("large") / len(writers) if writers else 0.0,
-            }
-            for r, text, ids, writers in zip(
-                chunk, out.texts, out.token_ids, out.writers, strict=True
-            )
-        ]
+        return _token_rows(chunk, out, "large_share", "large")
 
     specs = [BackendSpec(model=params.small_model), BackendSpec(model=params.large_model)]
     key = [
@@ -712,10 +711,7 @@ def hybrid_flow(params: HybridParams | None = None) -> dict:
         }
         if params.baselines:
             alone = {"small alone": params.small_model, "large alone": params.large_model}
-            for label, value in _baseline_accuracy(
-                data["rows"], alone, params.max_new_tokens, params.batch_size
-            ).items():
-                figures[f"{label} accuracy"] = _figure(value)
+            figures |= _alone_figures(data["rows"], alone, params)
         figures["seconds"] = round(time.monotonic() - started, 2)
         summary_artifact("decode-hybrid", "Hybrid small/large token gating", figures)
         return {"figures": figures}
