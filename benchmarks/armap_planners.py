@@ -40,11 +40,10 @@ def shop_agent(args: argparse.Namespace, models: dict[str, Path], data: Path) ->
         raise SystemExit(f"{args.agent} holds no model")
     print(
         "no shop-agent beside the world models: training one into the data folder "
-        f"({BootstrapConfig().shop_agent_steps} steps, at most {args.agent_budget:.0f}s)..."
+        f"({BootstrapConfig().shop_agent_steps} steps)..."
     )
     # all the default steps, whatever the machine's load: the same agent on every run
-    config = BootstrapConfig(shop_agent_budget_s=args.agent_budget)
-    report = bootstrap_shop_agent(data / "_models", config)
+    report = bootstrap_shop_agent(data / "_models", BootstrapConfig())
     return Path(report["path"]), report
 
 
@@ -279,12 +278,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--agent", type=Path, help="a shop-agent model folder")
-    parser.add_argument(
-        "--agent-budget",
-        type=float,
-        default=150.0,
-        help="seconds cap when the shop agent has to be trained (default steps: 2500)",
-    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
     parser.add_argument("--intents", type=int, default=600, help="synthesis intents per seed")
     parser.add_argument("--trajectories", type=int, default=6, help="trajectories per intent")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
+from enum import StrEnum
+from typing import Annotated, Any
 
 import typer
 
@@ -14,19 +17,186 @@ app.add_typer(server_app, name="server")
 app.add_typer(world_app, name="world")
 
 
-@app.command()
-def sql(query: str, csv: bool = typer.Option(False, help="print CSV instead of a table")) -> None:
-    """Run a SQL query on the DuckDB catalog (every dataset is a view)."""
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+TABLE_ROWS = 200  # rows a table shows; csv and json print them all
+TABLE_COLWIDTH = 40  # longer values are cut in a table
+
+
+def _one_line(error: BaseException) -> str:
+    """An error message on one line (DuckDB's LINE/caret context left out)."""
+    text = str(error).split("\n\nLINE ")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _fail(error: BaseException | str) -> None:
+    typer.echo(error if isinstance(error, str) else _one_line(error), err=True)
+    raise typer.Exit(1)
+
+
+def _render(frame: Any) -> str:
+    if frame.empty:  # pandas prints "Empty DataFrame" for no rows
+        return " ".join(map(str, frame.columns))
+    return frame.to_string(index=False, max_colwidth=TABLE_COLWIDTH)
+
+
+def _text_width(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def _table(frame: Any, width: int) -> str:
+    """The frame as a text table no wider than ``width``: columns that do not fit are left
+    out (named on a last line), rows after TABLE_ROWS too."""
+    if frame.columns.empty:
+        return ""
+    head = frame.head(TABLE_ROWS)
+    # Columns are laid out side by side, one space apart.
+    shown, used = 0, -1
+    for i in range(len(head.columns)):
+        used += 1 + _text_width(_render(head.iloc[:, [i]]))
+        if shown and used > width:
+            break
+        shown += 1
+    text = _render(head.iloc[:, :shown])
+    while shown > 1 and _text_width(text) > width:
+        shown -= 1
+        text = _render(head.iloc[:, :shown])
+    lines = [text]
+    if frame.empty:
+        lines.append("(no rows)")
+    if len(frame) > TABLE_ROWS:
+        lines.append(f"... {len(frame) - TABLE_ROWS} more rows (use --format csv for all)")
+    hidden = [str(c) for c in frame.columns[shown:]]
+    if hidden:
+        lines.append(f"... {len(hidden)} more columns: {', '.join(hidden)} (use --format csv)")
+    return "\n".join(lines)
+
+
+def _json_value(value: Any) -> Any:
+    """A DataFrame cell as a JSON value: numpy, pandas and DuckDB types made plain."""
+    import base64
+    import math
+    from datetime import date, time, timedelta
+    from decimal import Decimal
+
+    import numpy as np
     import pandas as pd
 
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, timedelta):
+        return pd.Timedelta(value).isoformat()
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+@app.command()
+def sql(
+    query: str,
+    output: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            help="table (cut to the terminal width), csv, or json (one array of records)",
+        ),
+    ] = OutputFormat.table,
+    csv: bool = typer.Option(False, "--csv", help="the same as --format csv"),
+) -> None:
+    """Run a read-only SQL query on the DuckDB catalog (every dataset is a view)."""
+    import json
+    import shutil
+
+    import duckdb
+
+    from flywheel.store import StoreError
     from flywheel.store import sql as run_sql
 
-    frame = run_sql(query)
-    if csv:
+    if csv and output not in ("table", "csv"):
+        _fail(f"--csv and --format {output} disagree: give one of them")
+    try:
+        frame = run_sql(query)
+    except (duckdb.Error, StoreError, ValueError, OSError) as e:
+        _fail(e)
+    if csv or output == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
+    elif output == "json":
+        records = frame.to_dict(orient="records")
+        typer.echo(json.dumps(_json_value(records), ensure_ascii=False, allow_nan=False))
     else:
-        with pd.option_context("display.max_rows", 200, "display.width", 200):
-            typer.echo(frame.to_string(index=False))
+        text = _table(frame, shutil.get_terminal_size().columns)
+        if text:
+            typer.echo(text)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def shell(ctx: typer.Context) -> None:
+    """Open the DuckDB CLI on a snapshot copy of the catalog, so flows are never blocked.
+
+    Arguments go on to duckdb, e.g. flywheel shell -c "select count(*) from runs".
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from datetime import datetime
+    from pathlib import Path
+
+    import duckdb
+
+    from flywheel.store import StoreError, refresh_catalog
+    from flywheel.store.catalog import catalog_path, connect_read_only
+
+    cli = Path(sys.executable).parent / "duckdb"
+    if not cli.exists():
+        _fail(f"no DuckDB CLI at {cli}: install the duckdb-cli package into this environment")
+    source = catalog_path()
+    try:
+        if not source.exists():
+            refresh_catalog()
+        with tempfile.TemporaryDirectory(prefix="flywheel-shell-") as tmp:
+            snapshot = Path(tmp) / source.name
+            # No process writes the catalog while this connection is open: the copy is whole.
+            with connect_read_only():
+                for suffix in ("", ".wal"):
+                    if Path(f"{source}{suffix}").exists():
+                        shutil.copyfile(f"{source}{suffix}", f"{snapshot}{suffix}")
+                taken = datetime.now()
+            typer.echo(
+                f"flywheel shell: a snapshot of {source} taken at {taken:%Y-%m-%d %H:%M:%S}; "
+                "flows keep running, versions they write later need a new `flywheel shell`, "
+                "and changes made here are discarded on exit",
+                err=True,
+            )
+            # Ctrl-C belongs to the shell (it stops a query there): this process and the
+            # venv's duckdb wrapper ignore it, and the DuckDB CLI sets its own handler.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                code = subprocess.call([str(cli), str(snapshot), *ctx.args])
+            finally:
+                signal.signal(signal.SIGINT, previous)
+    except (duckdb.Error, StoreError, OSError) as e:
+        _fail(e)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -66,6 +236,14 @@ def server_start() -> None:
     typer.echo(services.start_server())
 
 
+@server_app.command("auth-string")
+def server_auth_string() -> None:
+    """Print the local server's auth string (the UI's login; PREFECT_API_AUTH_STRING)."""
+    from flywheel.flows import services
+
+    typer.echo(services.auth_string())
+
+
 @server_app.command("stop")
 def server_stop() -> None:
     from flywheel.flows import services
@@ -75,11 +253,33 @@ def server_stop() -> None:
 
 @app.command()
 def status() -> None:
-    """Whether the Prefect server and the serve process run."""
+    """Whether the Prefect server and the serve process run; brings the catalog's `runs`
+    in line with Prefect (killed runs recorded as crashed)."""
     from flywheel.flows import services
 
-    typer.echo(services.status("server") + ("" if not services.server_healthy() else ", healthy"))
+    healthy = services.server_healthy()
+    typer.echo(services.status("server") + (", healthy" if healthy else ""))
     typer.echo(services.status("serve"))
+    from flywheel.store.catalog import catalog_path
+
+    if not catalog_path().exists():
+        return
+    from flywheel.flows.tracking import reconcile_runs
+
+    with _local_server():
+        changed = reconcile_runs()
+    for run_id, run_status in changed.items():
+        typer.echo(f"run {run_id}: now recorded as {run_status} (as Prefect or its process says)")
+
+
+def _local_server() -> AbstractContextManager:
+    """Prefect settings that reach the local server with its auth string."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from flywheel.flows import services
+
+    auth = {PREFECT_API_URL: services.API_URL, PREFECT_API_AUTH_STRING: services.auth_string()}
+    return temporary_settings(updates=auth)
 
 
 @app.command()
@@ -87,12 +287,21 @@ def up(wait_s: float = typer.Option(60, help="seconds to wait for the deployment
     """Start the server and the serve process, and wait until the deployments exist."""
     from flywheel.flows import services
 
-    typer.echo(services.start_server())
+    try:
+        typer.echo(services.start_server())
+    except RuntimeError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from e
     typer.echo(services.start_serve())
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if _deployments_registered():
             typer.echo("deployments registered: " + ", ".join(_deployment_names()))
+            typer.echo(
+                f"the server needs its auth string (UI login, API clients): see "
+                f"`flywheel server auth-string`; the prefect CLI run from the project root "
+                f"reads it from {services.profiles_file()}"
+            )
             return
         time.sleep(1)
     typer.echo(f"deployments did not appear in {wait_s:.0f}s; see data/_run/serve.log", err=True)
@@ -118,7 +327,7 @@ def _deployments_registered() -> bool:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    with _local_server(), get_client(sync_client=True) as client:
         try:
             for name in _deployment_names():
                 client.read_deployment_by_name(name)
@@ -131,9 +340,12 @@ def _deployments_registered() -> bool:
 def world_bootstrap(
     small_steps: int | None = typer.Option(None, help="default: BootstrapConfig's"),
     large_steps: int | None = typer.Option(None, help="default: BootstrapConfig's"),
+    force: bool = typer.Option(False, help="retrain even when models with this config exist"),
 ) -> None:
     """Train the world's tiny models without Prefect (the `world/bootstrap` flow does the same)."""
+    from flywheel.llm.threads import set_torch_threads
     from flywheel.world.bootstrap import (
+        BelowAccuracyFloor,
         BootstrapConfig,
         bootstrap_models,
         format_report,
@@ -141,9 +353,26 @@ def world_bootstrap(
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    set_torch_threads()
     overrides = {"small_steps": small_steps, "large_steps": large_steps}
-    config = BootstrapConfig(**{k: v for k, v in overrides.items() if v is not None})
-    report = bootstrap_models(models_root(), config)
+    config = BootstrapConfig(force=force, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        report = bootstrap_models(models_root(), config)
+    except BelowAccuracyFloor as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from e
+    typer.echo(format_report(report))
+
+
+@world_app.command("report")
+def world_report() -> None:
+    """Accuracy per family of the published world models (and the shop agent's success)."""
+    from flywheel.world.bootstrap import format_report, models_root, read_report
+
+    report = read_report(models_root())
+    if not report["models"]:
+        typer.echo(f"no world models under {models_root()}; run `flywheel world bootstrap`")
+        raise typer.Exit(1)
     typer.echo(format_report(report))
 
 

@@ -24,23 +24,37 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> None:
+    """One torch thread, as flows use by default (flywheel.llm.threads): on a busy 2-core
+    machine two threads slow the tiny models down several times."""
+    from flywheel.llm.threads import set_torch_threads
+
+    set_torch_threads(1)
+
+
+# The session's world models: a fixed number of steps, so they are the same models on a
+# fast or a busy machine (seconds of training, not minutes). Floors off: brief training
+# does not reach the defaults' accuracy floors, and the tests do not need it to.
+TEST_BOOTSTRAP = dict(
+    small_steps=200,
+    large_steps=100,
+    small_min_accuracy=0.0,
+    large_min_accuracy=0.0,
+    eval_tasks=60,
+    # 600 steps: the agent acts badly, but it buys things, so ARMAP has triplets to make
+    shop_agent_steps=600,
+    shop_agent_eval_intents=20,
+)
+
+
 @pytest.fixture(scope="session")
 def world_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """world-small, world-large and shop-agent, trained briefly (seconds, not minutes)."""
+    """world-small, world-large and shop-agent, trained briefly and deterministically."""
     from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models
 
     root = tmp_path_factory.mktemp("models")
-    config = BootstrapConfig(
-        small_budget_s=4,
-        large_budget_s=8,
-        eval_tasks=60,
-        # a fixed step count keeps the agent (and the tests) the same from run to run;
-        # 600 steps: it acts badly, but it buys things, so ARMAP has triplets to make
-        shop_agent_steps=600,
-        shop_agent_budget_s=600,  # a cap only: the 600 steps must finish on a busy machine
-        shop_agent_eval_intents=20,
-    )
-    bootstrap_models(root, config)
+    bootstrap_models(root, BootstrapConfig(**TEST_BOOTSTRAP))
     return root
 
 
@@ -56,8 +70,8 @@ def prefect_api() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One torch thread for a module: on a busy 2-core machine two threads slow the tiny
-    models down a lot."""
+    """One torch thread for a module (the session default already; kept for modules that
+    state it)."""
     import torch
 
     before = torch.get_num_threads()

@@ -3,6 +3,7 @@ agent switches, call accounting, bad inputs and failed calls."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Collection, Iterator, Sequence
@@ -17,7 +18,9 @@ from flywheel.decoders.collab import (
     collab_decode,
 )
 from flywheel.llm.base import Backend, BackendError, TokenLogprob
+from flywheel.llm.openai_backend import OpenAIBackend
 from flywheel.world.tasks import check, sample_tasks
+from tests.helpers.completions_server import CompletionsServer, completion, top_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,3 +270,59 @@ def test_failed_calls_are_recorded_with_their_raw_text(agents) -> None:
     ]
     [out] = best_of_n(FakeBackend(fail={"generate"}), constant, ["p"], 2)
     assert (out.completion, out.reward, len(out.failures)) == (None, None, 2)
+
+
+# --- an HTTP agent whose server answers some prompts with malformed bodies ---
+
+
+def stand_in_agent(payload: dict) -> tuple[int, str]:
+    """Top-k requests (they ask for logprobs) and rollouts (they do not) of a stand-in
+    agent: malformed bodies, naming their request's prompt, where the prompt asks for it."""
+    prompt = payload["prompt"]
+    if "logprobs" in payload:
+        if "bad-topk" in prompt:
+            return 200, f"<html>top-k failed for {prompt!r}</html>"
+        return 200, top_logprobs({"a": -0.1, "b": -2.0})
+    if "bad-gen" in prompt:
+        return 200, json.dumps({"error": f"no choices for {prompt!r}"})
+    return 200, completion("xy")
+
+
+@pytest.fixture
+def http_agent() -> Iterator[OpenAIBackend]:
+    with CompletionsServer(stand_in_agent) as server:
+        with OpenAIBackend(server.base_url, "stand-in", max_retries=0, batch_size=4) as agent:
+            yield agent
+
+
+def test_each_prompt_keeps_its_own_failed_call_and_no_other(http_agent) -> None:
+    prompts = ["p1 ", "p2 bad-topk ", "p3 ", "p4 bad-topk ", "p5 bad-gen "]
+    outs = collab_decode([http_agent], constant, prompts, k=2, rollout_len=3, max_new_tokens=2)
+    ok, topk_bad, roll_bad = [outs[0], outs[2]], [outs[1], outs[3]], outs[4]
+    for out in ok:
+        assert out.failures == [] and out.finish_reason == "length" and out.completion == "aa"
+    for out in topk_bad:
+        [f] = out.failures
+        assert (f.stage, f.agent, f.step) == ("topk", 0, 0)
+        assert f.raw == f"<html>top-k failed for {out.prompt!r}</html>"
+        assert "malformed completions response" in f.error
+        assert (out.finish_reason, out.reward) == ("failed", None)
+    # both candidates' rollouts failed, each with its own raw reply
+    assert [(f.stage, f.raw) for f in roll_bad.failures] == [
+        ("rollout", json.dumps({"error": f"no choices for {roll_bad.prompt + t!r}"}))
+        for t in ("a", "b")
+    ]
+    assert roll_bad.finish_reason == "failed" and roll_bad.rollout_calls == 2
+
+
+def test_best_of_n_keeps_each_prompts_own_failed_draws(http_agent) -> None:
+    outs = best_of_n(http_agent, constant, ["q1", "q2 bad-gen", "q3"], 2, max_new_tokens=3)
+    for out in (outs[0], outs[2]):
+        assert out.samples == ["xy", "xy"] and out.failures == [] and out.completion == "xy"
+    bad = outs[1]
+    assert (bad.samples, bad.completion, bad.reward, bad.model_calls) == ([], None, None, 2)
+    raw = json.dumps({"error": "no choices for 'q2 bad-gen'"})
+    assert [(f.stage, f.step, f.raw) for f in bad.failures] == [
+        ("generate", 0, raw),
+        ("generate", 1, raw),
+    ]

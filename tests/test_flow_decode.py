@@ -31,6 +31,7 @@ from flywheel.store import (
     sql,
     write_dataset,
 )
+from tests.helpers.completions_server import CompletionsServer, completion, top_logprobs
 from tests.helpers.prefect_reads import read_artifact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,3 +227,40 @@ def test_bad_input_fails_before_decoding(prefect_api, world_models, data_dir, tm
             flow(params)
     with pytest.raises(FileNotFoundError, match="base_model: no model folder"):
         co_llm_flow(co_llm_params(world_models, base_model=str(tmp_path / "missing")))
+
+
+def test_collab_flow_writes_each_prompts_own_failed_calls(prefect_api, data_dir):
+    """An HTTP agent whose server answers some prompts' top-k requests with a malformed
+    body: those rows carry their own failure and raw reply, the others carry none."""
+
+    def answer(payload: dict) -> tuple[int, str]:
+        if "bad" in payload["prompt"]:
+            return 200, f"<html>no completion for {payload['prompt']!r}</html>"
+        if "logprobs" in payload:
+            return 200, top_logprobs({"a": -0.1, "b": -2.0})
+        return 200, completion("b")
+
+    prompts = ["copy aa=", "copy bad=", "sort aa=", "reverse bad="]
+    write_dataset("http_prompts", [{"prompt": p, "answer": "aa"} for p in prompts])
+    with CompletionsServer(answer) as server:
+        agent = BackendSpec(kind="openai", model="stand-in", base_url=server.base_url)
+        params = CollabParams(
+            agents=[agent],
+            prompts="http_prompts",
+            reward_model="world",
+            k=2,
+            rollout_len=1,
+            max_new_tokens=2,
+            baselines=False,
+        )
+        figures = collab_flow(params)["figures"]
+    rows = read_dataset("decoded_collab").to_pandas().set_index("prompt")
+    for prompt in ("copy aa=", "sort aa="):
+        assert json.loads(rows.loc[prompt, "failures"]) == []
+        assert rows.loc[prompt, "completion"] == "aa" and rows.loc[prompt, "failed_calls"] == 0
+    for prompt in ("copy bad=", "reverse bad="):
+        [failure] = json.loads(rows.loc[prompt, "failures"])
+        assert (failure["stage"], failure["step"]) == ("topk", 0)
+        assert failure["raw"] == f"<html>no completion for {prompt!r}</html>"
+        assert rows.loc[prompt, "finish_reason"] == "failed"
+    assert (figures["prompts failed"], figures["failed model calls"]) == (2, 2)

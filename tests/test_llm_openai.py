@@ -13,8 +13,10 @@ import pytest
 
 from flywheel.llm import BackendError, ManagedServer, OpenAIBackend, TokenLogprob
 from flywheel.llm import openai_backend as ob
+from flywheel.llm.base import MalformedResponse, call_each
 from flywheel.llm.openai_backend import parse_span_logprobs, parse_text, parse_top_logprobs
 from flywheel.world.models import new_tiny_model, save_tiny
+from tests.helpers.completions_server import CompletionsServer, completion
 
 
 def free_port() -> int:
@@ -265,7 +267,7 @@ def test_parse_text() -> None:
     ],
 )
 def test_malformed_text_payloads(raw: str) -> None:
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(MalformedResponse) as err:
         parse_text(raw)
     assert err.value.raw == raw
 
@@ -312,3 +314,56 @@ def test_score_and_topk_over_http(scripted) -> None:
         [TokenLogprob(" sat", -0.9), TokenLogprob(" is", -1.5)]
     ]
     assert server.requests[-1]["logprobs"] == 2 and server.requests[-1]["max_tokens"] == 1
+
+
+# --- malformed answers: one prompt's failure, not the batch's -------------
+
+
+def test_malformed_envelope_is_a_malformed_response_and_not_retried(scripted, sleeps) -> None:
+    server = scripted([(200, "<html>not json</html>")])
+    backend = OpenAIBackend(server.base_url, "m", max_retries=3, backoff=0.01)
+    with pytest.raises(MalformedResponse, match="malformed completions response") as err:
+        backend.generate(["hello"])
+    assert err.value.raw == "<html>not json</html>"
+    assert len(server.requests) == 1 and sleeps == []  # the server did answer
+
+
+def bad_for_some(payload: dict) -> tuple[int, str]:
+    """Malformed (three ways) for prompts naming it, the prompt echoed for the others."""
+    prompt = payload["prompt"]
+    if "not-json" in prompt:
+        return 200, f"<html>busy for {prompt}</html>"
+    if "no-choices" in prompt:
+        return 200, json.dumps({"error": f"no choices for {prompt}"})
+    if "text-not-str" in prompt:
+        return 200, json.dumps({"choices": [{"text": 7}], "for": prompt})
+    return 200, completion(f"answer to {prompt}")
+
+
+def test_call_each_gives_each_prompt_its_own_text_or_its_own_error() -> None:
+    prompts = ["a", "x not-json", "b", "y no-choices", "z text-not-str", "c"]
+    with CompletionsServer(bad_for_some) as server:
+        backend = OpenAIBackend(server.base_url, "m", batch_size=3)
+        with pytest.raises(MalformedResponse):  # the batch as one call fails as a whole
+            backend.generate(prompts)
+        out = call_each(lambda batch: backend.generate(batch, max_new_tokens=4), prompts)
+    assert out[0] == "answer to a" and out[2] == "answer to b" and out[5] == "answer to c"
+    for i, expected in ((1, "<html>busy"), (3, "no choices"), (4, '"text": 7')):
+        assert isinstance(out[i], MalformedResponse)
+        assert expected in out[i].raw and prompts[i] in out[i].raw  # its own raw reply
+    assert "choices[0].text" in str(out[4])
+
+
+def test_call_each_lets_a_server_that_went_away_propagate(sleeps) -> None:
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=1)
+    with pytest.raises(BackendError, match="after 2 attempt") as err:
+        call_each(backend.generate, ["a", "b"])
+    assert not isinstance(err.value, MalformedResponse)
+
+
+def test_call_each_lets_5xx_after_retries_propagate(scripted, sleeps) -> None:
+    server = scripted([(503, "busy")])
+    backend = OpenAIBackend(server.base_url, "m", max_retries=1, backoff=0.01)
+    with pytest.raises(BackendError, match="HTTP 503") as err:
+        call_each(backend.generate, ["a", "b"])
+    assert not isinstance(err.value, MalformedResponse) and err.value.raw == "busy"

@@ -6,7 +6,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flywheel.llm import BackendSpec, ModelNotFound, TransformersBackend, make_backend
+from flywheel.llm import (
+    BackendError,
+    BackendSpec,
+    ModelNotFound,
+    TransformersBackend,
+    make_backend,
+)
 from flywheel.world.models import new_tiny_model, save_tiny
 
 PROMPTS = ["hello", "ab c", "x", "the quick brown fox", "1+1=", "zz top", "what is 2?", "a"]
@@ -112,8 +118,11 @@ def test_model_not_found(tmp_path: Path) -> None:
     [
         ({"kind": "openai", "model": "m"}, "base_url is required when kind='openai'"),
         ({"model": "m", "base_url": "http://x/v1"}, "base_url is only used"),
-        ({"kind": "openai", "model": "m", "base_url": "u", "server_command": ["x"]}, "server_"),
-        ({"kind": "vllm", "model": "m", "server_command": []}, "server_command must not be"),
+        ({"kind": "openai", "model": "m", "base_url": "u", "server": "x"}, "server is only"),
+        ({"kind": "vllm", "model": "m"}, "server is required when kind='vllm'"),
+        ({"kind": "vllm", "model": "m", "server": "Bad Name"}, "invalid server name"),
+        # a command never comes from parameters: the field does not exist
+        ({"kind": "vllm", "model": "m", "server": "a", "server_command": ["sh"]}, "server_comm"),
         ({"model": ""}, "model"),
         ({"model": "m", "batch_size": 0}, "batch_size"),
         ({"model": "m", "modle": "typo"}, "modle"),
@@ -124,12 +133,27 @@ def test_spec_errors_name_the_field(fields: dict, message: str) -> None:
         BackendSpec(**fields)
 
 
-def test_spec_vllm_defaults() -> None:
-    spec = BackendSpec(kind="vllm", model="org/model", port=8123)
-    assert spec.base_url == "http://127.0.0.1:8123/v1"
-    assert spec.server_command == [
-        *("vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8123")
-    ]
+def test_spec_vllm_names_an_entry_of_the_servers_file(tmp_path: Path, monkeypatch) -> None:
+    from flywheel.llm.servers import ServerConfigError, read_server_entry
+
+    servers = tmp_path / "servers.toml"
+    monkeypatch.setenv("FLYWHEEL_SERVERS_FILE", str(servers))
+    spec = BackendSpec(kind="vllm", model="org/model", server="qwen")
+    with pytest.raises(ServerConfigError, match="does not exist; create it"):
+        spec.check()
+    servers.write_text(
+        '[servers.qwen]\ncommand = ["/nowhere/vllm", "serve", "org/model"]\n'
+        'base_url = "http://127.0.0.1:8123/v1"\n'
+    )
+    entry = read_server_entry("qwen")
+    assert entry.command[0] == "/nowhere/vllm" and entry.base_url.endswith(":8123/v1")
+    with pytest.raises(BackendError, match="command '/nowhere/vllm' not found"):
+        spec.check()
+    with pytest.raises(ServerConfigError, match=r"no entry \[servers.other\].*\['qwen'\]"):
+        BackendSpec(kind="vllm", model="m", server="other").check()
+    servers.write_text('[servers.qwen]\ncommand = []\nbase_url = "u"\nextra = 1\n')
+    with pytest.raises(ServerConfigError, match="command.*extra"):
+        read_server_entry("qwen")
 
 
 def test_spec_check_fails_fast_on_missing_path(tmp_path: Path) -> None:

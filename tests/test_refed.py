@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.llm import Backend, BackendError, BackendSpec, TokenLogprob, make_backend
+from flywheel.llm import (
+    Backend,
+    BackendError,
+    BackendSpec,
+    OpenAIBackend,
+    TokenLogprob,
+    make_backend,
+)
 from flywheel.synthesis.refed import (
     LLMTeacher,
     RefedConfig,
@@ -22,6 +29,7 @@ from flywheel.synthesis.refed import (
 from flywheel.synthesis.rouge import diverse_subset, rouge_l
 from flywheel.world.tasks import check, sample_tasks
 from flywheel.world.teacher import WorldTeacher
+from tests.helpers.completions_server import CompletionsServer, completion
 
 
 def world_refs(n: int, seed: int = 1):
@@ -82,7 +90,12 @@ def test_feedback_once_per_reference_reused_for_all_samples(world_models, tmp_pa
     cfg = config(world_models, samples_per_feature=6)
     run = RefedRun(refs, cfg, tmp_path, teacher, lambda: make_backend(cfg.responder))
     rows, failed, stats = run.result()
-    assert not failed
+    # the tiny responder may answer a prompt with nothing: kept as a failure, not a sample
+    assert all((f["stage"], f["error"]) == ("responses", "empty response") for f in failed)
+    assert (
+        stats["responses"] + len(failed)
+        == stats["instructions_proposed"] - stats["dropped_by_diversity"]
+    )
     # exactly one instruction- and one response-feedback request per reference
     assert teacher.feedback_requests == Counter({r.id: 2 for r in refs})
     per_ref = Counter(r["reference_id"] for r in rows)
@@ -194,9 +207,14 @@ def test_llm_teacher_on_a_real_tiny_model_records_unparseable_answers(
     )
     with make_backend(spec) as backend:
         teacher = LLMTeacher(backend, max_new_tokens=24)
-        run = RefedRun(world_refs(3), cfg, tmp_path, teacher, lambda: make_backend(spec))
+        refs = world_refs(3)
+        run = RefedRun(refs, cfg, tmp_path, teacher, lambda: make_backend(spec))
         rows, failed, stats = run.result()
-    assert rows == [] and len(failed) == 3
+    # both feedback requests fail for every reference: one row each
+    assert rows == [] and len(failed) == 6
+    assert Counter((f["stage"], f["reference_id"]) for f in failed) == {
+        (stage, r.id): 1 for stage in ("instruction_feedback", "response_feedback") for r in refs
+    }
     assert all(f["raw"] != "" or "no JSON" in f["error"] for f in failed)
     assert stats["references_with_feedback"] == 0
 
@@ -271,3 +289,156 @@ def test_response_template_and_stop_are_configurable(tmp_path) -> None:
     assert all(p.startswith("Example:\nQ: copy abc\nA: abc\n\nQ: ") for p in responder.prompts)
     with pytest.raises(ValueError, match="response_template must contain"):
         RefedConfig(responder=BackendSpec(model="x"), response_template="{example_instruction}")
+
+
+# --- failures: one row per failed request, each with its own raw text ---
+
+
+def test_both_feedback_failures_are_kept_one_row_each(tmp_path) -> None:
+    """The world teacher refuses a reference that is not a world task, for instruction
+    feedback and for response feedback alike: both refusals are kept."""
+    refs = references_from_rows(
+        [
+            {"id": "task", "instruction": "copy abc", "response": "abc"},
+            {"id": "prose", "instruction": "Write a haiku about rain", "response": "..."},
+        ],
+        "seed",
+    )
+    responder = ScriptedBackend(lambda p: "abc")
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
+    run = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder)
+    rows, failed, stats = run.result()
+    assert rows and {r["reference_id"] for r in rows} == {"task"}
+    assert sorted((f["stage"], f["reference_id"]) for f in failed) == [
+        ("instruction_feedback", "prose"),
+        ("response_feedback", "prose"),
+    ]
+    assert all("Write a haiku about rain" in f["raw"] for f in failed)
+    assert all(f["attempts"] == cfg.max_attempts for f in failed)
+    assert stats["failed"] == 2 and stats["references_with_feedback"] == 1
+    [bad] = [fb for fb in run.feedback() if fb["reference_id"] == "prose"]
+    assert len(bad["failures"]) == 2 and "subject_areas" not in bad
+
+
+def test_an_empty_response_is_a_failure_not_a_sample(tmp_path) -> None:
+    refs = world_refs(6, seed=2)
+    blank = {"copy": "", "sort": " \n "}  # nothing, and only whitespace
+    responder = ScriptedBackend(lambda p: blank.get(p.rsplit("\n", 1)[-1].split()[0], "abc"))
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=3)
+    run = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder)
+    rows, failed, stats = run.result()
+    kept = {c["id"]: c for c in run.instructions() if c["kept"]}
+    blanks = {i for i, c in kept.items() if c["instruction"].split()[0] in blank}
+    assert blanks and rows, "the references must give both kinds"
+    assert {f["item_id"] for f in failed} == blanks and len(failed) == len(blanks)
+    for f in failed:
+        family = kept[f["item_id"]]["instruction"].split()[0]
+        assert (f["stage"], f["raw"], f["error"]) == ("responses", blank[family], "empty response")
+    assert not {r["id"] for r in rows} & blanks
+    assert all(r["initial_response"] for r in rows)
+
+
+def responder_answer(payload: dict) -> tuple[int, str]:
+    """A responder behind HTTP: a malformed body for `reverse` tasks, blanks for `copy`
+    tasks, an answer for the others; the new instruction is the prompt's last line."""
+    instruction = payload["prompt"].rsplit("\n", 1)[-1].removesuffix("=")
+    if instruction.startswith("reverse"):
+        return 200, f"<html>upstream busy while answering {instruction!r}</html>"
+    if instruction.startswith("copy"):
+        return 200, completion("  \t")
+    return 200, completion("abc")
+
+
+def test_malformed_and_empty_responder_answers_are_failures_with_raw_text(tmp_path) -> None:
+    """REFED end to end with an HTTP responder that answers some prompts with a malformed
+    body and others with blanks: each such item is one failure row with its own raw text,
+    and the other items become samples (the batch is not sunk)."""
+    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=3, chunk_size=8)
+    with CompletionsServer(responder_answer) as server:
+        run = RefedRun(
+            world_refs(8, seed=3),
+            cfg,
+            tmp_path,
+            WorldTeacher(),
+            lambda: OpenAIBackend(server.base_url, "stand-in", max_retries=0, batch_size=4),
+        )
+        rows, failed, stats = run.result()
+    kept = [c for c in run.instructions() if c["kept"]]
+    malformed = {c["id"]: c for c in kept if c["instruction"].startswith("reverse")}
+    empty = {c["id"]: c for c in kept if c["instruction"].startswith("copy")}
+    answered = {c["id"] for c in kept} - set(malformed) - set(empty)
+    assert malformed and empty and answered, "the references must give all three kinds"
+
+    by_item = {f["item_id"]: f for f in failed}
+    assert len(by_item) == len(failed) == len(malformed) + len(empty)
+    assert {f["stage"] for f in failed} == {"responses"}
+    for item_id, c in malformed.items():
+        f = by_item[item_id]
+        assert f["raw"] == f"<html>upstream busy while answering {c['instruction']!r}</html>"
+        assert "malformed completions response" in f["error"]
+        assert (f["reference_id"], f["attempts"]) == (c["reference_id"], 1)
+    for item_id, c in empty.items():
+        f = by_item[item_id]
+        assert (f["raw"], f["error"]) == ("  \t", "empty response")
+        assert f["reference_id"] == c["reference_id"]
+    assert {r["id"] for r in rows} == answered
+    assert all(r["initial_response"] == "abc" for r in rows)
+    assert stats["responses"] == len(answered) and stats["failed"] == len(failed)
+
+
+def test_llm_teacher_malformed_answer_is_a_failure_and_the_rest_go_on(tmp_path) -> None:
+    """An LLM teacher over HTTP whose server answers one reference's instruction-feedback
+    request with a malformed body, and its response-feedback request with prose: two
+    failure rows for that reference, each with its raw text; the other reference goes on."""
+    bad_body = '{"detail": "upstream timeout"}'
+
+    def answer(payload: dict) -> tuple[int, str]:
+        prompt = payload["prompt"]
+        if "List the subject areas" in prompt:
+            if "reverse ab" in prompt:
+                return 200, bad_body
+            return 200, completion('{"subject_areas": ["copy"], "skills": []}')
+        if "what makes it good" in prompt:
+            if "reverse ab" in prompt:
+                return 200, completion("it is good")
+            feedback = {"content_quality": "a", "communication": "b", "instruction_alignment": "c"}
+            return 200, completion(json.dumps(feedback))
+        if "new, different instructions" in prompt:
+            return 200, completion('{"instructions": ["copy xy", "copy yz"]}')
+        if "Improve the response" in prompt:
+            return 200, completion('{"response": "fixed"}')
+        return 200, completion("q")  # the responder's one-shot prompts
+
+    refs = references_from_rows(
+        [
+            {"instruction": "copy ab", "response": "ab"},
+            {"instruction": "reverse ab", "response": "ba"},
+        ],
+        "seed",
+    )
+    cfg = RefedConfig(
+        responder=BackendSpec(model="unused"),
+        teacher="llm",
+        teacher_backend=BackendSpec(model="unused"),
+        samples_per_feature=2,
+        max_attempts=2,
+    )
+    with CompletionsServer(answer) as server:
+        teacher = LLMTeacher(OpenAIBackend(server.base_url, "teacher", max_retries=0))
+        run = RefedRun(
+            refs, cfg, tmp_path, teacher, lambda: OpenAIBackend(server.base_url, "responder")
+        )
+        rows, failed, stats = run.result()
+        asked = [p for p in server.prompts() if "List the subject areas" in p]
+    assert {r["instruction"] for r in rows} == {"copy xy", "copy yz"}
+    assert all(r["response"] == "fixed" for r in rows)
+    by_stage = {f["stage"]: f for f in failed}
+    assert sorted(by_stage) == ["instruction_feedback", "response_feedback"]
+    inst, resp = by_stage["instruction_feedback"], by_stage["response_feedback"]
+    assert inst["raw"] == bad_body and inst["error"].startswith("MalformedResponse: ")
+    assert resp["raw"] == "it is good" and "no JSON object" in resp["error"]
+    assert inst["attempts"] == resp["attempts"] == 2
+    assert {inst["reference_id"], resp["reference_id"]} == {refs[1].id}
+    assert stats["references_with_feedback"] == 1
+    # asked again on the second attempt, like an unparsable answer
+    assert sum("reverse ab" in p for p in asked) >= 2

@@ -1,11 +1,13 @@
 import json
 import multiprocessing
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -134,9 +136,30 @@ def test_default_versions_sort_by_time(tmp_path):
     assert list_versions("items", root=tmp_path) == [first.version, second.version]
 
 
-@pytest.mark.parametrize("bad", ["../x", "A", "a/b", "", "1abc", "has space", "runs"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../x",
+        "A",
+        "a/b",
+        "",
+        "1abc",
+        "has space",
+        "runs",
+        "abc\n",
+        "abc\r",
+        "abc\r\n",
+        "abc\t",
+        "abc ",
+        "\nabc",
+        "a__b",
+        "a_",
+        "x__failed__failed",
+        "a" * 64,
+    ],
+)
 def test_invalid_names(tmp_path, bad):
-    with pytest.raises(InvalidDatasetName, match=r"\^\[a-z\]\[a-z0-9_\]") as info:
+    with pytest.raises(InvalidDatasetName, match=r"\^\[a-z\]\[a-z0-9\]\*") as info:
         validate_name(bad)
     assert repr(bad) in str(info.value)
     assert "try '" in str(info.value)
@@ -152,6 +175,8 @@ def test_failed_name():
     assert validate_name(failed_name("answers"))
     with pytest.raises(InvalidDatasetName):
         failed_name("Bad")
+    with pytest.raises(InvalidDatasetName, match="answers__failed__failed"):
+        failed_name("answers__failed")
 
 
 def test_missing_dataset_lists_what_exists(tmp_path):
@@ -222,7 +247,8 @@ def test_refresh_is_idempotent_and_heals(tmp_path, monkeypatch):
 
 def test_refresh_drops_views_of_removed_datasets(tmp_path):
     ref = write_dataset("gone", ROWS, root=tmp_path)
-    sql("CREATE VIEW mine AS SELECT 1 AS one", root=tmp_path)
+    with catalog._connect(tmp_path) as con:  # sql() only reads
+        con.execute("CREATE VIEW mine AS SELECT 1 AS one")
     shutil.rmtree(tmp_path / "gone")
     refresh_catalog(tmp_path)
     assert not {"gone", f"gone__{ref.version}"} & views(tmp_path)
@@ -320,3 +346,187 @@ def test_concurrent_writers(tmp_path):
     assert sorted(lineage.dataset) == sorted(names)
     for name in names:
         assert sql(f"SELECT who FROM {name}", root=tmp_path).who.tolist() == [name.split("_")[0]]
+
+
+# --- names and versions: full matches only, and no two catalog views alike ---
+
+
+@pytest.mark.parametrize(
+    "bad", ["v1\n", "v1\r", "v1\r\n", "\nv1", "v1 ", "../../x", "a/b", "", "failed", "failed__v1"]
+)
+def test_invalid_versions_write_nothing(tmp_path, bad):
+    with pytest.raises(ValueError, match="invalid dataset version") as info:
+        write_dataset("items", ROWS, version=bad, root=tmp_path)
+    assert repr(bad) in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_listing_skips_folders_whose_names_end_in_a_newline(tmp_path):
+    ref = write_dataset("items", ROWS, version="v1", root=tmp_path)
+    shutil.copytree(ref.path, tmp_path / "items" / "v2\n")
+    shutil.copytree(tmp_path / "items", tmp_path / "items\n")
+    assert list_versions("items", root=tmp_path) == ["v1"]
+    assert list_datasets(tmp_path) == ["items"]
+    refresh_catalog(tmp_path)
+    assert {v for v in views(tmp_path) if v.startswith("items")} == {"items", "items__v1"}
+
+
+def _valid(check, text: str) -> bool:
+    try:
+        check(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_collision(names: list[str], versions: list[str]) -> tuple | None:
+    """Two different things the catalog would give the same name, or None."""
+    owner: dict[str, tuple] = {table: ("table", table) for table in datasets.RESERVED_NAMES}
+    for name in names:
+        views = [(name, (name, None))] + [(f"{name}__{v}", (name, v)) for v in versions]
+        for view, origin in views:
+            if owner.setdefault(view, origin) != origin:
+                return view, owner[view], origin
+    return None
+
+
+def _strings(fragments: list[str], parts: int) -> list[str]:
+    out = {""}
+    for _ in range(parts):
+        out |= {s + f for s in out for f in fragments}
+    return sorted(out - {""})
+
+
+def test_dataset_views_never_collide_with_version_views():
+    fragments = ["a", "b1", "_", "__", "f", "failed", "__failed", "v1"]
+    names = [n for n in _strings(fragments, 4) if _valid(validate_name, n)]
+    versions = [v for v in _strings(fragments, 3) if _valid(datasets.validate_version, v)]
+    versions.append(datasets.new_version())
+    assert {"a", "a_b1", "a__failed", "a_failed", "af"} <= set(names)
+    assert {"v1", "_", "a__b1", "failed_v1", "failedv1", "__failed"} <= set(versions)
+    assert _first_collision(names, versions) is None
+    # the check can fail: the old rules let dataset `a`'s version `failed` read as `a__failed`
+    old_name, old_version = r"[a-z][a-z0-9_]{0,62}", r"[a-z0-9_]{1,80}"
+    old_names = [n for n in _strings(fragments, 3) if re.fullmatch(old_name, n)]
+    old_versions = [v for v in _strings(fragments, 2) if re.fullmatch(old_version, v)]
+    assert _first_collision(old_names, old_versions) is not None
+
+
+def test_failed_dataset_and_failed_version_keep_their_own_views(tmp_path):
+    write_dataset("x", [{"who": "x"}], version="v1", root=tmp_path)
+    write_dataset(failed_name("x"), [{"who": "failed"}], version="v1", root=tmp_path)
+    for version in ("failed", "failed__v1"):
+        with pytest.raises(ValueError, match="belong to the dataset '<name>__failed'"):
+            write_dataset("x", [{"who": "clash"}], version=version, root=tmp_path)
+    refresh_catalog(tmp_path)
+    expected = {"x": "x", "x__v1": "x", "x__failed": "failed", "x__failed__v1": "failed"}
+    for view, who in expected.items():
+        assert sql(f"SELECT who FROM {view}", root=tmp_path).who.tolist() == [who]
+
+
+def test_versions_that_read_like_a_failed_suffix_elsewhere_are_fine(tmp_path):
+    ref = write_dataset("items", ROWS, version="failed_v1", root=tmp_path)
+    assert sql("SELECT count(*) AS n FROM items__failed_v1", root=tmp_path).n[0] == 3
+    assert read_dataset("items", "failed_v1", root=tmp_path) == ref
+
+
+def test_output_names_check_the_names_derived_from_them():
+    check = datasets.validate_output_name
+    assert check("a" * 54, field="output", suffixes=("_feedback",), failed=True) == "a" * 54
+    with pytest.raises(InvalidDatasetName, match="output may have at most 54 characters") as info:
+        check("a" * 55, field="output", suffixes=("_feedback",), failed=True)
+    assert "'" + "a" * 55 + "_feedback'" in str(info.value)
+    with pytest.raises(InvalidDatasetName, match="queue may have at most 55 characters"):
+        check("a" * 56, field="queue", failed=True)
+    with pytest.raises(InvalidDatasetName, match="^output: invalid dataset name 'A'"):
+        check("A", field="output")
+    with pytest.raises(InvalidDatasetName, match="gives the dataset name 'x__failed_feedback'"):
+        check("x__failed", field="output", suffixes=("_feedback",))
+    for bad in ["a" * 60, "x__failed", "abc_def_" + "g" * 50]:
+        with pytest.raises(InvalidDatasetName) as info:
+            check(bad, field="output", suffixes=("_feedback",), failed=True)
+        suggestion = str(info.value).rsplit("try ", 1)[1].strip("'")
+        assert check(suggestion, field="output", suffixes=("_feedback",), failed=True)
+
+
+def test_derived_versions_name_the_field_and_its_limit():
+    check = datasets.validate_derived_version
+    assert check("m_v1", field="model_name", value="m") == "m_v1"
+    with pytest.raises(ValueError, match="model_name may have at most 78 characters"):
+        check("m" * 79 + "_v", field="model_name", value="m" * 79)
+    with pytest.raises(ValueError, match="^model_name: 'failed-' gives the version 'failed__v1'"):
+        check("failed__v1", field="model_name", value="failed-")
+
+
+# --- text that is not valid UTF-8 ---
+
+
+def _bad_strings(values: list[bytes], large: bool = False) -> pa.Array:
+    """A string array holding the raw bytes as given, valid UTF-8 or not (arrow's view
+    does not check, the way buffers from elsewhere are not checked)."""
+    binary, text = (pa.large_binary(), pa.large_string()) if large else (pa.binary(), pa.string())
+    return pa.array(values, type=binary).view(text)
+
+
+def _refused(tmp_path, rows, match: str, **kwargs) -> None:
+    with pytest.raises(datasets.InvalidText, match=match):
+        write_dataset("items", rows, root=tmp_path, **kwargs)
+    assert not (tmp_path / "items").exists()
+    assert list_versions("items", root=tmp_path) == []
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_invalid_utf8_is_refused_naming_column_and_row(tmp_path, large):
+    table = pa.table({"id": [0, 1, 2], "text": _bad_strings([b"ok", b"caf\xe9", b"x"], large)})
+    _refused(tmp_path, table, r"column 'text' row 1: the text is not valid UTF-8 \('utf-8' codec")
+
+
+def test_invalid_utf8_is_found_deep_in_a_long_chunked_column(tmp_path):
+    values = [b"fine"] * 1000
+    values[737] = b"\xff\xfe"
+    first = pa.table({"text": _bad_strings([b"a", b"b"])})
+    table = pa.concat_tables([first, pa.table({"text": _bad_strings(values)})])
+    assert table.column("text").num_chunks == 2
+    _refused(tmp_path, table, "column 'text' row 739:")
+
+
+def test_invalid_utf8_in_nested_columns_is_refused(tmp_path):
+    # a list<string> column like the feedback dataset's, and a struct with a text field
+    tags = pa.ListArray.from_arrays(
+        pa.array([0, 1, 1, 3], pa.int32()), _bad_strings([b"a", b"b", b"\xc3("])
+    )
+    _refused(tmp_path, pa.table({"id": [0, 1, 2], "tags": tags}), "column 'tags' row 2:")
+    note = pa.StructArray.from_arrays(
+        [_bad_strings([b"ok", b"\x80"]), pa.array([1, 2])], names=["text", "n"]
+    )
+    _refused(tmp_path, pa.table({"note": note}), "column 'note' row 1:")
+
+
+def test_lone_surrogates_are_refused_naming_column_and_row(tmp_path):
+    rows = [{"id": 0, "text": "ok"}, {"id": 1, "text": "bad \udcff byte"}]
+    _refused(tmp_path, rows, r"column 'text' row 1: the text holds '\\udcff', a lone surrogate")
+    nested = [{"tags": ["a"]}, {"tags": ["b"]}, {"tags": ["c", "\ud800"]}]
+    _refused(tmp_path, nested, "column 'tags' row 2:")
+    # pandas' own string dtype refuses it already; an object column holds it as it is
+    frame = pd.DataFrame({"id": [0, 1], "text": pd.Series(["fine", "\udcfe"], dtype=object)})
+    _refused(tmp_path, frame, "column 'text' row 1:")
+    schema = pa.schema([("text", pa.string())])
+    _refused(tmp_path, [{"text": "\udc80"}], "column 'text' row 0:", schema=schema)
+
+
+def test_binary_that_cannot_cast_to_text_names_the_column(tmp_path):
+    table = pa.table({"id": [1], "raw": pa.array([b"\xff"])})
+    schema = pa.schema([("id", pa.int64()), ("raw", pa.string())])
+    with pytest.raises(ValueError, match="column 'raw': cannot cast binary to string"):
+        write_dataset("items", table, schema=schema, root=tmp_path)
+    assert not (tmp_path / "items").exists()
+
+
+def test_valid_unicode_text_round_trips(tmp_path):
+    rows = [{"text": "café 日本 🙂", "tags": ["ünï", "ok"]}, {"text": None, "tags": []}]
+    assert write_dataset("items", rows, root=tmp_path).to_arrow().to_pylist() == rows
+    sliced = pa.table({"text": _bad_strings([b"\xff", b"ok", b"fine"])}).slice(1)
+    assert write_dataset("sliced", sliced, root=tmp_path).to_arrow().column("text").to_pylist() == [
+        "ok",
+        "fine",
+    ]

@@ -5,12 +5,14 @@ import pytest
 from flywheel.store import (
     ModelNotRegistered,
     list_model_versions,
+    list_models,
     read_model,
     refresh_catalog,
     save_model_version,
     sql,
     write_dataset,
 )
+from flywheel.store.models import validate_derived_model_name
 
 ROWS = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
 
@@ -68,3 +70,49 @@ def test_refresh_catalog_rebuilds_model_rows(tmp_path):
 def test_bad_model_name_is_explained(tmp_path):
     with pytest.raises(ValueError, match="invalid model name 'Reward BT'"):
         save_model_version("Reward BT", _build, kind="x", root=tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["rm\n", "rm\r", "rm\r\n", "rm ", "\nrm", "1rm", "a" * 64, "../x"])
+def test_model_names_must_match_in_full(tmp_path, bad):
+    with pytest.raises(ValueError, match="invalid model name") as info:
+        save_model_version(bad, _build, kind="x", root=tmp_path)
+    assert repr(bad) in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad", ["../../x", "../x", "a/b", "/tmp/x", "v1\n", "", "failed"])
+def test_model_versions_cannot_leave_the_models_folder(tmp_path, bad):
+    built = []
+
+    def build(folder):
+        built.append(folder)
+        return {}
+
+    with pytest.raises(ValueError, match="invalid model version") as info:
+        save_model_version("rm", build, kind="x", version=bad, root=tmp_path)
+    assert repr(bad) in str(info.value)
+    assert built == []
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_planned_model_version_and_listing_in_full(tmp_path):
+    model = save_model_version("rm", _build, kind="x", version="v1", root=tmp_path)
+    assert read_model("rm", "v1", root=tmp_path) == model
+    # a folder whose name only starts like a version is not one
+    (tmp_path / "_models" / "rm" / "v2\n").mkdir()
+    (tmp_path / "_models" / "rm" / "v2\n" / "_model.json").write_text(
+        (tmp_path / "_models" / "rm" / "v1" / "_model.json").read_text()
+    )
+    (tmp_path / "_models" / "rm\n").mkdir()
+    assert list_model_versions("rm", root=tmp_path) == ["v1"]
+    assert list_models(tmp_path) == ["rm"]
+
+
+def test_derived_model_names_name_the_field_and_its_limit():
+    assert validate_derived_model_name("d-rm", field="dataset", value="d") == "d-rm"
+    with pytest.raises(ValueError, match="dataset may have at most 60 characters; or set"):
+        validate_derived_model_name(
+            "a" * 61 + "-rm", field="dataset", value="a" * 61, hint="or set model_name"
+        )
+    with pytest.raises(ValueError, match="^output: 'x' gives the invalid model name 'x rm'"):
+        validate_derived_model_name("x rm", field="output", value="x")

@@ -262,8 +262,8 @@ def test_refinement_continues_from_the_saved_weights(setting, world_models) -> N
     figures = ugda.refine(init, labeled, setting["original"], labeled, config, work / "tiny-step")
     assert figures["init_from"] == str(init.absolute()) and figures["relabeled"] == len(labeled)
     assert figures["replayed"] == len(labeled)
-    saved = torch.load(init / HEADS_FILE)
-    refined = torch.load(work / "tiny-step" / HEADS_FILE)
+    saved = torch.load(init / HEADS_FILE, weights_only=True)
+    refined = torch.load(work / "tiny-step" / HEADS_FILE, weights_only=True)
     # a fresh start: the same config without init_from gives new heads on world-small
     fresh_dir = work / "fresh"
     train_ensemble(
@@ -278,7 +278,7 @@ def test_refinement_continues_from_the_saved_weights(setting, world_models) -> N
         ),
         fresh_dir,
     )
-    fresh = torch.load(fresh_dir / HEADS_FILE)
+    fresh = torch.load(fresh_dir / HEADS_FILE, weights_only=True)
     near = (refined["weight"] - saved["weight"]).abs().max()
     far = (fresh["weight"] - saved["weight"]).abs().max()
     assert near < 1e-3 < far

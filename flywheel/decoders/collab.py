@@ -53,7 +53,10 @@ Choices where the paper is silent, or where it meets this project's interface:
 - A failed call (`BackendError`) is recorded with its raw text in `failures`;
   its candidates take no part in the choice (they are never given an empty
   continuation or a zero value). A prompt none of whose candidates could be
-  valued stops with finish_reason "failed" and reward None.
+  valued stops with finish_reason "failed" and reward None. A malformed answer
+  (`MalformedResponse`) is recorded in the output of the prompt it answered only,
+  with its own raw text; a batched call that fails as a whole (a server that
+  cannot be reached) is recorded in each output it was made for.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.llm.base import Backend, BackendError, TokenLogprob, cut_at_stop
+from flywheel.llm.base import Backend, BackendError, TokenLogprob, call_each, cut_at_stop
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 """A target reward: one score per (prompt, completion) pair, higher is better."""
@@ -256,8 +260,8 @@ def _propose(
         for i in active:
             outputs[i].topk_calls += 1
         try:
-            proposals = agent.next_token_topk(prefixes, config.k)
-        except BackendError as e:
+            proposals = call_each(partial(agent.next_token_topk, k=config.k), prefixes)
+        except BackendError as e:  # the call failed as a whole: each prompt lost it
             for i in active:
                 outputs[i].failures.append(_failure("topk", j, step_no, e))
             continue
@@ -268,6 +272,9 @@ def _propose(
             )
         eos, skip = specials[j]
         for i, tops in zip(active, proposals, strict=True):
+            if isinstance(tops, BackendError):  # this prompt's own malformed answer
+                outputs[i].failures.append(_failure("topk", j, step_no, tops))
+                continue
             for top in tops[: config.k]:
                 if top.token in skip:
                     continue
@@ -309,14 +316,15 @@ def _estimate_q(
         for i, _ in todo:
             outputs[i].rollout_calls += 1
         texts = [outputs[i].prompt + outputs[i].completion + c.token for i, c in todo]
+        rollout = partial(
+            agent.generate,
+            max_new_tokens=config.rollout_len,
+            temperature=0.0,
+            stop=config.stop or None,
+        )
         try:
-            rollouts = agent.generate(
-                texts,
-                max_new_tokens=config.rollout_len,
-                temperature=0.0,
-                stop=config.stop or None,
-            )
-        except BackendError as e:
+            rollouts = call_each(rollout, texts)
+        except BackendError as e:  # the call failed as a whole: each prompt lost it
             for i in dict.fromkeys(i for i, _ in todo):
                 outputs[i].failures.append(_failure("rollout", j, step_no, e))
             continue
@@ -324,8 +332,11 @@ def _estimate_q(
             raise ValueError(
                 f"agents[{j}].generate returned {len(rollouts)} texts for {len(todo)} prompts"
             )
-        for (_, c), rollout in zip(todo, rollouts, strict=True):
-            c.rollout = rollout
+        for (i, c), text in zip(todo, rollouts, strict=True):
+            if isinstance(text, BackendError):  # this candidate's own malformed answer
+                outputs[i].failures.append(_failure("rollout", j, step_no, text))
+            else:
+                c.rollout = text
     valued = [
         (i, c, _ended_text(outputs[i], c, config))
         for i, step in steps.items()
@@ -425,22 +436,26 @@ def best_of_n(
     for draw in range(n):
         for out in outputs:
             out.model_calls += 1
+        draw_once = partial(
+            agent.generate,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop=stop,
+            seed=seed + draw,
+        )
         try:
-            texts = agent.generate(
-                list(prompts),
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                stop=stop,
-                seed=seed + draw,
-            )
-        except BackendError as e:
+            texts = call_each(draw_once, list(prompts))
+        except BackendError as e:  # the call failed as a whole: each prompt lost it
             for out in outputs:
                 out.failures.append(_failure("generate", 0, draw, e))
             continue
         if len(texts) != len(prompts):
             raise ValueError(f"agent.generate returned {len(texts)} texts for {len(prompts)}")
         for out, text in zip(outputs, texts, strict=True):
-            out.samples.append(text)
+            if isinstance(text, BackendError):  # this prompt's own malformed answer
+                out.failures.append(_failure("generate", 0, draw, text))
+            else:
+                out.samples.append(text)
     pairs = [(out, s) for out in outputs for s in out.samples]
     scores = _rewards(reward, [o.prompt for o, _ in pairs], [s for _, s in pairs])
     for (out, _), score in zip(pairs, scores, strict=True):

@@ -36,7 +36,8 @@ from flywheel.flows.tracking import (
 )
 from flywheel.llm import BackendSpec
 from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
-from flywheel.store.models import validate_model_name
+from flywheel.store.datasets import new_version, validate_derived_version
+from flywheel.store.models import validate_derived_model_name, validate_model_name
 from flywheel.world.tasks import group_preference_pairs
 
 WORLD_GROUP_PAIRS = "world_group_pairs"
@@ -83,9 +84,19 @@ class GroupRobustParams(BaseModel):
 
     @model_validator(mode="after")
     def _name(self) -> GroupRobustParams:
+        field, value = "model_name", self.model_name
         if self.model_name is None:
-            self.model_name = f"{self.dataset.replace('_', '-')}-{self.method}"
-        validate_model_name(self.model_name)
+            field, value = "dataset", self.dataset
+            self.model_name = validate_derived_model_name(
+                f"{self.dataset.replace('_', '-')}-{self.method}",
+                field="dataset",
+                value=self.dataset,
+                hint="or set model_name",
+            )
+        validate_model_name(self.model_name, field="model_name")
+        # the evaluation is written as version <model_name>_<model version>
+        evaluation = f"{self.model_name}_{new_version()}".replace("-", "_")
+        validate_derived_version(evaluation, field=field, value=value)
         return self
 
     def config(self, method: str) -> GroupRobustConfig:
@@ -225,10 +236,13 @@ def evaluation_rows(model: ModelRef) -> list[dict]:
     return rows
 
 
-@flow(name="align", log_prints=True)
-def group_robust_flow(params: GroupRobustParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+GROUP_ROBUST_FLOW_DEFAULTS = GroupRobustParams()
+
+
+@flow(name="align")
+def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) -> dict:
     """Group robust preference optimisation (GR-DPO/GR-IPO) against plain DPO/IPO."""
-    params = params or GroupRobustParams()
     started = time.monotonic()
     with tracked_run("align/group-robust", params.model_dump(mode="json")) as run_id:
         data = check_inputs(params)

@@ -24,8 +24,9 @@ from flywheel.flows.tracking import (
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.reward_models import planners
 from flywheel.reward_models.bradley_terry import RewardModel
-from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model, validate_name
-from flywheel.store.datasets import new_version
+from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model
+from flywheel.store.datasets import new_version, validate_output_name
+from flywheel.store.models import validate_derived_model_name
 from flywheel.synthesis import armap as armap_module
 from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, ShopAgent, synthesize_triplets
 from flywheel.world import shop_agent as shop_agent_module
@@ -86,7 +87,10 @@ class ArmapSynthParams(ArmapConfig):
     @field_validator("output")
     @classmethod
     def _dataset_name(cls, name: str) -> str:
-        return validate_name(name)
+        # the run also writes <output>__failed, and trains the reward model <output>-rm
+        validate_output_name(name, field="output", failed=True)
+        validate_derived_model_name(f"{name.replace('_', '-')}-rm", field="output", value=name)
+        return name
 
 
 @task(name="check-inputs")
@@ -159,10 +163,13 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
     }
 
 
-@flow(name="synth", log_prints=True)
-def armap(params: ArmapSynthParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+ARMAP_DEFAULTS = ArmapSynthParams()
+
+
+@flow(name="synth")
+def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
-    params = params or ArmapSynthParams()
     started = time.monotonic()
     with tracked_run("synth/armap", params.model_dump(mode="json")) as run_id:
         check_armap_inputs(params)
@@ -215,6 +222,11 @@ class PlanParams(BaseModel):
     intents: int = Field(100, ge=1, description="held-out intents to plan for")
     seed: int = 0
     output: str | None = Field(None, description="dataset of executed plans; null: derived")
+
+    @field_validator("output")
+    @classmethod
+    def _output_name(cls, name: str | None) -> str | None:
+        return None if name is None else validate_output_name(name, field="output")
 
 
 class BestOfNParams(PlanParams):
@@ -302,23 +314,32 @@ def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
         return out
 
 
-@flow(name="plan", log_prints=True)
-def best_of_n(params: BestOfNParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+BEST_OF_N_DEFAULTS = BestOfNParams()
+
+
+@flow(name="plan")
+def best_of_n(params: BestOfNParams = BEST_OF_N_DEFAULTS) -> dict:
     """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
-    params = params or BestOfNParams()
     return _plan("best-of-n", planners.best_of_n(params.n), params)
 
 
-@flow(name="plan", log_prints=True)
-def reflexion(params: ReflexionParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+REFLEXION_DEFAULTS = ReflexionParams()
+
+
+@flow(name="plan")
+def reflexion(params: ReflexionParams = REFLEXION_DEFAULTS) -> dict:
     """Reflexion (reward-model feedback for a retry) vs the plain policy."""
-    params = params or ReflexionParams()
     return _plan("reflexion", planners.reflexion(params.trials, params.threshold), params)
 
 
-@flow(name="plan", log_prints=True)
-def mcts(params: MCTSParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+MCTS_DEFAULTS = MCTSParams()
+
+
+@flow(name="plan")
+def mcts(params: MCTSParams = MCTS_DEFAULTS) -> dict:
     """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
-    params = params or MCTSParams()
     planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
     return _plan("mcts", planner, params)

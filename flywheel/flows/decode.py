@@ -63,7 +63,7 @@ from flywheel.store import (
     save_model_version,
     validate_name,
 )
-from flywheel.store.datasets import new_version
+from flywheel.store.datasets import new_version, validate_derived_version
 from flywheel.store.models import validate_model_name
 from flywheel.world.bootstrap import EVAL_SEED, model_dir, models_root
 from flywheel.world.tasks import MAX_LEN, sample_tasks
@@ -170,7 +170,10 @@ class CoLLMParams(DecodeParams):
 
     @model_validator(mode="after")
     def _names(self) -> CoLLMParams:
-        validate_model_name(self.model_name)
+        validate_model_name(self.model_name, field="model_name")
+        # the eta sweep is written as version <model_name>_<model version>_<8 hex digits>
+        sweep = f"{self.model_name}_{new_version()}_{'0' * 8}".replace("-", "_")
+        validate_derived_version(sweep, field="model_name", value=self.model_name)
         self.output = self.output or "decoded_co_llm"
         return self
 
@@ -601,10 +604,13 @@ def _share(rows: list[dict], writer: str) -> float:
     return sum(r["writers"].count(writer) for r in rows) / total if total else 0.0
 
 
-@flow(name="decode", log_prints=True)
-def co_llm_flow(params: CoLLMParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+CO_LLM_FLOW_DEFAULTS = CoLLMParams()
+
+
+@flow(name="decode")
+def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
     """Co-LLM: a base model that defers tokens to an assistant, eta chosen on validation."""
-    params = params or CoLLMParams()
     started = time.monotonic()
     with tracked_run("decode/co-llm", params.model_dump(mode="json")) as run_id:
         data = check_co_llm_inputs(params)
@@ -691,10 +697,13 @@ def decode_hybrid(params: HybridParams, data: dict, run_id: str) -> tuple[Datase
     return _write_output(params, ckpt, rows, HYBRID_SCHEMA, run_id, inputs)
 
 
-@flow(name="decode", log_prints=True)
-def hybrid_flow(params: HybridParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+HYBRID_FLOW_DEFAULTS = HybridParams()
+
+
+@flow(name="decode")
+def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
-    params = params or HybridParams()
     started = time.monotonic()
     with tracked_run("decode/hybrid", params.model_dump(mode="json")) as run_id:
         data = check_hybrid_inputs(params)
@@ -858,10 +867,13 @@ def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
     return out
 
 
-@flow(name="decode", log_prints=True)
-def collab_flow(params: CollabParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+COLLAB_FLOW_DEFAULTS = CollabParams()
+
+
+@flow(name="decode")
+def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
-    params = params or CollabParams()
     started = time.monotonic()
     with tracked_run("decode/collab", params.model_dump(mode="json")) as run_id:
         data = check_collab_inputs(params)

@@ -53,6 +53,7 @@ from flywheel.store import (
     validate_name,
 )
 from flywheel.store.datasets import new_version
+from flywheel.store.models import validate_model_name
 from flywheel.world.tasks import sample_tasks
 
 DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"
@@ -123,6 +124,12 @@ class RelabelParams(UgdaConfig):
     @classmethod
     def _dataset_name(cls, name: str | None) -> str | None:
         return None if name is None else validate_name(name)
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble_name(cls, name: str) -> str:
+        # refined versions are saved under this name
+        return validate_model_name(name, field="ensemble")
 
     def ugda(self) -> UgdaConfig:
         return UgdaConfig.model_validate(self.model_dump(include=set(UgdaConfig.model_fields)))
@@ -311,11 +318,14 @@ def _pending_queue(params: RelabelParams) -> DatasetRef | None:
     return None if consumed else queue
 
 
-@flow(name="reward", log_prints=True)
-def relabel(params: RelabelParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+RELABEL_DEFAULTS = RelabelParams()
+
+
+@flow(name="reward")
+def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
     """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
     the validation set, then refine the ensemble on them."""
-    params = params or RelabelParams()
     started = time.monotonic()
     with tracked_run("reward/relabel", params.model_dump(mode="json")) as run_id:
         ensemble = check_inputs(params)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ from flywheel.flows.tracking import (
 )
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
+    PAIR_COLUMNS,
     PreferenceDataError,
     RewardTrainingConfig,
     clean_preferences,
+    pair_key,
     train_reward_model,
 )
 from flywheel.reward_models.ensemble import EnsembleConfig, train_ensemble
@@ -36,7 +39,7 @@ from flywheel.store import (
     save_model_version,
     validate_name,
 )
-from flywheel.store.models import validate_model_name
+from flywheel.store.models import validate_derived_model_name, validate_model_name
 from flywheel.world.bootstrap import model_dir, models_root
 from flywheel.world.tasks import answer_preference_pairs
 
@@ -83,8 +86,13 @@ class RewardTrainParams(BaseModel):
     def _name(self) -> RewardTrainParams:
         if self.model_name is None:
             suffix = "rm" if self.kind == "bradley-terry" else f"ensemble{self.members}"
-            self.model_name = f"{self.dataset.replace('_', '-')}-{suffix}"
-        validate_model_name(self.model_name)
+            self.model_name = validate_derived_model_name(
+                f"{self.dataset.replace('_', '-')}-{suffix}",
+                field="dataset",
+                value=self.dataset,
+                hint="or set model_name",
+            )
+        validate_model_name(self.model_name, field="model_name")
         return self
 
 
@@ -98,18 +106,49 @@ def _world_pairs(params: RewardTrainParams) -> DatasetRef:
 
 def split_pairs(params: BaseModel, inputs: list[DatasetRef], rows: list[dict]) -> tuple:
     """Train and eval rows: the eval dataset, or a seeded hold-out (params.eval_fraction,
-    params.seed) of `rows` (the train dataset's rows, read once by the caller)."""
+    params.seed) of `rows` (the train dataset's rows, read once by the caller).
+
+    The hold-out is drawn from distinct pairs, and every copy of a pair goes to the
+    side its pair went to, so held-out accuracy is never measured on a training pair.
+    A group column (align/group-robust) is not part of the pair: the same prompt,
+    chosen and rejected under two group labels is one comparison, and on both sides
+    of the split it would still be a copy of a training pair."""
     if len(inputs) > 1:
         return rows, inputs[1].to_pandas().to_dict("records")
-    order = list(range(len(rows)))
-    random.Random(params.seed).shuffle(order)
-    cut = max(1, round(len(rows) * params.eval_fraction))
-    if len(rows) - cut < 1:
+    source = f"dataset {inputs[0].name}@{inputs[0].version}"
+    copies: dict[tuple, list[dict]] = {}  # rows per pair, in first-seen order
+    for row in rows:
+        copies.setdefault(pair_key(row), []).append(row)
+    if len(copies) == 1:
+        raise PreferenceDataError(one_pair_message(source, rows))
+    pairs = list(copies.values())
+    random.Random(params.seed).shuffle(pairs)
+    cut = max(1, round(len(pairs) * params.eval_fraction))
+    if len(pairs) - cut < 1:
         raise PreferenceDataError(
-            f"dataset {inputs[0].name}@{inputs[0].version}: {len(rows)} row(s) leave nothing "
-            "to train on after the eval hold-out; add rows or pass eval_dataset"
+            f"{source}: {len(pairs)} distinct pair(s) leave nothing to train on after the "
+            "eval hold-out; add pairs, lower eval_fraction or pass eval_dataset"
         )
-    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+    return [r for pair in pairs[cut:] for r in pair], [r for pair in pairs[:cut] for r in pair]
+
+
+def one_pair_message(source: str, rows: list[dict]) -> str:
+    """Why a dataset whose rows are all one pair cannot give a held-out split."""
+    pair = ", ".join(f"{c} {str(rows[0].get(c))[:60]!r}" for c in PAIR_COLUMNS)
+    return (
+        f"{source}: all {len(rows)} row(s) are copies of one pair ({pair}); "
+        "nothing can be held out that is not a copy of a training pair, so held-out "
+        "accuracy would be measured on the training pair; add distinct pairs or pass "
+        "eval_dataset"
+    )
+
+
+def copies_of_train(train_rows: list[dict], eval_rows: list[dict]) -> dict:
+    """Eval rows that are copies of a training pair: a count and the first one."""
+    seen = {pair_key(r) for r in train_rows}
+    hits = [i for i, r in enumerate(eval_rows) if pair_key(r) in seen]
+    first = {"example_row": hits[0], "example": eval_rows[hits[0]]} if hits else {}
+    return {"count": len(hits), **first}
 
 
 @task(name="check-inputs")
@@ -132,12 +171,29 @@ def check_inputs(params: RewardTrainParams) -> dict:
     source = f"dataset {inputs[0].name}@{inputs[0].version}"
     rows = inputs[0].to_pandas().to_dict("records")
     # Columns and usable rows first, so the error names the real problem.
-    clean_preferences(rows, source)
+    usable, report = clean_preferences(rows, source)
+    if not params.eval_dataset and report["distinct"] == 1:
+        raise PreferenceDataError(one_pair_message(f"{source} (usable rows)", usable))
     train_rows, eval_rows = split_pairs(params, inputs, rows)
     # The trainer cleans again; failing here means no model was loaded for nothing.
-    _, train_report = clean_preferences(train_rows, f"{source} (train)")
-    _, eval_report = clean_preferences(eval_rows, f"{source} (eval)")
-    return {"inputs": inputs, "reports": {"train": train_report, "eval": eval_report}}
+    train_kept, train_report = clean_preferences(train_rows, f"{source} (train)")
+    eval_kept, eval_report = clean_preferences(eval_rows, f"{source} (eval)")
+    # Only an explicit eval dataset can hold copies; they stay, but the figures say so.
+    copies = copies_of_train(train_kept, eval_kept)
+    if copies["count"]:
+        logging.getLogger(__name__).warning(
+            "eval dataset %s: %d of %d usable row(s) are copies of training pairs, e.g. row "
+            "%d; its accuracy partly measures pairs the model was trained on",
+            params.eval_dataset,
+            copies["count"],
+            len(eval_kept),
+            copies["example_row"],
+        )
+    return {
+        "inputs": inputs,
+        "reports": {"train": train_report, "eval": eval_report},
+        "eval copies of train pairs": copies,
+    }
 
 
 @task(name="train-reward-model")
@@ -176,10 +232,33 @@ def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
     )
 
 
-@flow(name="reward", log_prints=True)
-def train_flow(params: RewardTrainParams | None = None) -> dict:
+def _duplicates_markdown(data: dict) -> str:
+    """Copies of pairs, with an example of each kind; empty when there are none."""
+
+    def shown(row: dict) -> str:
+        return json.dumps({c: row.get(c) for c in PAIR_COLUMNS}, default=str)[:200]
+
+    lines = [
+        f"- {split}: {entry['count']} row(s) are copies of an earlier pair ({entry['pairs']} "
+        f"pair(s) have copies), e.g. row {entry['example_row']}: `{shown(entry['example'])}`"
+        for split, report in data["reports"].items()
+        if (entry := report["duplicates"])["count"]
+    ]
+    if (copies := data["eval copies of train pairs"])["count"]:
+        lines.append(
+            f"- eval: {copies['count']} row(s) are copies of a training pair, e.g. row "
+            f"{copies['example_row']}: `{shown(copies['example'])}`"
+        )
+    return "## Duplicate pairs\n\n" + "\n".join(lines) if lines else ""
+
+
+# defaults in the signature: the UI shows and pre-fills them
+TRAIN_FLOW_DEFAULTS = RewardTrainParams()
+
+
+@flow(name="reward")
+def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
     """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
-    params = params or RewardTrainParams()
     started = time.monotonic()
     with tracked_run("reward/train", params.model_dump(mode="json")) as run_id:
         data = check_inputs(params)
@@ -198,6 +277,9 @@ def train_flow(params: RewardTrainParams | None = None) -> dict:
             "train pairs": data["reports"]["train"]["kept"],
             "eval pairs": data["reports"]["eval"]["kept"],
             **dropped,
+            "train duplicate rows": data["reports"]["train"]["duplicates"]["count"],
+            "eval duplicate rows": data["reports"]["eval"]["duplicates"]["count"],
+            "eval rows copying a train pair": data["eval copies of train pairs"]["count"],
             "eval pairwise accuracy": accuracy if params.kind == "bradley-terry" else None,
             "eval pairwise accuracy (ensemble mean)": (
                 accuracy["mean"] if params.kind == "ensemble" else None
@@ -212,6 +294,7 @@ def train_flow(params: RewardTrainParams | None = None) -> dict:
             for split, report in data["reports"].items()
             for reason, entry in report["dropped"].items()
         )
-        extra = f"## Rows kept out of training\n\n{examples}" if examples else ""
+        extra = f"## Rows kept out of training\n\n{examples}\n\n" if examples else ""
+        extra += _duplicates_markdown(data)
         summary_artifact("reward-train", "Reward model training", figures, extra)
         return {"model": model.model_dump(), "figures": figures}

@@ -477,10 +477,13 @@ def publish_selector(
     )
 
 
-@flow(name="selectors", log_prints=True)
-def kmeans_selector(params: KmeansSelectorParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+KMEANS_SELECTOR_DEFAULTS = KmeansSelectorParams()
+
+
+@flow(name="selectors")
+def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> dict:
     """k-means LoRA adapter selector: per-task adapters, a selector on k-means samples."""
-    params = params or KmeansSelectorParams()
     started = time.monotonic()
     with tracked_run("selectors/kmeans", params.model_dump(mode="json")) as run_id:
         plan = check_inputs(params)

@@ -28,7 +28,7 @@ from flywheel.store import (
     read_dataset,
     validate_name,
 )
-from flywheel.store.datasets import new_version
+from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.synthesis import refed as refed_module
 from flywheel.synthesis import rouge as rouge_module
 from flywheel.synthesis.refed import (
@@ -90,10 +90,16 @@ class ReferenceSynthParams(RefedConfig):
     n_references: int = Field(24, ge=1, description="references sampled from the world")
     output: str = Field("reference_synth", description="name of the dataset to write")
 
-    @field_validator("seed_dataset", "output")
+    @field_validator("seed_dataset")
     @classmethod
     def _dataset_name(cls, name: str | None) -> str | None:
         return None if name is None else validate_name(name)
+
+    @field_validator("output")
+    @classmethod
+    def _output_name(cls, name: str) -> str:
+        # the run ends writing <output>_feedback and <output>__failed too
+        return validate_output_name(name, field="output", suffixes=("_feedback",), failed=True)
 
 
 def _world_references(params: ReferenceSynthParams) -> DatasetRef:
@@ -175,9 +181,9 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     with _refed(params, refs) as refed:
         rows, failed, stats = refed.result()
         feedback_rows = [
-            {k: v for k, v in fb.items() if k not in ("requests", "failure")}
+            {k: v for k, v in fb.items() if k != "requests"}
             for fb in refed.feedback()
-            if "failure" not in fb
+            if "failures" not in fb  # those are in the failed dataset, one row per failure
         ]
     names = {
         "feedback": f"{params.output}_feedback",
@@ -206,10 +212,13 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     }
 
 
-@flow(name="synth", log_prints=True)
-def reference(params: ReferenceSynthParams | None = None) -> dict:
+# defaults in the signature: the UI shows and pre-fills them
+REFERENCE_DEFAULTS = ReferenceSynthParams()
+
+
+@flow(name="synth")
+def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
-    params = params or ReferenceSynthParams()
     started = time.monotonic()
     with tracked_run("synth/reference", params.model_dump(mode="json")) as run_id:
         refs = check_inputs(params)

@@ -13,16 +13,25 @@ def train_world_models(config: BootstrapConfig) -> dict:
     return bootstrap_models(models_root(), config)
 
 
-@flow(name="world", log_prints=True)
-def bootstrap(params: BootstrapConfig | None = None) -> dict:
-    """Train world-small and world-large (kept when already trained with the same config)."""
-    params = params or BootstrapConfig()
+# defaults in the signature: the UI shows and pre-fills them
+BOOTSTRAP_DEFAULTS = BootstrapConfig()
+
+
+@flow(name="world")
+def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
+    """Train world-small, world-large and shop-agent for a fixed number of steps (kept when
+    already trained so; `force` retrains); a world model below its accuracy floor is not
+    published and fails the run."""
     with tracked_run("world/bootstrap", params.model_dump()):
         report = train_world_models(params)
         figures = {
-            f"{size} accuracy (all / hard)": f"{m['accuracy']['all']:.2f} / "
-            f"{m['accuracy_hard']['all']:.2f}"
+            f"world-{size} accuracy (all / hard; floor)": f"{m['accuracy']['all']:.2f} / "
+            f"{m['accuracy_hard']['all']:.2f}; "
+            f"{getattr(params, f'{size}_min_accuracy'):.2f}"
             for size, m in report["models"].items()
+        }
+        figures |= {
+            f"world-{size} steps": m["train"]["steps"] for size, m in report["models"].items()
         }
         summary_artifact("world-bootstrap", "World models", figures, format_report(report))
         return report

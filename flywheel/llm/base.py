@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import NamedTuple, Self
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Self, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TokenLogprob(NamedTuple):
@@ -20,6 +23,12 @@ class BackendError(RuntimeError):
     def __init__(self, message: str, raw: str | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class MalformedResponse(BackendError):
+    """The server answered one request, but not with a usable completion (a body that is
+    not JSON, no `choices`, no text); `raw` holds the body. Unlike a server that cannot be
+    reached, this fails that request only: the others of its batch may be fine."""
 
 
 class ServerNeverCameUp(BackendError):
@@ -63,6 +72,29 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def call_each(
+    call: Callable[[list[T]], Sequence[R]], items: Sequence[T]
+) -> list[R | MalformedResponse]:
+    """`call` over all items, with each item's own MalformedResponse in place of its result.
+
+    One batched call; only when it raises MalformedResponse is each item asked alone, so
+    one malformed answer costs the others a second request, not their results. Other
+    errors (a server gone, after the backend's own retries) propagate.
+    """
+    try:
+        return list(call(list(items)))
+    except MalformedResponse as err:
+        if len(items) == 1:
+            return [err]
+    results: list[R | MalformedResponse] = []
+    for item in items:
+        try:
+            results.extend(call([item]))
+        except MalformedResponse as err:
+            results.append(err)
+    return results
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:

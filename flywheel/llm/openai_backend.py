@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from flywheel.llm.base import Backend, BackendError, TokenLogprob, check_pairs, cut_at_stop
+from flywheel.llm.base import (
+    Backend,
+    BackendError,
+    MalformedResponse,
+    TokenLogprob,
+    check_pairs,
+    cut_at_stop,
+)
 
 if TYPE_CHECKING:
     from flywheel.llm.managed_server import ManagedServer
@@ -30,9 +37,9 @@ def _first_choice(raw: str) -> dict[str, Any]:
     try:
         choice = json.loads(raw)["choices"][0]
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise BackendError(f"malformed completions response: {e!r}", raw=raw) from e
+        raise MalformedResponse(f"malformed completions response: {e!r}", raw=raw) from e
     if not isinstance(choice, dict):
-        raise BackendError("malformed completions response: choice is not an object", raw=raw)
+        raise MalformedResponse("malformed completions response: choice is not an object", raw=raw)
     return choice
 
 
@@ -40,7 +47,7 @@ def parse_text(raw: str) -> str:
     """The generated text of the first choice."""
     text = _first_choice(raw).get("text")
     if not isinstance(text, str):
-        raise BackendError("completions response has no choices[0].text string", raw=raw)
+        raise MalformedResponse("completions response has no choices[0].text string", raw=raw)
     return text
 
 
@@ -88,7 +95,9 @@ class OpenAIBackend(Backend):
 
     Each prompt is its own request, sent concurrently (`batch_size` at a time):
     `transformers serve` rejects list prompts ("prompt must be a string"), and
-    vLLM batches concurrent requests itself.
+    vLLM batches concurrent requests itself. A body that is not a completions answer
+    raises `MalformedResponse` (not retried: the server did answer); `call_each` gives
+    callers each prompt's own result or error.
     """
 
     def __init__(

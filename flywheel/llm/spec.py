@@ -11,13 +11,14 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.llm.base import Backend, BackendError, ModelNotFound
+from flywheel.llm.servers import read_server_entry, servers_file, validate_server_name
 
-HUB_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")
 
 
 def _in_hub_cache(model: str) -> bool:
     """Whether `model` is a hub id already in the local Hugging Face cache (no network)."""
-    if not HUB_ID.match(model):
+    if not HUB_ID.fullmatch(model):
         return False
     from huggingface_hub import try_to_load_from_cache
 
@@ -28,45 +29,51 @@ def _in_hub_cache(model: str) -> bool:
 
 
 class BackendSpec(BaseModel):
-    """Which backend to use and how: in process, a running server, or a managed vLLM."""
+    """Which backend to use and how: in process, a running server, or a managed vLLM.
+
+    A managed server is never described here: `server` names an entry of the local
+    servers file (`flywheel.llm.servers`), which holds the command to start, so no run
+    parameter can make Flywheel run a command.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["transformers", "openai", "vllm"] = "transformers"
     model: str = Field(min_length=1)
     base_url: str | None = None
-    server_command: list[str] | None = None
-    port: int = Field(8000, ge=1, le=65535)
+    server: str | None = Field(
+        None, description="kind 'vllm': the name of an entry [servers.<name>] of servers.toml"
+    )
     device: str = "cpu"
     batch_size: int = Field(32, ge=1)
     timeout: float = Field(60, gt=0)
     max_retries: int = Field(4, ge=0)
-    # vLLM compiles and captures CUDA graphs on its first start, which can take minutes.
-    startup_timeout: float = Field(600, gt=0)
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> Self:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("base_url is required when kind='openai'")
         if self.kind == "transformers" and self.base_url:
-            raise ValueError("base_url is only used when kind is 'openai' or 'vllm'")
-        if self.kind != "vllm" and self.server_command is not None:
-            raise ValueError("server_command is only used when kind='vllm'")
+            raise ValueError("base_url is only used when kind is 'openai'")
+        if self.kind != "vllm" and self.server is not None:
+            raise ValueError("server is only used when kind='vllm'")
         if self.kind == "vllm":
-            if self.server_command is not None and not self.server_command:
-                raise ValueError("server_command must not be empty")
-            if self.base_url is None:
-                self.base_url = f"http://127.0.0.1:{self.port}/v1"
-            if self.server_command is None:
-                self.server_command = [
-                    *("vllm", "serve", self.model),
-                    *("--host", "127.0.0.1", "--port", str(self.port)),
-                ]
+            if self.server is None:
+                raise ValueError(
+                    "server is required when kind='vllm': the name of an entry "
+                    "[servers.<name>] in the servers file (data/servers.toml), which holds "
+                    "the command that starts it"
+                )
+            validate_server_name(self.server)
+            if self.base_url is not None:
+                raise ValueError(
+                    "base_url is not used when kind='vllm': it comes from the server entry"
+                )
         return self
 
     def check(self) -> None:
-        """Fail fast, before expensive work, on a model path or server command that is missing."""
-        if self.kind in ("transformers", "vllm"):
+        """Fail fast, before expensive work, on a model path or server entry that is missing."""
+        if self.kind == "transformers":
             looks_like_path = self.model.startswith((".", "/", "~")) or "/" in self.model
             if (
                 looks_like_path
@@ -77,12 +84,14 @@ class BackendSpec(BaseModel):
                     f"model path {self.model!r} does not exist (field: model). "
                     "Run `flywheel world bootstrap` or pass an existing folder."
                 )
-        if self.kind == "vllm" and self.server_command:
-            exe = self.server_command[0]
+        if self.kind == "vllm":
+            entry = read_server_entry(self.server)  # type: ignore[arg-type]
+            exe = entry.command[0]
             if shutil.which(exe) is None and not Path(exe).is_file():
                 raise BackendError(
-                    f"server command {exe!r} not found (field: server_command). Install vLLM "
-                    "in its own environment and give the full path to its `vllm` executable."
+                    f"server {self.server!r}: command {exe!r} not found (servers file "
+                    f"{servers_file()}). Install vLLM in its own environment and give the full "
+                    "path to its `vllm` executable there."
                 )
 
 
@@ -91,7 +100,7 @@ def model_fingerprint(spec: BackendSpec) -> str:
     config and its weight files' sizes and times, so retrained weights give a new key."""
     folder = Path(spec.model).expanduser()
     if not folder.is_dir():
-        return f"{spec.kind}:{spec.model}:{spec.base_url}"
+        return f"{spec.kind}:{spec.model}:{spec.base_url or spec.server}"
     parts = [spec.kind, str(folder.resolve())]
     for path in sorted(folder.iterdir()):
         if path.name == "config.json":
@@ -112,13 +121,17 @@ def make_backend(spec: BackendSpec) -> Backend:
 
         return TransformersBackend(spec.model, device=spec.device, batch_size=spec.batch_size)
     options = dict(timeout=spec.timeout, max_retries=spec.max_retries, batch_size=spec.batch_size)
-    assert spec.base_url is not None  # the validator guarantees it for openai and vllm
     if spec.kind == "openai":
+        assert spec.base_url is not None  # the validator guarantees it
         return OpenAIBackend(spec.base_url, spec.model, **options)
     from flywheel.llm.managed_server import ManagedServer
 
-    assert spec.server_command is not None
+    entry = read_server_entry(spec.server)  # type: ignore[arg-type]
     server = ManagedServer(
-        spec.server_command, spec.base_url, startup_timeout=spec.startup_timeout
+        entry.command,
+        entry.base_url,
+        health_url=entry.health_url,
+        startup_timeout=entry.startup_timeout,
+        env=entry.env,
     ).start()
-    return OpenAIBackend(spec.base_url, spec.model, server=server, **options)
+    return OpenAIBackend(entry.base_url, spec.model, server=server, **options)

@@ -26,11 +26,19 @@ class PreferenceDataError(ValueError):
     """Preference data that cannot be used at all; the message names the column."""
 
 
+def pair_key(row: dict) -> tuple[str, ...]:
+    """What makes two rows the same pair: their prompt, chosen and rejected values
+    (repr, so that 3 and "3", or None and "None", stay different)."""
+    return tuple(repr(row.get(c)) for c in PAIR_COLUMNS)
+
+
 def clean_preferences(rows: Sequence[dict], source: str) -> tuple[list[dict], dict]:
     """Keep the usable pairs; report the others by reason, with a count and an example.
 
     Missing columns stop everything (nothing could be trained); rows with empty
-    text or identical chosen and rejected answers are kept out of training.
+    text or identical chosen and rejected answers are kept out of training. Copies of
+    a kept pair (same prompt, chosen and rejected) are kept but counted under
+    "duplicates", with the first copy as the example.
     """
     if not rows:
         raise PreferenceDataError(f"{source}: no preference rows")
@@ -42,6 +50,8 @@ def clean_preferences(rows: Sequence[dict], source: str) -> tuple[list[dict], di
         )
     kept: list[dict] = []
     dropped: dict[str, dict] = {}
+    copies: dict[tuple, int] = {}  # kept rows per pair
+    duplicates: dict = {}
 
     def drop(reason: str, i: int, row: dict) -> None:
         entry = dropped.setdefault(reason, {"count": 0, "example_row": i, "example": row})
@@ -57,7 +67,19 @@ def clean_preferences(rows: Sequence[dict], source: str) -> tuple[list[dict], di
             drop("chosen identical to rejected", i, row)
         else:
             kept.append(row)
-    report = {"rows": len(rows), "kept": len(kept), "dropped": dropped}
+            key = pair_key(row)
+            copies[key] = copies.get(key, 0) + 1
+            if copies[key] == 2 and "example_row" not in duplicates:
+                duplicates.update(example_row=i, example=row)
+    duplicates["count"] = sum(n - 1 for n in copies.values())
+    duplicates["pairs"] = sum(n > 1 for n in copies.values())
+    report = {
+        "rows": len(rows),
+        "kept": len(kept),
+        "distinct": len(copies),
+        "dropped": dropped,
+        "duplicates": duplicates,
+    }
     for reason, entry in dropped.items():
         log.warning(
             "%s: %d row(s) kept out of training (%s), e.g. row %d",
@@ -65,6 +87,15 @@ def clean_preferences(rows: Sequence[dict], source: str) -> tuple[list[dict], di
             entry["count"],
             reason,
             entry["example_row"],
+        )
+    if duplicates["count"]:
+        log.warning(
+            "%s: %d row(s) are copies of an earlier pair (same prompt, chosen and rejected; "
+            "%d pair(s) have copies), e.g. row %d",
+            source,
+            duplicates["count"],
+            duplicates["pairs"],
+            duplicates["example_row"],
         )
     if not kept:
         raise PreferenceDataError(f"{source}: no usable pairs left: {report}")

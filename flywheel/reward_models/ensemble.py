@@ -73,7 +73,7 @@ def load_ensemble(path: str | Path) -> tuple:
         )
     meta = json.loads((path / META_FILE).read_text())
     tok, model = _load(path, meta["members"])
-    model.heads.load_state_dict(torch.load(path / HEADS_FILE))
+    model.heads.load_state_dict(torch.load(path / HEADS_FILE, weights_only=True))
     return tok, model, meta
 
 

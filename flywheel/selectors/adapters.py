@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-ADAPTER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+ADAPTER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LIBRARY_FILE = "library.json"
 # Attention and MLP projections of Llama-style models.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +39,7 @@ class SelectorInputError(ValueError):
 
 def check_adapter_name(name: str, field: str = "name") -> str:
     """`name` if it can name an adapter (it becomes a folder and a peft adapter name)."""
-    if isinstance(name, str) and ADAPTER_NAME_RE.match(name):
+    if isinstance(name, str) and ADAPTER_NAME_RE.fullmatch(name):
         return name
     raise SelectorInputError(
         f"{field}: invalid adapter name {name!r}; use a lowercase letter, then up to 62 "

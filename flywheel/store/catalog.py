@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ CREATE TABLE IF NOT EXISTS runs (
     ended TIMESTAMP,
     status VARCHAR
 );
+-- the process that ran it, so a run whose process died can be marked crashed
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
 CREATE TABLE IF NOT EXISTS lineage (
     dataset VARCHAR,
     version VARCHAR,
@@ -81,17 +85,32 @@ def _is_lock_error(e: duckdb.Error) -> bool:
     return "Could not set lock" in text or "Conflicting lock" in text
 
 
+# A read-only connection never installs or downloads extensions, and a statement cannot
+# change its settings (lock_configuration is applied after the other options).
+READ_ONLY_CONFIG: dict[str, Any] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
+
+
 @contextmanager
-def _connect(root: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived read-write connection to the catalog, waiting out other processes."""
+def _connect(
+    root: Path | None = None, *, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived connection to the catalog, waiting out other processes.
+
+    A read-only connection waits too: it conflicts with a writer like any other.
+    """
     path = catalog_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = READ_ONLY_CONFIG if read_only else {}
     with _thread_lock:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(path))
+                con = duckdb.connect(str(path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as e:
                 remaining = deadline - time.monotonic()
@@ -100,8 +119,10 @@ def _connect(root: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
                 if remaining <= 0:
                     raise CatalogBusy(
                         f"the catalog {path} stayed locked by another process for "
-                        f"{LOCK_TIMEOUT_S:.0f}s (close other duckdb sessions on it, or open "
-                        f"them with -readonly): {e}"
+                        f"{LOCK_TIMEOUT_S:.0f}s. Any DuckDB process with the file open blocks "
+                        "flows, even one opened with -readonly: close it, and use "
+                        "`flywheel shell` (a snapshot copy) or `flywheel sql` (short "
+                        f"read-only queries) instead: {e}"
                     ) from e
                 time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, 2.0)
@@ -109,6 +130,16 @@ def _connect(root: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
             yield con
         finally:
             con.close()
+
+
+def connect_read_only(
+    root: Path | None = None,
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    """A short-lived read-only connection to the catalog, with the same wait on the lock.
+
+    While it is open no process can write the catalog, so the file can be copied whole.
+    """
+    return _connect(root, read_only=True)
 
 
 def _utcnow() -> datetime:
@@ -246,8 +277,11 @@ def record_run(
     started: datetime | None = None,
     ended: datetime | None = None,
     root: Path | None = None,
+    pid: int | None = None,
+    host: str | None = None,
 ) -> None:
-    """Insert or update a flow run; times are stored as UTC, ``started`` defaults to now."""
+    """Insert or update a flow run; times are stored as UTC, ``started`` defaults to now.
+    ``pid`` and ``host`` name the process running it (kept when not given)."""
     params = json.dumps(parameters, default=str, sort_keys=True)
     started, ended = _naive_utc(started), _naive_utc(ended)
     with _connect(root) as con:
@@ -257,23 +291,144 @@ def record_run(
         if exists:
             con.execute(
                 "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
-                "started = coalesce(?, started), ended = coalesce(?, ended) WHERE run_id = ?",
-                [flow, params, status, started, ended, run_id],
+                "started = coalesce(?, started), ended = coalesce(?, ended), "
+                "pid = coalesce(?, pid), host = coalesce(?, host) WHERE run_id = ?",
+                [flow, params, status, started, ended, pid, host, run_id],
             )
         else:
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-                [run_id, flow, params, started or _utcnow(), ended, status],
+                "INSERT INTO runs (run_id, flow, parameters, started, ended, status, pid, host) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, flow, params, started or _utcnow(), ended, status, pid, host],
             )
         con.commit()
 
 
+def runs_to_check(ended_since: datetime | None = None, root: Path | None = None) -> list[dict]:
+    """Runs whose status may be out of date: every `running` one, plus (with
+    ``ended_since``) the completed and failed ones that ended since then."""
+    if not catalog_path(root).exists():
+        return []
+    with _connect(root) as con:
+        con.execute(_TABLES)
+        result = con.execute(
+            "SELECT run_id, flow, status, started, ended, pid, host FROM runs "
+            "WHERE status = 'running' OR (status IN ('completed', 'failed') AND ended >= ?)",
+            [_naive_utc(ended_since)],
+        )
+        names = [d[0] for d in result.description]
+        return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+
+
+def set_run_status(
+    run_id: str, status: str, ended: datetime | None, was: str, root: Path | None = None
+) -> bool:
+    """Set a run's status and end time, only if its status is still ``was`` (a run
+    that recorded its own end meanwhile keeps it). Returns whether the row changed."""
+    with _connect(root) as con:
+        con.begin()
+        con.execute(_TABLES)
+        changed = con.execute(
+            "UPDATE runs SET status = ?, ended = coalesce(?, ended) "
+            "WHERE run_id = ? AND status = ? RETURNING run_id",
+            [status, _naive_utc(ended), run_id, was],
+        ).fetchall()
+        con.commit()
+        return bool(changed)
+
+
+class ReadOnlyQuery(ValueError):
+    """A statement that could write, given to `sql` (which only reads)."""
+
+
+# Functions that change the session or write files even inside a SELECT.
+_SIDE_EFFECT_FUNCTIONS = frozenset(
+    {
+        "checkpoint",
+        "disable_logging",
+        "disable_profiling",
+        "enable_logging",
+        "enable_profiling",
+        "force_checkpoint",
+        "json_execute_serialized_sql",
+        "truncate_duckdb_logs",
+        "write_log",
+    }
+)
+# `EXPLAIN [ANALYZE] [(options)]` before the explained statement, after any comments.
+_EXPLAIN_PREFIX = re.compile(
+    r"(?:\s+|--[^\n]*|/\*.*?\*/)*explain\s*(?:analy[sz]e\b\s*)?(?:\([^()]*\)\s*)?",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _function_names(tree: Any) -> set[str]:
+    if isinstance(tree, dict):
+        names = {tree["function_name"]} if isinstance(tree.get("function_name"), str) else set()
+        return names.union(*(_function_names(v) for v in tree.values()))
+    if isinstance(tree, list):
+        return set().union(*(_function_names(v) for v in tree))
+    return set()
+
+
+def _write_risk(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement) -> str | None:
+    """Why the statement might write, or None when it only reads."""
+    kind = statement.type
+    if kind == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE runs the statement, so the explained statement must only read too.
+        prefix = _EXPLAIN_PREFIX.match(statement.query)
+        try:
+            inner = con.extract_statements(statement.query[prefix.end() :]) if prefix else []
+        except duckdb.ParserException:
+            inner = []
+        if len(inner) != 1:
+            return "an EXPLAIN statement whose explained statement could not be checked"
+        risk = _write_risk(con, inner[0])
+        return f"EXPLAIN of {risk}" if risk else None
+    if kind != duckdb.StatementType.SELECT:
+        # DESCRIBE, SHOW, SUMMARIZE and the PRAGMAs that only return a table parse as SELECT.
+        name = kind.name if kind.name.isidentifier() else " ".join(statement.query.split()[:2])
+        return f"a statement of type {name.upper()}"
+    # The parse tree names every function the statement calls.
+    (tree,) = con.execute("SELECT json_serialize_sql(?)", [statement.query]).fetchone()
+    tree = json.loads(tree)
+    if tree.get("error"):
+        return "a statement that could not be checked"
+    unsafe = sorted(_function_names(tree) & _SIDE_EFFECT_FUNCTIONS)
+    return f"a call of {', '.join(unsafe)}" if unsafe else None
+
+
+def _check_reads_only(con: duckdb.DuckDBPyConnection, query: str) -> list[duckdb.Statement]:
+    """The statements of ``query``; ReadOnlyQuery if any of them might write."""
+    statements = con.extract_statements(query)
+    if not statements:
+        raise ValueError("the query has no SQL statement")
+    for statement in statements:
+        risk = _write_risk(con, statement)
+        if risk:
+            # Some rewritten statements (the type a PIVOT creates) have no text of their own.
+            text = " ".join((statement.query or query).split())
+            text = text if len(text) <= 80 else text[:77] + "..."
+            raise ReadOnlyQuery(
+                f"refused {risk} ({text!r}): flywheel sql only reads (SELECT, DESCRIBE, "
+                "SHOW, SUMMARIZE, EXPLAIN); datasets are written by flows or "
+                "flywheel.store.write_dataset, and `flywheel shell` opens a scratch copy of "
+                "the catalog"
+            )
+    return statements
+
+
 def sql(query: str, root: Path | None = None) -> pd.DataFrame:
-    """Run a query on the catalog and return the result as a DataFrame."""
+    """Run read-only statements on the catalog; the last one's result, as a DataFrame.
+
+    The connection is read-only and every statement is checked first: one that could
+    write (COPY, ATTACH, SET, PRAGMA, INSERT, ...) raises ReadOnlyQuery and nothing runs.
+    """
     if not catalog_path(root).exists():
         refresh_catalog(root)
-    with _connect(root) as con:
-        result = con.execute(query)
+    with connect_read_only(root) as con:
+        for statement in _check_reads_only(con, query):
+            result = con.execute(statement)
         if con.description is None:
             return pd.DataFrame()
         return result.df()

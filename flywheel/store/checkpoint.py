@@ -3,6 +3,8 @@
 Each chunk's results are written to their own JSON file (temporary name, then
 an atomic rename) as soon as the chunk is done. A re-run with the same folder
 skips the chunks that exist, so a killed run neither loses nor duplicates rows.
+Each chunk is computed under a lock, so two runs of the same work at once (a
+schedule and a manual run) compute it once: the second waits, then reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from flywheel.store.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +78,15 @@ class Checkpoint:
             if path.exists():
                 resumed += 1
                 continue
-            chunk = list(items[i * chunk_size : (i + 1) * chunk_size])
-            rows = fn(chunk) if chunk else []
-            if len(rows) != len(chunk):
-                raise RuntimeError(f"{stage}: {len(rows)} results for {len(chunk)} items")
-            _write_json_atomic(path, rows)
+            with file_lock(folder / f".chunk-{i:06d}.lock"):
+                if path.exists():  # another run computed it while this one waited
+                    resumed += 1
+                    continue
+                chunk = list(items[i * chunk_size : (i + 1) * chunk_size])
+                rows = fn(chunk) if chunk else []
+                if len(rows) != len(chunk):
+                    raise RuntimeError(f"{stage}: {len(rows)} results for {len(chunk)} items")
+                _write_json_atomic(path, rows)
             log.info(
                 "%s: chunk %d/%d done (%d/%d items)",
                 stage,

@@ -21,16 +21,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-VERSION_RE = re.compile(r"^[a-z0-9_]{1,80}$")
-NAME_RULE = (
-    "a dataset name starts with a lowercase letter followed by up to 62 lowercase "
-    "letters, digits or underscores (regex ^[a-z][a-z0-9_]{0,62}$)"
+MAX_NAME_LENGTH = 63
+MAX_VERSION_LENGTH = 80
+FAILED_SUFFIX = "__failed"
+# The catalog names a dataset's latest view `<name>` and a version's view
+# `<name>__<version>`. A name holds "__" only in the suffix FAILED_SUFFIX and never ends in
+# "_", so in any view the first "__" ends the name's stem, and what follows tells the rest
+# apart: nothing, "failed" (the suffix), "failed__<version>", or a version, which is never
+# "failed" nor starts with "failed__". So no two views can share a name.
+NAME_RE = re.compile(
+    rf"(?=[a-z0-9_]{{1,{MAX_NAME_LENGTH}}}\Z)[a-z][a-z0-9]*(?:_[a-z0-9]+)*(?:{FAILED_SUFFIX})?"
 )
-VERSION_RULE = "a version is 1 to 80 lowercase letters, digits or underscores (^[a-z0-9_]{1,80}$)"
+VERSION_RE = re.compile(rf"(?!failed(?:__|\Z))[a-z0-9_]{{1,{MAX_VERSION_LENGTH}}}")
+NAME_RULE = (
+    f"a dataset name has 1 to {MAX_NAME_LENGTH} characters: a lowercase letter, then "
+    "lowercase letters and digits with single underscores between them (no '__', no '_' "
+    f"at the end), optionally ending in {FAILED_SUFFIX!r}, the suffix failed_name() adds "
+    f"(regex ^[a-z][a-z0-9]*(_[a-z0-9]+)*({FAILED_SUFFIX})?$)"
+)
+VERSION_RULE = (
+    f"a version is 1 to {MAX_VERSION_LENGTH} lowercase letters, digits or underscores, "
+    "other than 'failed' and not starting with 'failed__' (the catalog's views "
+    f"'<name>{FAILED_SUFFIX}' and '<name>{FAILED_SUFFIX}__<version>' belong to the dataset "
+    f"'<name>{FAILED_SUFFIX}')"
+)
 ROWS_PER_PART = 200_000
 META_FILE = "_meta.json"
-FAILED_SUFFIX = "__failed"
 # Tables in the catalog, so no dataset view may take these names.
 RESERVED_NAMES = frozenset({"runs", "lineage", "models"})
 
@@ -63,26 +79,25 @@ def data_root(root: Path | str | None = None) -> Path:
     return Path(env).absolute() if env else Path.cwd() / "data"
 
 
-def _suggest_name(name: str) -> str:
-    fixed = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+def _suggest_name(name: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    fixed = re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]+", "_", name.lower())).strip("_")
     if not fixed:
-        return "dataset"
+        fixed = "dataset"
     if not fixed[0].isalpha():
         fixed = "d_" + fixed
-    return fixed[:63]
+    fixed = fixed[:max_length].rstrip("_")
+    return fixed + "_data" if fixed in RESERVED_NAMES else fixed
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid dataset name, else raise InvalidDatasetName."""
-    if isinstance(name, str) and NAME_RE.match(name) and name not in RESERVED_NAMES:
+    if isinstance(name, str) and NAME_RE.fullmatch(name) and name not in RESERVED_NAMES:
         return name
     text = name if isinstance(name, str) else str(name)
-    suggestion = _suggest_name(text)
-    if suggestion in RESERVED_NAMES:
-        suggestion += "_data"
+    size = f" ({len(text)} characters)" if len(text) > MAX_NAME_LENGTH else ""
     raise InvalidDatasetName(
-        f"invalid dataset name {name!r}: {NAME_RULE}, and not one of the catalog's "
-        f"tables {sorted(RESERVED_NAMES)}; try {suggestion!r}"
+        f"invalid dataset name {name!r}{size}: {NAME_RULE}, and not one of the catalog's "
+        f"tables {sorted(RESERVED_NAMES)}; try {_suggest_name(text)!r}"
     )
 
 
@@ -91,10 +106,56 @@ def failed_name(name: str) -> str:
     return validate_name(validate_name(name) + FAILED_SUFFIX)
 
 
-def _validate_version(version: str) -> str:
-    if isinstance(version, str) and VERSION_RE.match(version):
+def validate_output_name(
+    name: str, *, field: str, suffixes: Sequence[str] = (), failed: bool = False
+) -> str:
+    """Check a flow's dataset-name parameter ``field`` and the names the flow derives from
+    it (``name + suffix`` for each suffix, and ``failed_name(name)`` when ``failed``), so a
+    name the run could only refuse at its end is refused before the run starts."""
+    try:
+        validate_name(name)
+    except InvalidDatasetName as e:
+        raise InvalidDatasetName(f"{field}: {e}") from None
+    endings = [*suffixes, *([FAILED_SUFFIX] if failed else [])]
+    longest = MAX_NAME_LENGTH - max((len(e) for e in endings), default=0)
+    for derived in (name + ending for ending in endings):
+        if NAME_RE.fullmatch(derived):
+            continue
+        if len(derived) > MAX_NAME_LENGTH:
+            problem = (
+                f"is {len(name)} characters, but the run also writes {derived!r} and a "
+                f"dataset name has at most {MAX_NAME_LENGTH}, so {field} may have at most "
+                f"{longest} characters"
+            )
+        else:
+            problem = f"gives the dataset name {derived!r}, which breaks the rule: {NAME_RULE}"
+        raise InvalidDatasetName(
+            f"{field}: {name!r} {problem}; try {_suggest_name(name, longest)!r}"
+        )
+    return name
+
+
+def validate_version(version: str, what: str = "dataset") -> str:
+    """Return ``version`` if it is a valid version (of a dataset or model), else raise."""
+    if isinstance(version, str) and VERSION_RE.fullmatch(version):
         return version
-    raise ValueError(f"invalid dataset version {version!r}: {VERSION_RULE}")
+    raise ValueError(f"invalid {what} version {version!r}: {VERSION_RULE}")
+
+
+def validate_derived_version(version: str, *, field: str, value: str) -> str:
+    """Check a version that a flow builds from its parameter ``field`` (= ``value``), so a
+    version the run could only refuse at its end is refused before the run starts."""
+    if VERSION_RE.fullmatch(version):
+        return version
+    if len(version) > MAX_VERSION_LENGTH:
+        longest = MAX_VERSION_LENGTH - (len(version) - len(value))
+        problem = (
+            f"gives the version {version!r} of {len(version)} characters, and a version has "
+            f"at most {MAX_VERSION_LENGTH}, so {field} may have at most {longest} characters"
+        )
+    else:
+        problem = f"gives the version {version!r}, which breaks the rule: {VERSION_RULE}"
+    raise ValueError(f"{field}: {value!r} {problem}")
 
 
 def new_version() -> str:
@@ -150,7 +211,7 @@ def list_datasets(root: Path | None = None) -> list[str]:
         p.name
         for p in base.iterdir()
         if p.is_dir()
-        and NAME_RE.match(p.name)
+        and NAME_RE.fullmatch(p.name)
         and p.name not in RESERVED_NAMES
         and list_versions(p.name, root=base)
     )
@@ -162,7 +223,7 @@ def list_versions(name: str, root: Path | None = None) -> list[str]:
     if not folder.is_dir():
         return []
     # Leftover ".tmp-*" folders from a crashed write never match VERSION_RE.
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))
 
 
 def read_dataset(name: str, version: str | None = None, root: Path | None = None) -> DatasetRef:
@@ -180,15 +241,121 @@ def read_dataset(name: str, version: str | None = None, root: Path | None = None
     return DatasetRef(name=name, version=version, path=str(base / name / version))
 
 
+class InvalidText(ValueError):
+    """Text that is not valid UTF-8: every reader of the dataset would fail on it."""
+
+
+_TEXT_FIX = (
+    "decode the source bytes with their real encoding (or with errors='replace'), or keep "
+    "raw bytes in a binary column; nothing was written"
+)
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in a Python value (nested lists, tuples, dicts) encodes as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if hasattr(value, "tolist"):  # numpy arrays in pandas cells
+        value = value.tolist()
+    return not isinstance(value, (list, tuple)) or all(_encodable(v) for v in value)
+
+
+def _surrogate_error(
+    cells: Iterable[tuple[str, int, Any]], error: UnicodeEncodeError
+) -> InvalidText:
+    """pyarrow's bare UnicodeEncodeError, as an error that names the column and row."""
+    where = next((f"column {c!r} row {i}" for c, i, v in cells if not _encodable(v)), "the rows")
+    return InvalidText(
+        f"{where}: the text holds {error.object[error.start : error.end]!r}, a lone surrogate "
+        "that UTF-8 cannot encode (decoding bytes with errors='surrogateescape' leaves these); "
+        f"{_TEXT_FIX}"
+    )
+
+
 def _to_table(rows: Any, schema: pa.Schema | None) -> pa.Table:
     if isinstance(rows, pa.Table):
-        return rows.cast(schema) if schema is not None else rows
+        return _cast(rows, schema) if schema is not None else rows
     if type(rows).__module__.startswith("pandas"):
-        return pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+        try:
+            return pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+        except UnicodeEncodeError as e:
+            cells = ((c, i, v) for c in rows.columns for i, v in enumerate(rows[c].tolist()))
+            raise _surrogate_error(cells, e) from None
     rows = list(rows)
     if not rows and schema is None:
         raise ValueError("rows is empty: pass schema= so the dataset knows its columns")
-    return pa.Table.from_pylist(rows, schema=schema)
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except UnicodeEncodeError as e:
+        cells = ((c, i, v) for i, row in enumerate(rows) for c, v in row.items())
+        raise _surrogate_error(cells, e) from None
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    try:
+        return table.cast(schema)
+    except pa.ArrowInvalid:
+        for field in schema:
+            if field.name in table.column_names:
+                try:
+                    table.column(field.name).cast(field.type)
+                except pa.ArrowInvalid as e:
+                    old = table.schema.field(field.name).type
+                    raise ValueError(
+                        f"column {field.name!r}: cannot cast {old} to {field.type}: {e}"
+                    ) from None
+        raise
+
+
+def _first_bad_text(chunk: pa.Array) -> tuple[int, str] | None:
+    """(row, reason) of the first row of an invalid array whose text is not UTF-8."""
+    if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+        # bisect with arrow's own check: the rows in [lo, hi) hold the first bad one
+        lo, hi = 0, len(chunk)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                chunk.slice(lo, mid - lo).validate(full=True)
+                lo = mid
+            except pa.ArrowInvalid:
+                hi = mid
+        rows: Iterable[int] = [lo] if len(chunk) else []
+    else:  # nested text (lists, structs, maps): arrow checks the children as a whole
+        rows = range(len(chunk))
+    for row in rows:
+        try:
+            chunk[row].as_py()
+        except UnicodeDecodeError as e:
+            return row, str(e)
+    return None
+
+
+def _check_text(table: pa.Table) -> None:
+    """Refuse text that is not valid UTF-8, naming its column and row: parquet stores it,
+    but every reader then fails with a bare UnicodeDecodeError."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        start = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as e:
+                bad = _first_bad_text(chunk)
+                if bad is None:
+                    raise ValueError(
+                        f"column {name!r}: invalid data ({e}); nothing was written"
+                    ) from None
+                row, reason = bad
+                raise InvalidText(
+                    f"column {name!r} row {start + row}: the text is not valid UTF-8 ({reason}); "
+                    f"{_TEXT_FIX}"
+                ) from None
+            start += len(chunk)
 
 
 def _input_record(ref: Any) -> dict[str, str]:
@@ -220,7 +387,7 @@ def write_dataset(
     ``rows`` is an iterable of dicts, a pyarrow Table or a pandas DataFrame.
     """
     validate_name(name)
-    version = new_version() if version is None else _validate_version(version)
+    version = new_version() if version is None else validate_version(version)
     base = data_root(root)
     folder = base / name
     target = folder / version
@@ -230,6 +397,7 @@ def write_dataset(
     table = _to_table(rows, schema)
     if table.num_columns == 0:
         raise ValueError("rows have no columns: pass schema= so the dataset knows its columns")
+    _check_text(table)
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{uuid.uuid4().hex}"

@@ -27,11 +27,17 @@ from flywheel.store.datasets import (
     StoreError,
     data_root,
     new_version,
+    validate_version,
 )
 
 MODELS_DIR = "_models"
 MODEL_META = "_model.json"
-MODEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_MODEL_NAME_LENGTH = 63
+MODEL_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+MODEL_NAME_RULE = (
+    "a model name is a lowercase letter, then up to 62 lowercase letters, digits, '_' or '-' "
+    "(regex ^[a-z][a-z0-9_-]{0,62}$)"
+)
 
 
 class ModelNotRegistered(StoreError):
@@ -57,13 +63,28 @@ def models_dir(root: Path | str | None = None) -> Path:
     return data_root(root) / MODELS_DIR
 
 
-def validate_model_name(name: str) -> str:
-    if isinstance(name, str) and MODEL_NAME_RE.match(name):
+def validate_model_name(name: str, field: str | None = None) -> str:
+    """Return ``name`` if it is a valid model name, else raise (naming ``field`` if given)."""
+    if isinstance(name, str) and MODEL_NAME_RE.fullmatch(name):
         return name
-    raise ValueError(
-        f"invalid model name {name!r}: a lowercase letter, then up to 62 lowercase letters, "
-        "digits, '_' or '-' (regex ^[a-z][a-z0-9_-]{0,62}$)"
-    )
+    prefix = f"{field}: " if field else ""
+    raise ValueError(f"{prefix}invalid model name {name!r}: {MODEL_NAME_RULE}")
+
+
+def validate_derived_model_name(name: str, *, field: str, value: str, hint: str = "") -> str:
+    """Check a model name that a flow builds from its parameter ``field`` (= ``value``), so
+    a name the run could only refuse at its end is refused before the run starts."""
+    if MODEL_NAME_RE.fullmatch(name):
+        return name
+    if len(name) > MAX_MODEL_NAME_LENGTH:
+        longest = MAX_MODEL_NAME_LENGTH - (len(name) - len(value))
+        problem = (
+            f"gives the model name {name!r} of {len(name)} characters, and a model name has "
+            f"at most {MAX_MODEL_NAME_LENGTH}, so {field} may have at most {longest} characters"
+        )
+    else:
+        problem = f"gives the invalid model name {name!r} ({MODEL_NAME_RULE})"
+    raise ValueError(f"{field}: {value!r} {problem}{'; ' + hint if hint else ''}")
 
 
 def list_model_versions(name: str, root: Path | None = None) -> list[str]:
@@ -74,7 +95,7 @@ def list_model_versions(name: str, root: Path | None = None) -> list[str]:
     return sorted(
         p.name
         for p in folder.iterdir()
-        if p.is_dir() and VERSION_RE.match(p.name) and (p / MODEL_META).exists()
+        if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / MODEL_META).exists()
     )
 
 
@@ -85,7 +106,7 @@ def list_models(root: Path | None = None) -> list[str]:
     return sorted(
         p.name
         for p in base.iterdir()
-        if p.is_dir() and MODEL_NAME_RE.match(p.name) and list_model_versions(p.name, root)
+        if p.is_dir() and MODEL_NAME_RE.fullmatch(p.name) and list_model_versions(p.name, root)
     )
 
 
@@ -124,7 +145,8 @@ def save_model_version(
     if it raises, nothing is published.
     """
     validate_model_name(name)
-    version = version or new_version()
+    # validated like a dataset version: it names a folder under the model's folder
+    version = new_version() if version is None else validate_version(version, "model")
     folder = models_dir(root) / name
     target = folder / version
     if target.exists():

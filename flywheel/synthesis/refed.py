@@ -17,7 +17,9 @@ Data Synthesis" (2025). Reading top to bottom:
 Every stage is checkpointed chunk by chunk (`flywheel.store.Checkpoint`), so a
 killed run resumes where it stopped. Teacher answers are validated against
 pydantic schemas; an answer that does not validate is asked again, and after
-`max_attempts` it is kept as a failure with its raw text.
+`max_attempts` it is kept as a failure with its raw text. A malformed model
+answer (`MalformedResponse`) or an empty response fails its own item, kept with
+its raw text; a server that went away fails the chunk, which is asked again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from flywheel.llm import Backend, BackendSpec
+from flywheel.llm.base import BackendError, MalformedResponse, call_each
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
 from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction
@@ -81,7 +84,8 @@ class JudgeScore(BaseModel):
 
 
 class Teacher(Protocol):
-    """Each call takes a batch and returns, per item, a dict or raw text for the schema."""
+    """Each call takes a batch and returns, per item, a dict or raw text for the schema,
+    or the BackendError of that item's own request (a malformed answer)."""
 
     name: str
 
@@ -199,11 +203,12 @@ class RefedConfig(BaseModel):
         if (
             teacher is not None
             and teacher.kind == self.responder.kind == "vllm"
-            and teacher.port == self.responder.port
+            and teacher.server == self.responder.server
         ):
             raise ValueError(
-                f"teacher_backend.port and responder.port are both {teacher.port}: two managed "
-                "vLLM servers need different ports"
+                f"teacher_backend.server and responder.server both name {teacher.server!r}: "
+                "two managed servers started from one entry would take the same port; give "
+                "the second its own entry, or reach the running one with kind 'openai'"
             )
         return self
 
@@ -235,7 +240,8 @@ def ask_validated(
 
     Returns (per item: the validated model, or a failure dict with the raw
     text and error), and the number of requests made (retries included).
-    Answers that do not validate become failures; backend errors propagate.
+    Answers that do not validate, and malformed answers the teacher returns in
+    place of an item's text, become failures; backend errors raised propagate.
     """
     results: list[BaseModel | dict | None] = [None] * len(items)
     pending = list(range(len(items)))
@@ -249,6 +255,10 @@ def ask_validated(
         answers = call([items[i] for i in pending], attempt)
         still = []
         for i, answer in zip(pending, answers, strict=True):
+            if isinstance(answer, BackendError):
+                results[i] = {"raw": answer.raw, "error": f"{type(answer).__name__}: {answer}"}
+                still.append(i)
+                continue
             try:
                 results[i] = parse_payload(answer, schema)
             except (ValueError, ValidationError) as err:
@@ -307,7 +317,10 @@ class RefedRun:
         }
 
     def feedback(self) -> list[dict]:
-        """Stage 1: instruction and response feedback, once per reference."""
+        """Stage 1: instruction and response feedback, once per reference.
+
+        A row holds both feedbacks, or `failures`: one failure per request that failed.
+        """
         cfg = self.config
 
         def run(refs: list[dict]) -> list[dict]:
@@ -320,10 +333,14 @@ class RefedRun:
             rows = []
             for ref, i, r in zip(refs, inst, resp, strict=True):
                 row = {"reference_id": ref["id"], "requests": (n_inst + n_resp) / len(refs)}
-                if isinstance(i, dict):
-                    row["failure"] = self._failure("instruction_feedback", ref["id"], ref["id"], i)
-                elif isinstance(r, dict):
-                    row["failure"] = self._failure("response_feedback", ref["id"], ref["id"], r)
+                # one failure per failed request: both are kept when both failed
+                failures = [
+                    self._failure(stage, ref["id"], ref["id"], answer)
+                    for stage, answer in (("instruction_feedback", i), ("response_feedback", r))
+                    if isinstance(answer, dict)
+                ]
+                if failures:
+                    row["failures"] = failures
                 else:
                     row.update(i.model_dump(), **r.model_dump())
                 rows.append(row)
@@ -337,7 +354,7 @@ class RefedRun:
         cfg = self.config
         requests = []
         for fb in self.feedback():
-            if "failure" in fb:
+            if "failures" in fb:
                 continue
             features = [f"subject:{s}" for s in fb["subject_areas"]]
             features += [f"skill:{s}" for s in fb["skills"]]
@@ -414,17 +431,16 @@ class RefedRun:
                         instruction=c["instruction"],
                     )
                 )
-            # a BackendError propagates: this chunk is not checkpointed and is asked again
-            # by the task's retry or the next run; earlier chunks are kept
-            texts = responder.generate(
+            # a malformed answer fails its own item; any other BackendError (a server gone)
+            # propagates: this chunk is not checkpointed and is asked again by the task's
+            # retry or the next run; earlier chunks are kept
+            texts = call_each(
+                lambda batch: responder.generate(
+                    batch, max_new_tokens=cfg.max_new_tokens, stop=cfg.response_stop, seed=cfg.seed
+                ),
                 prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                stop=cfg.response_stop,
-                seed=cfg.seed,
             )
-            return [
-                {"id": c["id"], "response": t.strip()} for c, t in zip(chunk, texts, strict=True)
-            ]
+            return [self._response_row(c, t) for c, t in zip(chunk, texts, strict=True)]
 
         try:
             return self.ckpt.map_chunks("responses", items, run, cfg.chunk_size)
@@ -432,10 +448,21 @@ class RefedRun:
             if responder is not None:
                 responder.close()
 
+    def _response_row(self, candidate: dict, answer: str | MalformedResponse) -> dict:
+        """The responder's answer, or a failure with its raw text: malformed or empty."""
+        if isinstance(answer, MalformedResponse):
+            fail = {"raw": answer.raw, "error": str(answer), "attempts": 1}
+        elif not answer.strip():
+            fail = {"raw": answer, "error": "empty response", "attempts": 1}
+        else:
+            return {"id": candidate["id"], "response": answer.strip()}
+        item_id, reference_id = candidate["id"], candidate["reference_id"]
+        return {"id": item_id, "failure": self._failure("responses", item_id, reference_id, fail)}
+
     def refine(self) -> list[dict]:
         """Stage 4: refine each answer with its reference's response feedback; optional judge."""
         cfg = self.config
-        feedback = {fb["reference_id"]: fb for fb in self.feedback() if "failure" not in fb}
+        feedback = {fb["reference_id"]: fb for fb in self.feedback() if "failures" not in fb}
         candidates = {c["id"]: c for c in self.instructions()}
         items = [r for r in self.responses() if "failure" not in r]
 
@@ -493,7 +520,7 @@ class RefedRun:
         responses = {r["id"]: r for r in self.responses()}
         refined = self.refine()
 
-        failed = [fb["failure"] for fb in feedback if "failure" in fb]
+        failed = [f for fb in feedback for f in fb.get("failures", [])]
         failed += [p["failure"] for p in proposed if "failure" in p]
         failed += [r["failure"] for r in responses.values() if "failure" in r]
         failed += [r["failure"] for r in refined if "failure" in r]
@@ -527,7 +554,7 @@ class RefedRun:
         feedback_requests = sum(fb["requests"] for fb in feedback)
         stats = {
             "references": len(self.references),
-            "references_with_feedback": sum("failure" not in fb for fb in feedback),
+            "references_with_feedback": sum("failures" not in fb for fb in feedback),
             "feedback_requests": feedback_requests,
             "instructions_proposed": len(candidates),
             "dropped_by_diversity": sum(not c["kept"] for c in candidates.values()),
@@ -605,33 +632,41 @@ class LLMTeacher:
             self._backend.close()
             self._backend = None
 
-    def _ask(self, prompts: list[str], attempt: int) -> list[str]:
-        # a retry samples instead of repeating the same greedy answer
-        return self.backend.generate(
+    def _ask(self, prompts: list[str], attempt: int) -> list[str | MalformedResponse]:
+        # a malformed answer stays with its prompt (ask_validated records it and asks
+        # again); a retry samples instead of repeating the same greedy answer
+        return call_each(
+            lambda batch: self.backend.generate(
+                batch,
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0 if attempt == 0 else 0.7,
+                seed=attempt,
+            ),
             prompts,
-            max_new_tokens=self.max_new_tokens,
-            temperature=0.0 if attempt == 0 else 0.7,
-            seed=attempt,
         )
 
-    def instruction_feedback(self, references: Sequence[dict], attempt: int = 0) -> list[str]:
+    def instruction_feedback(
+        self, references: Sequence[dict], attempt: int = 0
+    ) -> list[str | MalformedResponse]:
         template = PROMPTS["instruction_feedback"]
         return self._ask([template.format(**r) for r in references], attempt)
 
-    def response_feedback(self, references: Sequence[dict], attempt: int = 0) -> list[str]:
+    def response_feedback(
+        self, references: Sequence[dict], attempt: int = 0
+    ) -> list[str | MalformedResponse]:
         template = PROMPTS["response_feedback"]
         return self._ask([template.format(**r) for r in references], attempt)
 
     def new_instructions(
         self, requests: Sequence[tuple[dict, str]], n: int, attempt: int = 0
-    ) -> list[str]:
+    ) -> list[str | MalformedResponse]:
         template = PROMPTS["new_instructions"]
         prompts = [template.format(n=n, feature=f, **ref) for ref, f in requests]
         return self._ask(prompts, attempt)
 
     def refine(
         self, requests: Sequence[tuple[dict, dict, str, str]], attempt: int = 0
-    ) -> list[str]:
+    ) -> list[str | MalformedResponse]:
         template = PROMPTS["refine"]
         prompts = [
             template.format(new_instruction=instr, new_response=resp, **fb)
@@ -639,7 +674,9 @@ class LLMTeacher:
         ]
         return self._ask(prompts, attempt)
 
-    def judge(self, requests: Sequence[tuple[str, str]], attempt: int = 0) -> list[str]:
+    def judge(
+        self, requests: Sequence[tuple[str, str]], attempt: int = 0
+    ) -> list[str | MalformedResponse]:
         template = PROMPTS["judge"]
         prompts = [template.format(instruction=i, response=r) for i, r in requests]
         return self._ask(prompts, attempt)

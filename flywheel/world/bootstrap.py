@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.world.models import ModelSize, char_tokenizer, new_tiny_model, save_tiny
 from flywheel.world.tasks import (
@@ -25,49 +27,80 @@ log = logging.getLogger(__name__)
 
 EVAL_SEED = 10_000  # held-out tasks are drawn from a seed the training sampler never uses
 HARD_MIN_LEN = 6
-
-
-class BootstrapConfig(BaseModel):
-    # steps make the models reproducible; the time budgets only cap a slow or busy machine
-    small_steps: int = 2400
-    large_steps: int = 2400
-    small_budget_s: float = 45.0
-    large_budget_s: float = 125.0
-    small_lr: float = 3e-3
-    large_lr: float = 2e-3
-    batch_size: int = 32
-    seed: int = 0
-    eval_tasks: int = 600
-    # the shop agent (flywheel.world.shop_agent), for ARMAP
-    shop_agent_steps: int = 2500
-    shop_agent_budget_s: float = 40.0
-    shop_agent_eval_intents: int = 100
-
-
 SHOP_AGENT = "shop-agent"
 
 
+class BootstrapConfig(BaseModel):
+    """What `world/bootstrap` trains: a fixed number of steps per model (the same models
+    for a seed on a fast or a busy machine), and the accuracy each must reach to be
+    published."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    small_steps: int = Field(2400, ge=1)
+    large_steps: int = Field(2400, ge=1)
+    small_lr: float = Field(3e-3, gt=0)
+    large_lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    eval_tasks: int = Field(600, ge=1)
+    # held-out exact-match accuracy ("all" families) below which a model is not published;
+    # the defaults are well under what the default steps reach (0.36 and 0.66 measured)
+    small_min_accuracy: float = Field(0.25, ge=0, le=1)
+    large_min_accuracy: float = Field(0.5, ge=0, le=1)
+    # the shop agent (flywheel.world.shop_agent), for ARMAP
+    shop_agent_steps: int = Field(2500, ge=1)
+    shop_agent_eval_intents: int = Field(100, ge=0)
+    force: bool = Field(False, description="retrain even when models with this config exist")
+
+
+class BelowAccuracyFloor(RuntimeError):
+    """A freshly trained world model missed its accuracy floor and was not published."""
+
+
+# What a model's cache entry depends on besides its config: the code that trains it.
+SOURCE = hashlib.sha256(
+    b"".join(
+        (Path(__file__).parent / name).read_bytes()
+        for name in ("bootstrap.py", "training.py", "models.py", "tasks.py", "shop_agent.py")
+    )
+).hexdigest()[:16]
+
+
 def _own_config(config: dict, model: str) -> dict:
-    """The fields that define one model: changing the agent's budget keeps the world models."""
+    """The fields that define one model: changing the agent's steps keeps the world models."""
+    config = {k: v for k, v in config.items() if k != "force"}
     if model == SHOP_AGENT:
         return {k: v for k, v in config.items() if k.startswith("shop_agent_") or k == "seed"}
     return {k: v for k, v in config.items() if not k.startswith("shop_agent_")}
 
 
+def _steps(config: BootstrapConfig, model: str) -> int:
+    return {"small": config.small_steps, "large": config.large_steps}.get(
+        model, config.shop_agent_steps
+    )
+
+
 def _cached(path: Path, config: BootstrapConfig, model: str) -> dict | None:
+    """The report of the model in `path` if it was trained as `config` asks: same config,
+    same training code, and every planned step actually trained."""
     report_file = path / "bootstrap_report.json"
-    if not report_file.exists():
+    if config.force or not report_file.exists():
         return None
     previous = json.loads(report_file.read_text())
     wanted = _own_config(config.model_dump(), model)
-    return previous if _own_config(previous.get("config", {}), model) == wanted else None
+    if _own_config(previous.get("config", {}), model) != wanted:
+        return None
+    if previous.get("source") != SOURCE:
+        return None
+    if previous.get("train", {}).get("steps") != _steps(config, model):
+        return None
+    return previous
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
     # a temporary folder renamed into place: a killed bootstrap leaves no half model
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)
 
@@ -112,22 +145,24 @@ def model_dir(root: Path, size: ModelSize) -> Path:
 def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) -> dict:
     """Train and save `world-small`, `world-large` and `shop-agent` under root; return the report.
 
-    A model whose folder already holds a report made with the same config (its
-    own fields of it) is kept, so a re-run is instant. The shop agent's figures
-    are under "shop_agent", apart from the world models' under "models".
+    A model whose folder already holds a report made with the same config (its own
+    fields of it), the same training code and every planned step is kept, so a re-run
+    is instant; `config.force` retrains. A world model below its accuracy floor is not
+    published: BelowAccuracyFloor says what it reached and what to do. The shop agent's
+    figures are under "shop_agent", apart from the world models' under "models".
     """
     config = config or BootstrapConfig()
     root = Path(root)
     tasks = held_out_tasks(config.eval_tasks)
     report: dict = {"config": config.model_dump(), "models": {}}
-    for size, budget in (("small", config.small_budget_s), ("large", config.large_budget_s)):
+    for size in ("small", "large"):
         path = model_dir(root, size)
         if (previous := _cached(path, config, size)) is not None:
             log.info("world-%s already trained with this config: %s", size, path)
             report["models"][size] = previous
             continue
-        steps = config.small_steps if size == "small" else config.large_steps
-        log.info("training world-%s: %d steps, at most %.0fs", size, steps, budget)
+        steps = _steps(config, size)
+        log.info("training world-%s: %d steps", size, steps)
         model = new_tiny_model(size, seed=config.seed)
         stats = train_causal_lm(
             model,
@@ -137,20 +172,34 @@ def bootstrap_models(root: str | Path, config: BootstrapConfig | None = None) ->
             batch_size=config.batch_size,
             lr=config.small_lr if size == "small" else config.large_lr,
             seed=config.seed,
-            time_budget_s=budget,
-            progress=lambda step, loss, size=size: log.info(
-                "world-%s step %d loss %.3f", size, step, loss
+            progress=lambda step, loss, size=size, steps=steps: log.info(
+                "world-%s step %d/%d loss %.3f", size, step, steps, loss
             ),
         )
         tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed bootstrap
         save_tiny(model, tmp)
         entry = {
             "config": config.model_dump(),
+            "source": SOURCE,
             "path": str(path),
             "parameters": sum(p.numel() for p in model.parameters()),
             "train": stats,
             **evaluate_model(tmp, tasks),
         }
+        floor = config.small_min_accuracy if size == "small" else config.large_min_accuracy
+        reached = entry["accuracy"]["all"]
+        log.info("world-%s: held-out accuracy %.3f (floor %.2f)", size, reached, floor)
+        if reached < floor:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"; the earlier model at {path} is unchanged" if path.exists() else ""
+            raise BelowAccuracyFloor(
+                f"world-{size} reached held-out accuracy {reached:.3f} after {steps} steps, "
+                f"below its floor {floor:.2f} ({size}_min_accuracy): it was not "
+                f"published{kept}. Train longer ({size}_steps, e.g. "
+                f"{max(2 * steps, 2400)}), or lower {size}_min_accuracy if a weaker model is "
+                "what you want."
+            )
         (tmp / "bootstrap_report.json").write_text(json.dumps(entry, indent=2))
         _move_into_place(tmp, path)
         report["models"][size] = entry
@@ -170,38 +219,51 @@ def bootstrap_shop_agent(root: str | Path, config: BootstrapConfig) -> dict:
     if (previous := _cached(path, config, SHOP_AGENT)) is not None:
         log.info("shop-agent already trained with this config: %s", path)
         return previous
-    log.info(
-        "training shop-agent: %d steps, at most %.0fs",
-        config.shop_agent_steps,
-        config.shop_agent_budget_s,
-    )
+    log.info("training shop-agent: %d steps", config.shop_agent_steps)
     tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     trained = train_shop_agent(
         tmp,
-        config.shop_agent_budget_s,
         seed=config.seed,
         steps=config.shop_agent_steps,
         eval_intents=config.shop_agent_eval_intents,
     )
-    entry = {"config": config.model_dump(), **trained, "path": str(path)}
+    entry = {"config": config.model_dump(), "source": SOURCE, **trained, "path": str(path)}
     (tmp / "bootstrap_report.json").write_text(json.dumps(entry, indent=2))
     _move_into_place(tmp, path)
     return entry
+
+
+def read_report(root: str | Path) -> dict:
+    """The report of the models published under root (what `format_report` prints)."""
+    report: dict = {"models": {}}
+    for size in ("small", "large"):
+        file = model_dir(Path(root), size) / "bootstrap_report.json"
+        if file.exists():
+            report["models"][size] = json.loads(file.read_text())
+    agent = shop_agent_dir(Path(root)) / "bootstrap_report.json"
+    if agent.exists():
+        report["shop_agent"] = json.loads(agent.read_text())
+    return report
 
 
 def format_report(report: dict) -> str:
     """A markdown table of accuracy per family for each model; the shop agent's success."""
     families = sorted(FAMILIES) + ["all"]
     lines = [
-        "| model | params | steps | train s | " + " | ".join(families) + " | hard (len>=6) |",
-        "|---" * (len(families) + 5) + "|",
+        "| model | params | steps | train s | "
+        + " | ".join(families)
+        + " | floor (all) | hard (len>=6) |",
+        "|---" * (len(families) + 6) + "|",
     ]
     for size, entry in report["models"].items():
         acc = entry["accuracy"]
+        floor = entry.get("config", {}).get(f"{size}_min_accuracy")
         lines.append(
             f"| world-{size} | {entry['parameters']:,} | {entry['train']['steps']} | "
             f"{entry['train']['seconds']:.0f} | "
             + " | ".join(f"{acc.get(f, 0.0):.2f}" for f in families)
+            + (f" | {floor:.2f}" if floor is not None else " | -")
             + f" | {entry['accuracy_hard'].get('all', 0.0):.2f} |"
         )
     agent = report.get("shop_agent")

@@ -425,7 +425,6 @@ def _rates(episodes: Sequence[Episode]) -> dict[str, float]:
 
 def train_shop_agent(
     out_dir: str | Path,
-    budget_s: float,
     seed: int = 0,
     size: ModelSize = "small",
     *,
@@ -434,10 +433,10 @@ def train_shop_agent(
     batch_size: int = 8,
     eval_intents: int = 100,
 ) -> dict:
-    """Train a tiny Llama on expert (prompt, action) pairs within budget_s; save it to out_dir.
+    """Train a tiny Llama on expert (prompt, action) pairs for `steps` steps; save it to out_dir.
 
-    Small batches at a high learning rate: within a CPU budget of tens of
-    seconds, more updates teach the 0.1M model more than larger batches do.
+    Small batches at a high learning rate: for the same CPU time, more updates
+    teach the 0.1M model more than larger batches do.
 
     Returns {"path", "size", "parameters", "train", "eval"}; "eval" holds plain
     success (sampled at temperature 1 and greedy) and the expert's, on held-out
@@ -445,8 +444,6 @@ def train_shop_agent(
     """
     from flywheel.world.training import train_causal_lm
 
-    if budget_s <= 0:
-        raise ValueError(f"budget_s must be positive, got {budget_s}")
     model = new_tiny_model(size, seed=seed)
     stats = train_causal_lm(
         model,
@@ -456,7 +453,6 @@ def train_shop_agent(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        time_budget_s=budget_s,
         progress=lambda step, loss: log.info("shop-agent step %d loss %.3f", step, loss),
     )
     path = save_tiny(model, out_dir)

@@ -37,17 +37,17 @@ def train_causal_lm(
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
-    time_budget_s: float | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train on a fixed list of (prompt, answer) pairs, or on a sampler of fresh ones.
 
-    Cosine schedule with warm-up. With `time_budget_s`, step time is measured
-    as training goes and the schedule is shortened to fit the budget, so the
-    learning rate still anneals. Returns {"steps", "loss", "seconds"}.
+    Exactly `steps` steps with a cosine schedule and warm-up, so a seed gives the same
+    model on a fast or a busy machine. Returns {"steps", "loss", "seconds"}.
     """
     if not callable(examples) and not examples:
         raise ValueError("examples is empty: nothing to train on")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
@@ -61,10 +61,9 @@ def train_causal_lm(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = timed_from = time.monotonic()
+    start = time.monotonic()
     loss_value = float("nan")
-    step = 0
-    while step < total:
+    for step in range(total):
         if callable(examples):
             batch = [examples(rng) for _ in range(batch_size)]
         else:
@@ -91,19 +90,8 @@ def train_causal_lm(
         loss_value = loss.item()
         if progress and (step % 100 == 0 or step == total - 1):
             progress(step, loss_value)
-        step += 1
-        if step == 2:
-            timed_from = time.monotonic()  # the first steps pay one-off warm-up costs
-        if time_budget_s is not None and step % 50 == 12:
-            # re-plan every 50 steps: step time drifts on a shared machine
-            per_step = (time.monotonic() - timed_from) / (step - 2)
-            left = time_budget_s - (time.monotonic() - start)
-            planned = max(step + 1, min(steps, step + int(left / per_step)))
-            if planned != total:
-                log.debug("%.3fs per step: %d steps fit %.0fs", per_step, planned, time_budget_s)
-            total = planned
     model.eval()
-    return {"steps": step, "loss": loss_value, "seconds": time.monotonic() - start}
+    return {"steps": total, "loss": loss_value, "seconds": time.monotonic() - start}
 
 
 def accuracy_by_family(tasks: Sequence[Task], answers: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,71 @@
+"""A local stand-in for an OpenAI-compatible `/v1/completions` server whose answer to each
+request is a function of the request, so a test can make some prompts' answers malformed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+Reply = tuple[int, str]  # (HTTP status, body)
+
+
+def completion(text: str) -> str:
+    """A well-formed completions body whose first choice's text is `text`."""
+    return json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+
+
+def top_logprobs(candidates: dict[str, float]) -> str:
+    """A well-formed completions body (vLLM format) whose first position has `candidates`."""
+    first = max(candidates, key=candidates.__getitem__)
+    logprobs = {"tokens": [first], "token_logprobs": [candidates[first]]}
+    logprobs |= {"top_logprobs": [candidates], "text_offset": [0]}
+    return json.dumps({"choices": [{"index": 0, "text": first, "logprobs": logprobs}]})
+
+
+class _Server(ThreadingHTTPServer):
+    # the default backlog (5) drops connections when a backend opens dozens at once
+    request_queue_size = 128
+
+
+class CompletionsServer:
+    """Answers each POSTed JSON payload with `answer(payload)`; records every payload."""
+
+    def __init__(self, answer: Callable[[dict], Reply]) -> None:
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(payload)
+                status, body = answer(payload)
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.requests]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
