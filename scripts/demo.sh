@@ -7,17 +7,24 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 flywheel up
-prefect deployment run world/bootstrap --watch
+# fixed steps: minutes on 2 cores (longer on a busy machine, never weaker models)
+if ! prefect deployment run world/bootstrap --watch; then
+  echo "world/bootstrap failed; its log: data/_run/serve.log (or the run in the UI)" >&2
+  exit 1
+fi
 prefect deployment run synth/reference --watch
+echo
+echo "== the world's models: held-out accuracy per family (flywheel world report) =="
+flywheel world report
 echo
 echo "== what synth/reference wrote (flywheel sql) =="
 flywheel sql "select family, count(*) as samples, round(avg(refined::int), 2) as refined_share
               from reference_synth group by 1 order by 1"
-flywheel sql "select dataset, version, input_dataset, produced_by as run_id from lineage
-              order by recorded desc limit 5"
-cat <<MSG
+flywheel sql "select dataset, version, input_dataset from lineage order by recorded desc limit 5"
+cat <<'MSG'
 
-The Prefect server (UI: http://127.0.0.1:4200) and the serve process are still running;
+The Prefect server (UI: http://127.0.0.1:4200; its login is the auth string that
+`flywheel server auth-string` prints) and the serve process are still running;
 deployments run nightly. Logs: data/_run/server.log, data/_run/serve.log.
   stop both:       .venv/bin/flywheel down
   start again:     .venv/bin/flywheel up

@@ -32,26 +32,29 @@ NIGHTLY_UTC = {
 }
 
 
+# `<flow>/<deployment>` names as in DESIGN.md
+FLOWS = {
+    "world/bootstrap": bootstrap,
+    "synth/reference": reference,
+    "synth/armap": armap,
+    "reward/train": train_flow,
+    "reward/relabel": relabel,
+    "plan/best-of-n": best_of_n,
+    "plan/reflexion": reflexion,
+    "plan/mcts": mcts,
+    "align/group-robust": group_robust_flow,
+    "selectors/kmeans": kmeans_selector,
+    "decode/co-llm": co_llm_flow,
+    "decode/collab": collab_flow,
+    "decode/hybrid": hybrid_flow,
+}
+
+
 def deployments() -> list[RunnerDeployment]:
-    """`<flow>/<deployment>` names as in DESIGN.md; started by hand with
+    """Every flow as a deployment, started by hand with
     `prefect deployment run synth/reference`."""
-    flows = {
-        "world/bootstrap": bootstrap,
-        "synth/reference": reference,
-        "synth/armap": armap,
-        "reward/train": train_flow,
-        "reward/relabel": relabel,
-        "plan/best-of-n": best_of_n,
-        "plan/reflexion": reflexion,
-        "plan/mcts": mcts,
-        "align/group-robust": group_robust_flow,
-        "selectors/kmeans": kmeans_selector,
-        "decode/co-llm": co_llm_flow,
-        "decode/collab": collab_flow,
-        "decode/hybrid": hybrid_flow,
-    }
     out = []
-    for full_name, flow in flows.items():
+    for full_name, flow in FLOWS.items():
         name = full_name.split("/", 1)[1]
         out.append(
             flow.to_deployment(

@@ -1,0 +1,60 @@
+"""What a newcomer sees of every flow: defaults the UI shows and pre-fills, logs without
+the bytecode `dill` prints when `datasets.map` hashes a function, and the effective
+parameters recorded on the run."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flywheel.flows.deployments import FLOWS, deployments
+from flywheel.flows.world import bootstrap
+from flywheel.world.bootstrap import BootstrapConfig
+
+DEPLOYMENTS = deployments()
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.name)
+def test_every_flow_has_its_defaults_in_the_signature(deployment) -> None:
+    schema = deployment._parameter_openapi_schema.model_dump()
+    params = schema["properties"]["params"]
+    assert schema.get("required", []) == []
+    default = params["default"]  # what the UI's custom-run form pre-fills
+    assert isinstance(default, dict) and default
+    # every nested backend spec comes filled in: no empty required "model" field
+    for value in default.values():
+        for spec in value if isinstance(value, list) else [value]:
+            if isinstance(spec, dict) and "kind" in spec and "model" in spec:
+                assert spec["model"], (deployment.name, spec)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.name)
+def test_no_flow_turns_prints_into_run_logs(deployment) -> None:
+    # under log_prints=True every datasets.map call filled the run log with the bytecode
+    # that dill prints while hashing the mapped function (450 of 462 lines of reward/train)
+    (flow,) = [f for name, f in FLOWS.items() if name.split("/")[1] == deployment.name]
+    assert not flow.log_prints
+
+
+def test_the_effective_parameters_are_an_artifact_of_the_run(prefect_api, data_dir) -> None:
+    config = BootstrapConfig(
+        small_steps=2,
+        large_steps=2,
+        small_min_accuracy=0,
+        large_min_accuracy=0,
+        eval_tasks=4,
+        shop_agent_steps=2,
+        shop_agent_eval_intents=0,
+    )
+    bootstrap(config)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["world-bootstrap-parameters"])
+            )
+        )
+    assert artifacts, "no parameters artifact"
+    text = str(artifacts[-1].data)
+    # the defaults the caller left out are there too
+    assert '"small_steps": 2' in text and '"batch_size": 32' in text and '"force": false' in text
