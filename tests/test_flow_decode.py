@@ -251,9 +251,12 @@ def test_collab_flow_writes_each_prompts_own_failed_calls(prefect_api, data_dir)
             k=2,
             rollout_len=1,
             max_new_tokens=2,
-            baselines=False,
+            baselines=True,
         )
         figures = collab_flow(params)["figures"]
+    # the agent alone on the same prompts: the malformed answers are counted, not fatal
+    [alone_failed] = [v for k, v in figures.items() if k.endswith("alone: failed calls")]
+    assert alone_failed == 2
     rows = read_dataset("decoded_collab").to_pandas().set_index("prompt")
     for prompt in ("copy aa=", "sort aa="):
         assert json.loads(rows.loc[prompt, "failures"]) == []

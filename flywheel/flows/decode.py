@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ from flywheel.flows.tracking import (
     write_once,
 )
 from flywheel.llm import Backend, BackendSpec, make_backend, model_fingerprint
+from flywheel.llm.base import call_each
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.reward_models.ensemble import EnsembleRewardModel
 from flywheel.store import (
@@ -73,6 +75,8 @@ WORLD_EXAMPLES = "world_co_llm_examples"
 WORLD_VALIDATION = "world_co_llm_validation"
 ETA_SWEEP = "co_llm_eta_sweep"
 WORLD_REWARD = "world"  # the world's own checker as the target reward (1 right, 0 wrong)
+
+log = logging.getLogger(__name__)
 
 
 def _source(*modules) -> str:
@@ -850,19 +854,29 @@ def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[Datase
 
 @task(name="agents-alone", **MODEL_CALLS)
 def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
-    """Each agent's greedy completion, scored by the same target reward."""
+    """Each agent's greedy completion, scored by the same target reward. A malformed
+    answer counts as wrong, is left out of the mean reward, and is counted and logged
+    with its raw text."""
     reward = _reward_fn(data["reward"], data["rows"])
     prompts = [r["prompt"] for r in data["rows"]]
     out = {}
     for name, spec in zip(_agent_names(params.agents), params.agents, strict=True):
         with make_backend(spec) as agent:
-            texts = agent.generate(
-                prompts, max_new_tokens=params.max_new_tokens, temperature=0.0, stop=params.stop
+            answers = call_each(
+                lambda batch, agent=agent: agent.generate(
+                    batch, max_new_tokens=params.max_new_tokens, temperature=0.0, stop=params.stop
+                ),
+                prompts,
             )
-        scores = reward(prompts, texts)
+        texts = [a if isinstance(a, str) else None for a in answers]
+        answered = [i for i, t in enumerate(texts) if t is not None]
+        for i in (i for i, t in enumerate(texts) if t is None):
+            log.warning("%s alone, prompt %d: %s; raw: %.500r", name, i, answers[i], answers[i].raw)
+        scores = reward([prompts[i] for i in answered], [texts[i] for i in answered])
         out[name] = {
-            "mean reward": sum(scores) / len(scores),
+            "mean reward": sum(scores) / len(scores) if scores else None,
             "accuracy": _accuracy(data["rows"], texts),
+            "failed calls": len(prompts) - len(answered),
         }
     return out
 
@@ -896,8 +910,9 @@ def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
             figures[f"share of tokens by {name}"] = _share(rows, name)
         if params.baselines:
             for name, alone in agents_alone(params, data).items():
-                figures[f"{name} alone: mean target reward"] = alone["mean reward"]
+                figures[f"{name} alone: mean target reward"] = _figure(alone["mean reward"])
                 figures[f"{name} alone: accuracy"] = _figure(alone["accuracy"])
+                figures[f"{name} alone: failed calls"] = alone["failed calls"]
         figures["seconds"] = round(time.monotonic() - started, 2)
         summary_artifact("decode-collab", "Collab decoding", figures)
         return {"figures": figures}
