@@ -39,6 +39,19 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         pass  # the group is already gone
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, dead but not yet reaped by
+    their parent, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 class ManagedServer:
     """A server process in its own process group, healthy once `health_url` answers 200."""
 
@@ -122,8 +135,12 @@ class ManagedServer:
             except subprocess.TimeoutExpired:
                 signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
-            # Children that outlived the leader would hold ports and GPU memory.
+            # Children that outlived the leader would hold ports and GPU memory: kill them
+            # and return only once they are gone (a signal takes effect asynchronously).
             signal_group(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + self.stop_timeout
+            while group_running(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
         if self._log is not None:
             self._log.close()
             self._log = None
