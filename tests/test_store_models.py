@@ -114,5 +114,6 @@ def test_derived_model_names_name_the_field_and_its_limit():
         validate_derived_model_name(
             "a" * 61 + "-rm", field="dataset", value="a" * 61, hint="or set model_name"
         )
-    with pytest.raises(ValueError, match="^output: 'x' gives the invalid model name 'x rm'"):
+    rule = "^output: 'x' gives the model name 'x rm', which breaks the rule: a model name"
+    with pytest.raises(ValueError, match=rule):
         validate_derived_model_name("x rm", field="output", value="x")

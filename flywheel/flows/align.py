@@ -37,7 +37,7 @@ from flywheel.flows.tracking import (
 from flywheel.llm import BackendSpec
 from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
 from flywheel.store.datasets import new_version, validate_derived_version
-from flywheel.store.models import validate_derived_model_name, validate_model_name
+from flywheel.store.models import model_name_for, validate_model_name
 from flywheel.world.tasks import group_preference_pairs
 
 WORLD_GROUP_PAIRS = "world_group_pairs"
@@ -87,11 +87,8 @@ class GroupRobustParams(BaseModel):
         field, value = "model_name", self.model_name
         if self.model_name is None:
             field, value = "dataset", self.dataset
-            self.model_name = validate_derived_model_name(
-                f"{self.dataset.replace('_', '-')}-{self.method}",
-                field="dataset",
-                value=self.dataset,
-                hint="or set model_name",
+            self.model_name = model_name_for(
+                self.dataset, self.method, field="dataset", hint="or set model_name"
             )
         validate_model_name(self.model_name, field="model_name")
         # the evaluation is written as version <model_name>_<model version>

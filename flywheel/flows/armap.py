@@ -26,7 +26,7 @@ from flywheel.reward_models import planners
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model
 from flywheel.store.datasets import new_version, validate_output_name
-from flywheel.store.models import validate_derived_model_name
+from flywheel.store.models import model_name_for
 from flywheel.synthesis import armap as armap_module
 from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, ShopAgent, synthesize_triplets
 from flywheel.world import shop_agent as shop_agent_module
@@ -89,7 +89,7 @@ class ArmapSynthParams(ArmapConfig):
     def _dataset_name(cls, name: str) -> str:
         # the run also writes <output>__failed, and trains the reward model <output>-rm
         validate_output_name(name, field="output", failed=True)
-        validate_derived_model_name(f"{name.replace('_', '-')}-rm", field="output", value=name)
+        model_name_for(name, "rm", field="output")
         return name
 
 
@@ -192,7 +192,7 @@ def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
                 RewardTrainParams(
                     dataset=params.output,
                     dataset_version=out["triplets"].split("@", 1)[1],
-                    model_name=f"{params.output.replace('_', '-')}-rm",
+                    model_name=model_name_for(params.output, "rm", field="output"),
                     epochs=params.reward_epochs,
                     base_model=params.reward_base_model,
                     seed=params.seed,

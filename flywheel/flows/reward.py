@@ -39,7 +39,7 @@ from flywheel.store import (
     save_model_version,
     validate_name,
 )
-from flywheel.store.models import validate_derived_model_name, validate_model_name
+from flywheel.store.models import model_name_for, validate_model_name
 from flywheel.world.bootstrap import model_dir, models_root
 from flywheel.world.tasks import answer_preference_pairs
 
@@ -86,11 +86,8 @@ class RewardTrainParams(BaseModel):
     def _name(self) -> RewardTrainParams:
         if self.model_name is None:
             suffix = "rm" if self.kind == "bradley-terry" else f"ensemble{self.members}"
-            self.model_name = validate_derived_model_name(
-                f"{self.dataset.replace('_', '-')}-{suffix}",
-                field="dataset",
-                value=self.dataset,
-                hint="or set model_name",
+            self.model_name = model_name_for(
+                self.dataset, suffix, field="dataset", hint="or set model_name"
             )
         validate_model_name(self.model_name, field="model_name")
         return self

@@ -142,20 +142,36 @@ def validate_version(version: str, what: str = "dataset") -> str:
     raise ValueError(f"invalid {what} version {version!r}: {VERSION_RULE}")
 
 
+def derived_error(what: str, built: str, *, field: str, value: str, limit: int, rule: str) -> str:
+    """Why the `what` (a version, a model name) that a flow builds from its parameter
+    ``field`` (= ``value``) is invalid: too long (and how long ``field`` may be), or
+    against ``rule``."""
+    if len(built) > limit:
+        longest = limit - (len(built) - len(value))
+        problem = (
+            f"gives the {what} {built!r} of {len(built)} characters, and a {what} has at most "
+            f"{limit}, so {field} may have at most {longest} characters"
+        )
+    else:
+        problem = f"gives the {what} {built!r}, which breaks the rule: {rule}"
+    return f"{field}: {value!r} {problem}"
+
+
 def validate_derived_version(version: str, *, field: str, value: str) -> str:
     """Check a version that a flow builds from its parameter ``field`` (= ``value``), so a
     version the run could only refuse at its end is refused before the run starts."""
     if VERSION_RE.fullmatch(version):
         return version
-    if len(version) > MAX_VERSION_LENGTH:
-        longest = MAX_VERSION_LENGTH - (len(version) - len(value))
-        problem = (
-            f"gives the version {version!r} of {len(version)} characters, and a version has "
-            f"at most {MAX_VERSION_LENGTH}, so {field} may have at most {longest} characters"
+    raise ValueError(
+        derived_error(
+            "version",
+            version,
+            field=field,
+            value=value,
+            limit=MAX_VERSION_LENGTH,
+            rule=VERSION_RULE,
         )
-    else:
-        problem = f"gives the version {version!r}, which breaks the rule: {VERSION_RULE}"
-    raise ValueError(f"{field}: {value!r} {problem}")
+    )
 
 
 def new_version() -> str:

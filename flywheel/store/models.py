@@ -26,6 +26,7 @@ from flywheel.store.datasets import (
     DatasetRef,
     StoreError,
     data_root,
+    derived_error,
     new_version,
     validate_version,
 )
@@ -76,15 +77,22 @@ def validate_derived_model_name(name: str, *, field: str, value: str, hint: str 
     a name the run could only refuse at its end is refused before the run starts."""
     if MODEL_NAME_RE.fullmatch(name):
         return name
-    if len(name) > MAX_MODEL_NAME_LENGTH:
-        longest = MAX_MODEL_NAME_LENGTH - (len(name) - len(value))
-        problem = (
-            f"gives the model name {name!r} of {len(name)} characters, and a model name has "
-            f"at most {MAX_MODEL_NAME_LENGTH}, so {field} may have at most {longest} characters"
-        )
-    else:
-        problem = f"gives the invalid model name {name!r} ({MODEL_NAME_RULE})"
-    raise ValueError(f"{field}: {value!r} {problem}{'; ' + hint if hint else ''}")
+    problem = derived_error(
+        "model name",
+        name,
+        field=field,
+        value=value,
+        limit=MAX_MODEL_NAME_LENGTH,
+        rule=MODEL_NAME_RULE,
+    )
+    raise ValueError(problem + (f"; {hint}" if hint else ""))
+
+
+def model_name_for(dataset: str, suffix: str, *, field: str, hint: str = "") -> str:
+    """The model name a flow derives from a dataset name: `my_pairs` + `rm` -> `my-pairs-rm`,
+    checked as the parameter ``field`` (= ``dataset``)."""
+    name = f"{dataset.replace('_', '-')}-{suffix}"
+    return validate_derived_model_name(name, field=field, value=dataset, hint=hint)
 
 
 def list_model_versions(name: str, root: Path | None = None) -> list[str]:
