@@ -30,6 +30,7 @@ from flywheel.store.datasets import (
     list_versions,
     read_dataset,
 )
+from flywheel.store.locks import file_lock
 from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
 
 CATALOG_FILE = "flywheel.duckdb"
@@ -110,7 +111,11 @@ def _connect(
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(path), read_only=read_only, config=config)
+                # DuckDB writes a new file's header while it opens it: of two processes
+                # creating the catalog at once, one saw a half-written file ("not a valid
+                # DuckDB database file"), so opens of the project's own processes take turns
+                with file_lock(path.with_name(f".{path.name}.open.lock"), log_wait=False):
+                    con = duckdb.connect(str(path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as e:
                 remaining = deadline - time.monotonic()

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing), waiting for other holders."""
+def file_lock(path: str | Path, *, log_wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting for other holders
+    (and saying so in the log unless `log_wait` is off, for locks held a moment only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -28,7 +29,8 @@ def file_lock(path: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another run that holds %s", path)
+            if log_wait:
+                log.info("waiting for another run that holds %s", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
