@@ -3,11 +3,23 @@ and a Prefect test server once per session."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The tests use Prefect settings of their own, never the developer's: run from the
+# project root, prefect.toml would point Prefect at data/_prefect, whose profile holds
+# the local server's auth string (which the test server would then demand).
+_prefect_dir = Path(tempfile.mkdtemp(prefix="flywheel-test-prefect-"))
+os.environ["PREFECT_HOME"] = str(_prefect_dir)
+os.environ["PREFECT_PROFILES_PATH"] = str(_prefect_dir / "profiles.toml")
+atexit.register(shutil.rmtree, _prefect_dir, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -159,7 +159,10 @@ def test_a_killed_run_outside_prefect_is_crashed_and_a_live_one_kept(data_dir, s
     assert row(killed_id)["status"] == "crashed" and row(killed_id)["ended"] is not None
     assert row(alive_id)["status"] == "running"
 
-    kill(alive.pid)  # not reaped yet: a zombie is gone as well
+    kill(alive.pid)
+    # SIGKILL lands asynchronously: wait until it has exited, leaving it unreaped (a
+    # zombie), which counts as gone as well
+    os.waitid(os.P_PID, alive.pid, os.WEXITED | os.WNOWAIT)
     assert reconcile_runs(recent=None) == {alive_id: "crashed"}
 
 
