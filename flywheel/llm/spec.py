@@ -11,6 +11,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.llm.base import Backend, BackendError, ModelNotFound
+from flywheel.llm.chat import PromptFormat
 from flywheel.llm.servers import read_server_entry, servers_file, validate_server_name
 
 HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")
@@ -43,6 +44,15 @@ class BackendSpec(BaseModel):
     base_url: str | None = None
     server: str | None = Field(
         None, description="kind 'vllm': the name of an entry [servers.<name>] of servers.toml"
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description=(
+            "how prompts reach the model: 'chat' renders them with the chat template "
+            "(in process) or sends them to /v1/chat/completions (HTTP); 'raw' sends the text "
+            "as it is; 'auto' is chat for an in-process model with a chat template and raw "
+            "for HTTP (chat-message prompts always go as chat)"
+        ),
     )
     device: str = "cpu"
     batch_size: int = Field(32, ge=1)
@@ -119,8 +129,18 @@ def make_backend(spec: BackendSpec) -> Backend:
     if spec.kind == "transformers":
         from flywheel.llm.transformers_backend import TransformersBackend
 
-        return TransformersBackend(spec.model, device=spec.device, batch_size=spec.batch_size)
-    options = dict(timeout=spec.timeout, max_retries=spec.max_retries, batch_size=spec.batch_size)
+        return TransformersBackend(
+            spec.model,
+            device=spec.device,
+            batch_size=spec.batch_size,
+            prompt_format=spec.prompt_format,
+        )
+    options = dict(
+        timeout=spec.timeout,
+        max_retries=spec.max_retries,
+        batch_size=spec.batch_size,
+        prompt_format=spec.prompt_format,
+    )
     if spec.kind == "openai":
         assert spec.base_url is not None  # the validator guarantees it
         return OpenAIBackend(spec.base_url, spec.model, **options)

@@ -1,4 +1,5 @@
-"""In-process backend on Hugging Face transformers: batched, left padded, KV cache."""
+"""In-process backend on Hugging Face transformers: batched, left padded, KV cache; chat
+prompts rendered with the model's chat template."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.llm.base import Backend, ModelNotFound, TokenLogprob, check_pairs, cut_at_stop
+from flywheel.llm.chat import Prompt, PromptFormat, end_of_turn_ids, render_prompt, resolve_format
+from flywheel.llm.tokens import ensure_pad_token
 
 
 class TransformersBackend(Backend):
-    """A causal LM loaded in this process from a local folder or the local hub cache."""
+    """A causal LM loaded in this process from a local folder or the local hub cache.
+
+    With prompt format `chat` (the default for a tokenizer with a chat template), prompts
+    are rendered with the template, the assistant turn opened, and generation also stops
+    at the template's end-of-turn token. `next_token_topk` reads its prefixes as raw text:
+    decoders continue text they already rendered.
+    """
 
     def __init__(
         self,
@@ -22,6 +31,7 @@ class TransformersBackend(Backend):
         device: str = "cpu",
         batch_size: int = 32,
         dtype: torch.dtype | str | None = None,
+        prompt_format: PromptFormat = "auto",
     ) -> None:
         self.model = str(model)
         self.device = torch.device(device)
@@ -45,8 +55,8 @@ class TransformersBackend(Backend):
         # Left padding keeps every prompt's last token at the end of the batch,
         # which generation and next-token scoring both rely on.
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
+        self.prompt_format = resolve_format(prompt_format, self.tokenizer)
         self._eos_ids = self._find_eos_ids()
 
     def _find_eos_ids(self) -> set[int]:
@@ -54,6 +64,8 @@ class TransformersBackend(Backend):
         ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
+        if self.prompt_format == "chat":
+            ids |= end_of_turn_ids(self.tokenizer)
         return ids
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
@@ -62,8 +74,13 @@ class TransformersBackend(Backend):
         for start in range(0, len(order), self.batch_size):
             yield order[start : start + self.batch_size]
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text)["input_ids"]
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        text = render_prompt(self.tokenizer, prompt, self.prompt_format)
+        # a rendered template already holds its special tokens (BOS included)
+        return self._raw_ids(text, add_special_tokens=self.prompt_format != "chat")
+
+    def _raw_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:  # nothing to condition on: start from BOS
             if self.tokenizer.bos_token_id is None:
                 raise ValueError("empty prompt and the tokenizer has no BOS token")
@@ -85,7 +102,7 @@ class TransformersBackend(Backend):
     @torch.inference_mode()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -123,9 +140,10 @@ class TransformersBackend(Backend):
         return out
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[list[float]]:
         """Log-probs of each completion token; prompt and completion are tokenized
-        separately so the boundary is exact."""
+        separately so the boundary is exact. A chat prompt is rendered with its assistant
+        turn opened, so the completion is scored as the assistant's answer."""
         check_pairs(prompts, completions)
         pids = [self._prompt_ids(p) for p in prompts]
         cids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
@@ -149,8 +167,8 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def next_token_topk(self, prefixes: Sequence[str], k: int = 5) -> list[list[TokenLogprob]]:
-        """Top-k next tokens after each prefix, sorted by logprob descending."""
-        ids = [self._prompt_ids(p) for p in prefixes]
+        """Top-k next tokens after each raw-text prefix, sorted by logprob descending."""
+        ids = [self._raw_ids(p) for p in prefixes]
         out: list[list[TokenLogprob]] = [[] for _ in prefixes]
         for idx in self._batches([len(x) for x in ids]):
             logits = self.lm(**self._pad([ids[i] for i in idx])).logits[:, -1]
