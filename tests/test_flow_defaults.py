@@ -58,3 +58,29 @@ def test_the_effective_parameters_are_an_artifact_of_the_run(prefect_api, data_d
     text = str(artifacts[-1].data)
     # the defaults the caller left out are there too
     assert '"small_steps": 2' in text and '"batch_size": 32' in text and '"force": false' in text
+
+
+def _params_model(flow):
+    import inspect
+
+    (param,) = inspect.signature(flow.fn).parameters.values()
+    return param.annotation if not isinstance(param.annotation, str) else type(param.default)
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_every_flow_refuses_unknown_parameters_by_name(name) -> None:
+    from pydantic import BaseModel, ValidationError
+
+    model = _params_model(FLOWS[name])
+    assert issubclass(model, BaseModel)
+    with pytest.raises(ValidationError, match="max_lenght") as err:
+        model.model_validate({"max_lenght": 512})
+    assert "Extra inputs are not permitted" in str(err.value)
+    # nested configs (backend specs and the like) refuse them too
+    for field in model.model_fields:
+        value = getattr(model(), field)
+        nested = value[0] if isinstance(value, list) and value else value
+        if isinstance(nested, BaseModel):
+            data = nested.model_dump() | {"not_a_field": 1}
+            with pytest.raises(ValidationError, match="not_a_field"):
+                type(nested).model_validate(data)

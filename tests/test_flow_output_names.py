@@ -89,3 +89,23 @@ def test_relabel_queue_and_ensemble_names_are_checked():
     assert queue.splitlines()[1] == "queue" and "(64 characters)" in queue
     ensemble = refused(RelabelParams, ensemble="my-ensemble\n")
     assert "ensemble: invalid model name 'my-ensemble\\n'" in ensemble
+
+
+def test_relabel_and_align_outputs_are_parameters_checked_up_front():
+    # fixed names before: two users' runs wrote the same relabel_* and align_group_eval
+    params = RelabelParams(candidates_dataset="mine_candidates", labeled_dataset="mine_labeled")
+    assert (params.candidates_dataset, params.labeled_dataset) == (
+        "mine_candidates",
+        "mine_labeled",
+    )
+    # labeled_dataset also writes <name>__failed
+    assert "labeled_dataset may have at most 55 characters" in refused(
+        RelabelParams, labeled_dataset="a" * 56
+    )
+    assert "candidates_dataset: invalid dataset name" in refused(
+        RelabelParams, candidates_dataset="bad name"
+    )
+    assert GroupRobustParams(evaluation_dataset="mine_eval").evaluation_dataset == "mine_eval"
+    assert "evaluation_dataset: invalid dataset name" in refused(
+        GroupRobustParams, evaluation_dataset="x\n"
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel.alignment import group_robust
 from flywheel.alignment.group_robust import (
@@ -36,18 +36,20 @@ from flywheel.flows.tracking import (
 )
 from flywheel.llm import BackendSpec
 from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
-from flywheel.store.datasets import new_version, validate_derived_version
+from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
 from flywheel.world.tasks import group_preference_pairs
 
 WORLD_GROUP_PAIRS = "world_group_pairs"
-EVALUATION = "align_group_eval"
+DEFAULT_EVALUATION = "align_group_eval"
 SOURCE = hashlib.sha256(Path(group_robust.__file__).read_bytes()).hexdigest()
 PLOT = "group_weights.png"
 
 
 class GroupRobustParams(BaseModel):
     """Parameters of `align/group-robust`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
         WORLD_GROUP_PAIRS,
@@ -66,6 +68,10 @@ class GroupRobustParams(BaseModel):
     method: Literal["gr-dpo", "gr-ipo"] = "gr-dpo"
     baseline: bool = Field(True, description="also train plain DPO/IPO on the same data")
     model_name: str | None = Field(None, description="registered model name; null: derived")
+    evaluation_dataset: str = Field(
+        DEFAULT_EVALUATION,
+        description="output: per-method, per-group held-out figures (a version per model)",
+    )
     base_model: str = Field(default_factory=default_backbone, description="policy folder")
     beta: float = Field(0.1, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
@@ -81,6 +87,11 @@ class GroupRobustParams(BaseModel):
     @classmethod
     def _dataset_name(cls, name: str | None) -> str | None:
         return None if name is None else validate_name(name)
+
+    @field_validator("evaluation_dataset")
+    @classmethod
+    def _evaluation_name(cls, name: str) -> str:
+        return validate_output_name(name, field="evaluation_dataset")
 
     @model_validator(mode="after")
     def _name(self) -> GroupRobustParams:
@@ -245,7 +256,7 @@ def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) ->
         data = check_inputs(params)
         model = train(params, data, run_id)
         evaluation, _ = write_once(
-            EVALUATION,
+            params.evaluation_dataset,
             evaluation_rows(model),
             # one evaluation per model version: a re-run of the same version reuses it
             version=f"{model.name}_{model.version}".replace("-", "_"),

@@ -23,7 +23,7 @@ from typing import Literal
 
 import pyarrow as pa
 from prefect import flow, task
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoTokenizer
 
 from flywheel.decoders import co_llm as co_llm_module
@@ -92,6 +92,8 @@ def _large_model() -> str:
 
 class DecodeParams(BaseModel):
     """What every decoder flow reads and writes."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompts: str = Field(
         WORLD_PROMPTS,

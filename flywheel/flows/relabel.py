@@ -14,7 +14,7 @@ from typing import Literal
 
 import pyarrow as pa
 from prefect import flow, task
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
@@ -52,7 +52,7 @@ from flywheel.store import (
     save_model_version,
     validate_name,
 )
-from flywheel.store.datasets import new_version
+from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import validate_model_name
 from flywheel.world.tasks import sample_tasks
 
@@ -94,6 +94,8 @@ def _policy_spec() -> BackendSpec:
 class RelabelParams(UgdaConfig):
     """Parameters of `reward/relabel`: UGDA's knobs, the policy, the labeler."""
 
+    model_config = ConfigDict(extra="forbid")
+
     ensemble: str = Field(
         DEFAULT_ENSEMBLE,
         description="registered reward ensemble; the default is trained first when missing",
@@ -113,6 +115,12 @@ class RelabelParams(UgdaConfig):
     labeler: Literal["world", "llm", "human"] = "world"
     judge: BackendSpec | None = Field(None, description="the LLM judge (labeler 'llm')")
     queue: str = Field("relabel_queue", description="dataset people label (labeler 'human')")
+    candidates_dataset: str = Field(
+        "relabel_candidates", description="output: the scored policy pairs, selected flagged"
+    )
+    labeled_dataset: str = Field(
+        "relabel_labeled", description="output: the labeled pairs (and <name>__failed)"
+    )
     labels_file: str | None = Field(
         None,
         description="the labeled file for the latest queue (csv, jsonl or parquet); null: "
@@ -124,6 +132,16 @@ class RelabelParams(UgdaConfig):
     @classmethod
     def _dataset_name(cls, name: str | None) -> str | None:
         return None if name is None else validate_name(name)
+
+    @field_validator("candidates_dataset")
+    @classmethod
+    def _candidates_name(cls, name: str) -> str:
+        return validate_output_name(name, field="candidates_dataset")
+
+    @field_validator("labeled_dataset")
+    @classmethod
+    def _labeled_name(cls, name: str) -> str:
+        return validate_output_name(name, field="labeled_dataset", failed=True)
 
     @field_validator("ensemble")
     @classmethod
@@ -256,12 +274,20 @@ def label(params: RelabelParams, selected: list[dict]) -> tuple[list[dict], list
         return LLMJudgeLabeler(judge, seed=params.seed).label(selected)
 
 
-def _original_rows(ensemble: ModelRef) -> list[dict]:
-    """The pairs the ensemble was trained on (its first dataset input), for replay."""
+def _original_rows(ensemble: ModelRef) -> tuple[list[dict], list[DatasetRef]]:
+    """The pairs the ensemble was trained on (its first dataset input), for replay, and
+    that dataset for the refined ensemble's lineage."""
     for i in ensemble.meta.get("inputs", []):
         if i.get("kind") == "dataset":
-            return read_dataset(i["name"], i["version"]).to_pandas().to_dict("records")
-    return []
+            ref = read_dataset(i["name"], i["version"])
+            return ref.to_pandas().to_dict("records"), [ref]
+    return [], []
+
+
+def _prompt_inputs(params: RelabelParams) -> list[DatasetRef]:
+    """The user's prompts and validation datasets, for lineage (world tasks have none)."""
+    names = [params.prompts_dataset, params.validation_dataset]
+    return [read_dataset(name) for name in names if name]
 
 
 @task(name="refine-ensemble")
@@ -281,7 +307,7 @@ def refine_ensemble(
     except ModelNotRegistered:
         pass
     config = params.ugda()
-    original = _original_rows(ensemble)
+    original, replayed = _original_rows(ensemble)
 
     def build(folder: Path) -> dict:
         return refine(ensemble.path, labeled, original, validation, config, folder)
@@ -291,7 +317,7 @@ def refine_ensemble(
         build,
         kind="ensemble",
         produced_by=run_id,
-        inputs=[ensemble, *inputs],
+        inputs=[ensemble, *inputs, *replayed, *_prompt_inputs(params)],
         version=version,
     )
 
@@ -357,11 +383,11 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             validation = sampled["validation"]
             rows = score_and_select(params, ensemble, sampled)
             candidates, _ = write_once(
-                "relabel_candidates",
+                params.candidates_dataset,
                 rows,
                 planned["candidates"],
                 run_id,
-                [ensemble, *model_inputs(params.policy)],
+                [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)],
                 CANDIDATE_SCHEMA,
             )
             selected = [r for r in rows if r["selected"]]
@@ -391,7 +417,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             labeled, failures = label(params, selected)
             inputs = [candidates]
         labeled_ref, _ = write_once(
-            "relabel_labeled",
+            params.labeled_dataset,
             [{k: r[k] for k in LABELED_SCHEMA.names} for r in labeled],
             planned["labeled"],
             run_id,
@@ -399,7 +425,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             LABELED_SCHEMA,
         )
         failed_ref, _ = write_once(
-            failed_name("relabel_labeled"),
+            failed_name(params.labeled_dataset),
             [{k: str(f[k]) for k in FAILED_SCHEMA.names} for f in failures],
             planned["failed"],
             run_id,

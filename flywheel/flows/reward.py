@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel.flows.tracking import (
     earlier_model,
+    model_inputs,
     reuse_or_write,
     summary_artifact,
     tracked_run,
     training_key,
 )
+from flywheel.llm import BackendSpec
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
     PAIR_COLUMNS,
@@ -55,6 +57,8 @@ def default_backbone() -> str:
 
 class RewardTrainParams(BaseModel):
     """Parameters of `reward/train`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
         WORLD_PAIRS,
@@ -225,7 +229,7 @@ def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
         build,
         kind=params.kind,
         produced_by=run_id,
-        inputs=data["inputs"],
+        inputs=[*data["inputs"], *model_inputs(BackendSpec(model=params.base_model))],
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, task
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from flywheel.flows.tracking import (
     MODEL_CALLS,
@@ -83,6 +83,8 @@ SAMPLES_SCHEMA = pa.schema(
 
 class ReferenceSynthParams(RefedConfig):
     """Parameters of `synth/reference`: REFED's knobs plus where references come from."""
+
+    model_config = ConfigDict(extra="forbid")
 
     seed_dataset: str | None = Field(
         None, description="store dataset with text columns instruction, response; null: world"
