@@ -220,7 +220,12 @@ def test_bad_input_fails_before_decoding(prefect_api, world_models, data_dir, tm
     write_dataset("empty_prompts", [], schema=pa.schema([("prompt", pa.string())]))
     for flow, params in (
         (hybrid_flow, hybrid_params(world_models, prompts="empty_prompts")),
-        (co_llm_flow, co_llm_params(world_models, prompts="empty_prompts")),
+        (
+            co_llm_flow,
+            co_llm_params(
+                world_models, prompts="empty_prompts", train_dataset="empty_prompts", eta=0.5
+            ),
+        ),
         (collab_flow, CollabParams(agents=world_agents(world_models), prompts="empty_prompts")),
     ):
         with pytest.raises(ValueError, match="empty_prompts@.* has no prompts"):

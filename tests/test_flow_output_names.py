@@ -109,3 +109,12 @@ def test_relabel_and_align_outputs_are_parameters_checked_up_front():
     assert "evaluation_dataset: invalid dataset name" in refused(
         GroupRobustParams, evaluation_dataset="x\n"
     )
+
+
+def test_co_llm_on_own_prompts_needs_own_examples():
+    # before, it quietly trained and swept on world examples
+    message = refused(CoLLMParams, prompts="my_prompts")
+    assert "train_dataset: required when prompts is your own dataset" in message
+    message = refused(CoLLMParams, prompts="my_prompts", train_dataset="my_examples")
+    assert "validation_dataset: required" in message
+    assert CoLLMParams(prompts="my_prompts", train_dataset="my_examples", eta=0.5).eta == 0.5

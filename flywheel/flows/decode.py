@@ -181,6 +181,20 @@ class CoLLMParams(DecodeParams):
         sweep = f"{self.model_name}_{new_version()}_{'0' * 8}".replace("-", "_")
         validate_derived_version(sweep, field="model_name", value=self.model_name)
         self.output = self.output or "decoded_co_llm"
+        if self.prompts != WORLD_PROMPTS:
+            # the world's examples teach nothing about the user's prompts: no quiet fallback
+            if self.train_dataset is None:
+                raise ValueError(
+                    f"train_dataset: required when prompts is your own dataset "
+                    f"({self.prompts!r}): prompt/answer examples like your prompts, to train "
+                    f"the deferral head on ({WORLD_EXAMPLES!r} holds world tasks only)"
+                )
+            if self.validation_dataset is None and self.eta is None:
+                raise ValueError(
+                    f"validation_dataset: required when prompts is your own dataset "
+                    f"({self.prompts!r}) and no eta is given: prompt/answer rows to sweep eta "
+                    "on; or set eta to skip the sweep"
+                )
         return self
 
     def training(self) -> str:
