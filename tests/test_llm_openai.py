@@ -14,9 +14,24 @@ import pytest
 from flywheel.llm import BackendError, ManagedServer, OpenAIBackend, TokenLogprob
 from flywheel.llm import openai_backend as ob
 from flywheel.llm.base import MalformedResponse, call_each
-from flywheel.llm.openai_backend import parse_span_logprobs, parse_text, parse_top_logprobs
+from flywheel.llm.chat import NotAText
+from flywheel.llm.openai_backend import (
+    parse_chat_text,
+    parse_chat_top_logprobs,
+    parse_prompt_logprobs,
+    parse_span_logprobs,
+    parse_text,
+    parse_top_logprobs,
+)
+from flywheel.llm.spec import BackendSpec, make_backend
 from flywheel.world.models import new_tiny_model, save_tiny
-from tests.helpers.completions_server import CompletionsServer, completion
+from tests.helpers.completions_server import (
+    CompletionsServer,
+    chat_completion,
+    chat_prompt_logprobs,
+    chat_top_logprobs,
+    completion,
+)
 
 
 def free_port() -> int:
@@ -367,3 +382,381 @@ def test_call_each_lets_5xx_after_retries_propagate(scripted, sleeps) -> None:
     with pytest.raises(BackendError, match="HTTP 503") as err:
         call_each(backend.generate, ["a", "b"])
     assert not isinstance(err.value, MalformedResponse) and err.value.raw == "busy"
+
+
+# --- chat: routing, payloads and vLLM's chat formats ----------------------
+
+# vLLM /v1/chat/completions with logprobs=true, top_logprobs=3, max_tokens=1,
+# temperature 0: OpenAI's format; vLLM lists the sampled token first.
+CHAT_TOPK = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Sure"},
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "Sure",
+                            "logprob": -0.5,
+                            "bytes": [83, 117, 114, 101],
+                            "top_logprobs": [
+                                {"token": "Sure", "logprob": -0.5, "bytes": [83, 117, 114, 101]},
+                                {"token": "No", "logprob": -2.75, "bytes": [78, 111]},
+                                {"token": "Yes", "logprob": -1.25, "bytes": [89, 101, 115]},
+                            ],
+                        }
+                    ]
+                },
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+    }
+)
+
+# vLLM /v1/chat/completions with continue_final_message=true, add_generation_prompt=false,
+# prompt_logprobs=0, on [user "Hi", assistant "The cat sat"] under a ChatML template: one
+# entry per prompt token (the first null), each {token_id: {logprob, rank, decoded_token}}.
+PROMPT_TOKENS = [
+    ("<|im_start|>", None),
+    ("user", -3.0),
+    ("\n", -0.5),
+    ("Hi", -4.0),
+    ("<|im_end|>", -1.0),
+    ("\n", -0.25),
+    ("<|im_start|>", -0.125),
+    ("assistant", -0.75),
+    ("\n", -0.0625),
+    ("The", -1.5),
+    (" cat", -2.0),
+    (" sat", -0.25),
+]
+CHAT_SCORE = json.dumps(
+    {
+        "id": "chatcmpl-2",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": " on"}}],
+        "prompt_logprobs": [None]
+        + [
+            {str(200 + i): {"logprob": lp, "rank": 3, "decoded_token": text}}
+            for i, (text, lp) in enumerate(PROMPT_TOKENS[1:])
+        ],
+    }
+)
+
+
+def test_parse_chat_text() -> None:
+    assert parse_chat_text(CHAT_TOPK) == "Sure"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "not json",
+        "[]",
+        json.dumps({"choices": []}),
+        json.dumps({"choices": [{"text": "a completions body"}]}),
+        json.dumps({"choices": [{"message": "hello"}]}),
+        json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]}),
+        json.dumps({"choices": [{"message": {"role": "assistant", "content": ["a"]}}]}),
+        json.dumps({"error": {"message": "model not loaded"}}),
+    ],
+)
+def test_malformed_chat_text_payloads(raw: str) -> None:
+    with pytest.raises(MalformedResponse) as err:
+        parse_chat_text(raw)
+    assert err.value.raw == raw
+
+
+def test_parse_chat_top_logprobs_sorts_and_cuts() -> None:
+    assert parse_chat_top_logprobs(CHAT_TOPK, 2) == [
+        TokenLogprob("Sure", -0.5),
+        TokenLogprob("Yes", -1.25),
+    ]
+    assert [t.token for t in parse_chat_top_logprobs(CHAT_TOPK, 10)] == ["Sure", "Yes", "No"]
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        None,  # what `transformers serve` answers: no logprobs at all
+        {},
+        {"content": None},
+        {"content": []},
+        {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": []}]},
+        {"content": [{"token": "a", "logprob": -1.0}]},
+        {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": [{"token": "a"}]}]},
+        {
+            "content": [
+                {"token": "a", "logprob": -1, "top_logprobs": [{"token": "a", "logprob": "x"}]}
+            ]
+        },
+        {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": {"a": -1.0}}]},
+    ],
+)
+def test_malformed_chat_top_logprobs(logprobs) -> None:
+    raw = json.dumps({"choices": [{"message": {"content": "a"}, "logprobs": logprobs}]})
+    with pytest.raises(BackendError, match="must return logprobs for chat") as err:
+        parse_chat_top_logprobs(raw, 3)
+    assert err.value.raw == raw
+
+
+def test_parse_prompt_logprobs_finds_the_completion_at_the_end() -> None:
+    assert parse_prompt_logprobs(CHAT_SCORE, "The cat sat") == [-1.5, -2.0, -0.25]
+    assert parse_prompt_logprobs(CHAT_SCORE, " sat") == [-0.25]
+    # A completion that starts inside a token: that token counts whole.
+    assert parse_prompt_logprobs(CHAT_SCORE, "at") == [-0.25]
+    assert parse_prompt_logprobs(CHAT_SCORE, "he cat sat") == [-1.5, -2.0, -0.25]
+
+
+def test_parse_prompt_logprobs_takes_the_prompt_token_entry_first() -> None:
+    # With prompt_logprobs k > 0 vLLM lists the prompt's own token first (its vocabulary
+    # rank, here 4), then the top-k (ranks 1..k); the prompt token is the first entry.
+    first = {"logprob": -3.5, "rank": 4, "decoded_token": " sat"}
+    top = [
+        {"logprob": -0.5, "rank": 1, "decoded_token": " is"},
+        {"logprob": -1.0, "rank": 2, "decoded_token": " was"},
+    ]
+    positions = [None, {"7": {"logprob": -2.0, "rank": 1, "decoded_token": "cat"}}]
+    positions.append({"9": first, "3": top[0], "5": top[1]})
+    raw = json.dumps({"choices": [], "prompt_logprobs": positions})
+    assert parse_prompt_logprobs(raw, "cat sat") == [-2.0, -3.5]
+
+
+def test_chat_prompt_logprobs_helper_is_parsed_like_vllm() -> None:
+    raw = chat_prompt_logprobs([("<s>", 0.0), ("Hello", -1.0), (" world", -2.0)])
+    assert parse_prompt_logprobs(raw, " world") == [-2.0]
+    assert parse_prompt_logprobs(raw, "Hello world") == [-1.0, -2.0]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": [{"message": {"content": "!"}}]},  # a server without the extension
+        {"choices": [], "prompt_logprobs": None},
+        {"choices": [], "prompt_logprobs": []},
+        {"choices": [], "prompt_logprobs": {"1": {}}},
+    ],
+)
+def test_missing_prompt_logprobs_say_what_is_needed(body: dict) -> None:
+    raw = json.dumps(body)
+    with pytest.raises(BackendError, match="needs vLLM's prompt_logprobs") as err:
+        parse_prompt_logprobs(raw, "sat")
+    assert err.value.raw == raw
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        None,
+        {},
+        [],
+        {"9": {"logprob": -1.0, "rank": 1}},
+        {"9": {"logprob": -1.0, "rank": 1, "decoded_token": None}},
+        {"9": {"logprob": "x", "rank": 1, "decoded_token": " sat"}},
+        {"9": {"rank": 1, "decoded_token": " sat"}},
+        {"9": -1.0},
+    ],
+)
+def test_malformed_prompt_logprob_entries(last) -> None:
+    positions = [None, {"7": {"logprob": -2.0, "rank": 1, "decoded_token": "cat"}}, last]
+    raw = json.dumps({"choices": [], "prompt_logprobs": positions})
+    with pytest.raises(BackendError, match=r"prompt_logprobs\[2\]") as err:
+        parse_prompt_logprobs(raw, "cat sat")
+    assert err.value.raw == raw
+
+
+@pytest.mark.parametrize(
+    "completion", ["The cat sat ", "cat", "dog sat", "Hi<|im_end|>The cat sat"]
+)
+def test_completion_not_at_the_end_is_a_clear_error(completion: str) -> None:
+    with pytest.raises(BackendError, match="is not the end of the prompt tokens") as err:
+        parse_prompt_logprobs(CHAT_SCORE, completion)
+    assert err.value.raw == CHAT_SCORE
+
+
+def chat_or_text(payload: dict) -> tuple[int, str]:
+    """Each endpoint's own body: the prompt echoed, or the last message's content."""
+    if "messages" in payload:
+        return 200, chat_completion("chat: " + payload["messages"][-1]["content"])
+    return 200, completion("text: " + payload["prompt"])
+
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a fruit."},
+]
+
+
+def test_prompts_route_by_kind_and_format() -> None:
+    with CompletionsServer(chat_or_text) as server:
+        auto = OpenAIBackend(server.base_url, "m")
+        out = auto.generate(["plain", MESSAGES], max_new_tokens=5, stop=["\n"], seed=2)
+        assert out == ["text: plain", "chat: Name a fruit."]
+        paths = sorted(server.calls, key=lambda c: c[0])
+        (chat_path, chat_sent), (text_path, text_sent) = paths
+        assert (chat_path, text_path) == ("/v1/chat/completions", "/v1/completions")
+        assert chat_sent == {
+            "model": "m",
+            "max_tokens": 5,
+            "temperature": 0.0,
+            "stop": ["\n"],
+            "seed": 2,
+            "messages": MESSAGES,
+        }
+        assert text_sent["prompt"] == "plain" and "messages" not in text_sent
+
+        server.calls.clear()
+        chat = OpenAIBackend(server.base_url, "m", prompt_format="chat")
+        assert chat.generate(["plain"]) == ["chat: plain"]
+        ((path, sent),) = server.calls
+        assert path == "/v1/chat/completions"
+        assert sent["messages"] == [{"role": "user", "content": "plain"}] and "prompt" not in sent
+
+        server.calls.clear()
+        raw = OpenAIBackend(server.base_url, "m", prompt_format="raw")
+        assert raw.generate([MESSAGES]) == ["chat: Name a fruit."]  # messages always go as chat
+        assert [path for path, _ in server.calls] == ["/v1/chat/completions"]
+
+
+def test_json_schema_is_sent_on_both_endpoints() -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    with CompletionsServer(chat_or_text) as server:
+        backend = OpenAIBackend(server.base_url, "m")
+        backend.generate(["plain", MESSAGES], json_schema=schema)
+        sent = {path: payload for path, payload in server.calls}
+        assert sent["/v1/chat/completions"]["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        }
+        assert "structured_outputs" not in sent["/v1/chat/completions"]
+        assert sent["/v1/completions"]["structured_outputs"] == {"json": schema}
+        assert "response_format" not in sent["/v1/completions"]
+
+        server.calls.clear()
+        backend.generate(["plain", MESSAGES])
+        for _, payload in server.calls:
+            assert "response_format" not in payload and "structured_outputs" not in payload
+
+
+def bad_chat_for_some(payload: dict) -> tuple[int, str]:
+    content = payload["messages"][-1]["content"]
+    if "null" in content:
+        return 200, chat_completion(None)
+    if "not-json" in content:
+        return 200, f"<html>busy for {content}</html>"
+    return 200, chat_completion(f"answer to {content}")
+
+
+def test_call_each_over_chat_keeps_each_prompts_own_error() -> None:
+    prompts = ["a", "x null", "b", "y not-json"]
+    with CompletionsServer(bad_chat_for_some) as server:
+        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat", batch_size=2)
+        out = call_each(backend.generate, prompts)
+    assert out[0] == "answer to a" and out[2] == "answer to b"
+    assert isinstance(out[1], MalformedResponse) and '"content": null' in out[1].raw
+    assert "message.content" in str(out[1])
+    assert isinstance(out[3], MalformedResponse) and "busy for y not-json" in out[3].raw
+
+
+def test_bad_prompts_fail_up_front_naming_the_prompt() -> None:
+    with CompletionsServer(chat_or_text) as server:
+        backend = OpenAIBackend(server.base_url, "m")
+        with pytest.raises(NotAText, match="prompt 1: message 0 has role 'bot'"):
+            backend.generate(["fine", [{"role": "bot", "content": "hi"}]])
+        with pytest.raises(NotAText, match="prompt 0"):
+            backend.score([3], ["x"])  # type: ignore[list-item]
+        assert server.calls == []
+    with pytest.raises(ValueError, match="prompt_format"):
+        OpenAIBackend("http://127.0.0.1:1/v1", "m", prompt_format="template")  # type: ignore[arg-type]
+
+
+def test_make_backend_passes_prompt_format() -> None:
+    spec = BackendSpec(
+        kind="openai", model="m", base_url="http://127.0.0.1:1/v1", prompt_format="chat"
+    )
+    with make_backend(spec) as backend:
+        assert isinstance(backend, OpenAIBackend) and backend.prompt_format == "chat"
+
+
+def test_score_over_chat_sends_the_answer_as_an_open_assistant_turn() -> None:
+    with CompletionsServer(lambda payload: (200, CHAT_SCORE)) as server:
+        backend = OpenAIBackend(server.base_url, "m")
+        prompt = [{"role": "user", "content": "Hi"}]
+        assert backend.score([prompt, prompt], ["The cat sat", ""]) == [[-1.5, -2.0, -0.25], []]
+        ((path, sent),) = server.calls  # an empty completion asks nothing
+        assert path == "/v1/chat/completions"
+        assert sent["messages"] == [*prompt, {"role": "assistant", "content": "The cat sat"}]
+        assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+        assert (sent["prompt_logprobs"], sent["max_tokens"]) == (0, 1)
+        assert "echo" not in sent and "logprobs" not in sent
+
+        server.calls.clear()
+        chat = OpenAIBackend(server.base_url, "m", prompt_format="chat")
+        assert chat.score(["Hi"], [" sat"]) == [[-0.25]]  # a string is one user message
+        ((path, sent),) = server.calls
+        assert path == "/v1/chat/completions" and sent["messages"][0] == prompt[0]
+
+
+def test_score_over_chat_without_prompt_logprobs_is_a_clear_error() -> None:
+    with CompletionsServer(lambda payload: (200, chat_completion("!"))) as server:
+        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat")
+        with pytest.raises(BackendError, match="use prompt_format raw") as err:
+            backend.score(["Hi"], ["there"])
+        assert err.value.raw == chat_completion("!")
+    # A server that rejects the extension's fields (as `transformers serve` does).
+    rejected = '{"detail":"Unexpected fields in the request: {\'prompt_logprobs\'}"}'
+    with CompletionsServer(lambda payload: (422, rejected)) as server:
+        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat", max_retries=2)
+        with pytest.raises(BackendError, match="HTTP 422.*needs vLLM's prompt_logprobs") as err:
+            backend.score(["Hi"], ["there"])
+        assert err.value.raw == rejected and len(server.calls) == 1
+
+
+def test_chat_next_token_topk_over_http() -> None:
+    body = chat_top_logprobs({"Yes": -0.25, "No": -1.5, "Maybe": -3.0})
+    with CompletionsServer(lambda payload: (200, body)) as server:
+        backend = OpenAIBackend(server.base_url, "m")
+        out = backend.chat_next_token_topk(["Is it?", MESSAGES], k=2)
+        assert out == [[TokenLogprob("Yes", -0.25), TokenLogprob("No", -1.5)]] * 2
+        sent = {json.dumps(p["messages"]): p for _, p in server.calls}
+        assert set(sent) == {
+            json.dumps([{"role": "user", "content": "Is it?"}]),
+            json.dumps(MESSAGES),
+        }
+        for path, payload in server.calls:
+            assert path == "/v1/chat/completions"
+            assert payload["logprobs"] is True and payload["top_logprobs"] == 2
+            assert (payload["max_tokens"], payload["temperature"]) == (1, 0.0)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        backend.chat_next_token_topk(["x"], k=0)
+
+
+def test_chat_next_token_topk_without_logprobs_is_a_clear_error() -> None:
+    with CompletionsServer(lambda payload: (200, chat_completion("Yes"))) as server:
+        backend = OpenAIBackend(server.base_url, "m")
+        with pytest.raises(BackendError, match="must return logprobs for chat") as err:
+            backend.chat_next_token_topk(["Is it?"], k=3)
+        assert err.value.raw == chat_completion("Yes")
+
+
+def test_next_token_topk_reads_raw_prefixes_even_under_chat() -> None:
+    with CompletionsServer(lambda payload: (200, TOPK)) as server:
+        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat")
+        assert backend.next_token_topk(["The cat"], k=1) == [[TokenLogprob(" sat", -0.9)]]
+        ((path, sent),) = server.calls
+        assert path == "/v1/completions" and sent["prompt"] == "The cat"
+
+
+def test_hint_is_only_for_a_rejected_request(sleeps: list[float]) -> None:
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", "m", prompt_format="chat")
+    backend.max_retries = 1
+    with pytest.raises(BackendError, match="after 2 attempt") as err:
+        backend.score(["Hi"], ["there"])
+    assert "prompt_logprobs" not in str(err.value)  # the server is down, not lacking

@@ -1,9 +1,19 @@
-"""Backend over HTTP to any OpenAI-compatible `/v1/completions` server (vLLM, `transformers serve`).
+"""Backend over HTTP to any OpenAI-compatible server (vLLM, `transformers serve`).
 
-Log-probs use vLLM's completions format: `choices[i].logprobs = {tokens,
-token_logprobs, top_logprobs, text_offset}`, where `top_logprobs` holds one
-`{token: logprob}` dict per token and, with `echo: true`, the prompt's tokens
-come first with offsets into the echoed text.
+A string prompt goes to `/v1/completions` as it is (prompt format `raw` or `auto`); chat
+messages, and any prompt under prompt format `chat` (a string as one user message), go
+to `/v1/chat/completions`, where the server renders them with the model's chat template.
+
+Log-probs follow vLLM's formats:
+
+- completions: `choices[i].logprobs = {tokens, token_logprobs, top_logprobs,
+  text_offset}`, where `top_logprobs` holds one `{token: logprob}` dict per token and,
+  with `echo: true`, the prompt's tokens come first with offsets into the echoed text;
+- chat (OpenAI's format): `choices[i].logprobs.content = [{token, logprob, bytes,
+  top_logprobs: [{token, logprob, bytes}, ...]}, ...]`, one entry per generated token;
+- chat prompt log-probs (a vLLM extension, requested with `prompt_logprobs`): a
+  top-level `prompt_logprobs` list with one entry per prompt token, `null` for the first,
+  each a `{token_id: {logprob, rank, decoded_token}}` dict.
 """
 
 from __future__ import annotations
@@ -25,30 +35,57 @@ from flywheel.llm.base import (
     check_pairs,
     cut_at_stop,
 )
+from flywheel.llm.chat import Message, Prompt, PromptFormat, as_text_value, to_messages
 
 if TYPE_CHECKING:
     from flywheel.llm.managed_server import ManagedServer
 
 T = TypeVar("T")
 RETRY_STATUS = {429, 500, 502, 503, 504}
+PROMPT_FORMATS = ("auto", "raw", "chat")
+COMPLETIONS, CHAT = "/completions", "/chat/completions"
+CHAT_LOGPROBS_HINT = "the server must return logprobs for chat; vLLM does"
+CHAT_SCORE_HINT = (
+    "scoring over chat needs vLLM's prompt_logprobs; use prompt_format raw against "
+    "/v1/completions otherwise"
+)
 
 
-def _first_choice(raw: str) -> dict[str, Any]:
+def _body(raw: str, what: str) -> Any:
     try:
-        choice = json.loads(raw)["choices"][0]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise MalformedResponse(f"malformed completions response: {e!r}", raw=raw) from e
+        return json.loads(raw)
+    except ValueError as e:
+        raise MalformedResponse(f"malformed {what} response: {e!r}", raw=raw) from e
+
+
+def _first_choice(raw: str, what: str = "completions") -> dict[str, Any]:
+    try:
+        choice = _body(raw, what)["choices"][0]
+    except (KeyError, IndexError, TypeError) as e:
+        raise MalformedResponse(f"malformed {what} response: {e!r}", raw=raw) from e
     if not isinstance(choice, dict):
-        raise MalformedResponse("malformed completions response: choice is not an object", raw=raw)
+        raise MalformedResponse(f"malformed {what} response: choice is not an object", raw=raw)
     return choice
 
 
 def parse_text(raw: str) -> str:
-    """The generated text of the first choice."""
+    """The generated text of the first choice of a completions body."""
     text = _first_choice(raw).get("text")
     if not isinstance(text, str):
         raise MalformedResponse("completions response has no choices[0].text string", raw=raw)
     return text
+
+
+def parse_chat_text(raw: str) -> str:
+    """The assistant's text of the first choice of a chat completions body; a `null`
+    content (a refusal, a tool call) is no text either."""
+    message = _first_choice(raw, "chat completions").get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise MalformedResponse(
+            "chat completions response has no choices[0].message.content string", raw=raw
+        )
+    return content
 
 
 def parse_span_logprobs(raw: str, start: int, end: int) -> list[float]:
@@ -90,6 +127,77 @@ def parse_top_logprobs(raw: str, k: int) -> list[TokenLogprob]:
     return sorted(items, key=lambda t: t.logprob, reverse=True)[:k]
 
 
+def parse_chat_top_logprobs(raw: str, k: int) -> list[TokenLogprob]:
+    """The first generated token's top-k candidates of a chat body (OpenAI's format:
+    `choices[0].logprobs.content[0].top_logprobs = [{token, logprob, bytes}, ...]`),
+    sorted by logprob descending."""
+    logprobs = _first_choice(raw, "chat completions").get("logprobs")
+    try:
+        top = logprobs["content"][0]["top_logprobs"]
+        items = [TokenLogprob(str(c["token"]), float(c["logprob"])) for c in top]
+        if not items:
+            raise ValueError("top_logprobs is empty")
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise BackendError(
+            f"chat completions response has no choices[0].logprobs.content[0].top_logprobs "
+            f"({e!r}); {CHAT_LOGPROBS_HINT}",
+            raw=raw,
+        ) from e
+    # vLLM lists the sampled token first, then the most likely ones: sort, then cut.
+    return sorted(items, key=lambda t: t.logprob, reverse=True)[:k]
+
+
+def parse_prompt_logprobs(raw: str, completion: str) -> list[float]:
+    """Log-probs of the completion's tokens at the end of a chat prompt, from vLLM's
+    top-level `prompt_logprobs`.
+
+    Each position is a `{token_id: {logprob, rank, decoded_token}}` dict (vLLM's
+    `ChatCompletionResponse.prompt_logprobs: list[dict[int, Logprob] | None]`, in
+    vllm/entrypoints/openai/chat_completion/protocol.py). vLLM puts the prompt's own
+    token first, with its rank in the whole vocabulary, then the top-k with ranks 1..k,
+    merged with it when it is one of them (`append_logprobs_for_next_position` in
+    vllm/logprobs.py): no rank marks it, its place does. We ask for `prompt_logprobs: 0`,
+    so it is the only entry; the first is taken either way. `decoded_token` is
+    `tokenizer.decode([token_id])` (`convert_ids_list_to_tokens`, vllm's
+    detokenizer_utils.py), so the completion's tokens' texts concatenate to its text:
+    it is the shortest tail of positions whose texts end with it (a first token merged
+    with the template text before it counts whole).
+    """
+    body = _body(raw, "chat completions")
+    positions = body.get("prompt_logprobs") if isinstance(body, dict) else None
+    if not isinstance(positions, list) or not positions:
+        raise BackendError(
+            f"chat completions response has no prompt_logprobs; {CHAT_SCORE_HINT}", raw=raw
+        )
+    picked: list[float] = []
+    tail = ""
+    for index in range(len(positions) - 1, 0, -1):  # position 0 has no logprob
+        entry = positions[index]
+        try:
+            first = next(iter(entry.values()))
+            text, logprob = first["decoded_token"], float(first["logprob"])
+            if not isinstance(text, str):
+                raise TypeError(f"decoded_token is {text!r}")
+        except (AttributeError, StopIteration, KeyError, TypeError, ValueError) as e:
+            raise BackendError(
+                f"chat completions response: prompt_logprobs[{index}] is not a "
+                f"{{token_id: {{logprob, rank, decoded_token}}}} entry ({e!r})",
+                raw=raw,
+            ) from e
+        picked.append(logprob)
+        tail = text + tail
+        if tail.endswith(completion):
+            return picked[::-1]
+        if len(tail) >= len(completion):
+            break  # the tail's end no longer changes: the completion is not there
+    raise BackendError(
+        f"the completion {completion[:60]!r} is not the end of the prompt tokens the server "
+        f"scored (they end with {tail[-60:]!r}); the chat template may have changed it, "
+        "e.g. stripped its leading or trailing whitespace",
+        raw=raw,
+    )
+
+
 class OpenAIBackend(Backend):
     """Talks to an OpenAI-compatible server; retries transient failures with backoff.
 
@@ -98,6 +206,11 @@ class OpenAIBackend(Backend):
     vLLM batches concurrent requests itself. A body that is not a completions answer
     raises `MalformedResponse` (not retried: the server did answer); `call_each` gives
     callers each prompt's own result or error.
+
+    `prompt_format` `auto` and `raw` send string prompts to `/completions`; `chat` sends
+    them to `/chat/completions` as one user message. Chat messages always go as chat.
+    `next_token_topk` reads its prefixes as raw text (decoders continue text they
+    rendered) and stays on `/completions`; `chat_next_token_topk` asks over chat.
     """
 
     def __init__(
@@ -110,23 +223,32 @@ class OpenAIBackend(Backend):
         max_retries: int = 4,
         backoff: float = 0.5,
         batch_size: int = 16,
+        prompt_format: PromptFormat = "auto",
         server: ManagedServer | None = None,
     ) -> None:
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"prompt_format {prompt_format!r} is not one of {PROMPT_FORMATS} "
+                "(field: prompt_format)"
+            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.max_retries = max_retries
         self.backoff = backoff
         self.batch_size = batch_size
+        self.prompt_format = prompt_format
         self.server = server  # stopped by close() when this backend started it
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
-    def _post(self, payload: dict[str, Any]) -> str:
-        """POST to /completions and return the body text, retrying transient failures."""
+    def _post(self, path: str, payload: dict[str, Any], hint: str = "") -> str:
+        """POST to `path` and return the body text, retrying transient failures; `hint`
+        is added to the error when the server rejects the request (a 4xx)."""
         payload = {"model": self.model, **payload}
+        rejected = False
         for attempt in range(self.max_retries + 1):
             try:
-                resp = self._client.post("/completions", json=payload)
+                resp = self._client.post(path, json=payload)
             except httpx.TransportError as e:
                 error, raw = f"{type(e).__name__}: {e}", None
             else:
@@ -134,11 +256,13 @@ class OpenAIBackend(Backend):
                     return resp.text
                 error, raw = f"HTTP {resp.status_code}", resp.text
                 if resp.status_code not in RETRY_STATUS:
+                    rejected = 400 <= resp.status_code < 500
                     break
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt + random.uniform(0, self.backoff))
         raise BackendError(
-            f"POST {self.base_url}/completions failed after {attempt + 1} attempt(s): {error}",
+            f"POST {self.base_url}{path} failed after {attempt + 1} attempt(s): {error}"
+            + (f"; {hint}" if hint and rejected else ""),
             raw=raw,
         )
 
@@ -148,52 +272,120 @@ class OpenAIBackend(Backend):
         with ThreadPoolExecutor(max_workers=min(self.batch_size, n)) as pool:
             return list(pool.map(fn, range(n)))
 
+    def _messages(self, prompt: Prompt, i: int) -> list[Message] | None:
+        """The chat messages a prompt is sent as, or None when it goes as raw text.
+        Checked before any request, so a bad prompt fails the call up front."""
+        if isinstance(prompt, str) and self.prompt_format != "chat":
+            return None
+        return to_messages(as_text_value(prompt, where=f"prompt {i}"))
+
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         stop: Sequence[str] | None = None,
         seed: int | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> list[str]:
-        """New text per prompt; stop strings are also cut here in case the server ignores them."""
+        """New text per prompt; stop strings are also cut here in case the server ignores
+        them. `json_schema` asks the server to constrain the output to that schema."""
         payload: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature}
         if stop:
             payload["stop"] = list(stop)
         if seed is not None:
             payload["seed"] = seed
+        messages = [self._messages(p, i) for i, p in enumerate(prompts)]
 
         def one(i: int) -> str:
-            return cut_at_stop(parse_text(self._post({**payload, "prompt": prompts[i]})), stop)
+            if messages[i] is None:
+                body = {**payload, "prompt": prompts[i]}
+                if json_schema is not None:
+                    # vLLM's structured outputs on /completions; `guided_json` was
+                    # removed in v0.12.0 (docs.vllm.ai/en/latest/features/structured_outputs).
+                    body["structured_outputs"] = {"json": json_schema}
+                text = parse_text(self._post(COMPLETIONS, body))
+            else:
+                body = {**payload, "messages": messages[i]}
+                if json_schema is not None:  # OpenAI's structured outputs, which vLLM takes
+                    body["response_format"] = {
+                        "type": "json_schema",
+                        "json_schema": {"name": "answer", "schema": json_schema},
+                    }
+                text = parse_chat_text(self._post(CHAT, body))
+            return cut_at_stop(text, stop)
 
         return self._map(one, len(prompts))
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
-        """Echo prompt + completion with logprobs and keep the completion's tokens."""
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[list[float]]:
+        """Log-probs of each completion's tokens given its prompt. Raw text: echo prompt
+        + completion on /completions and keep the completion's offsets. Chat: send the
+        completion as the assistant's open final message and read vLLM's prompt_logprobs."""
         check_pairs(prompts, completions)
+        messages = [self._messages(p, i) for i, p in enumerate(prompts)]
 
         def one(i: int) -> list[float]:
             prompt, completion = prompts[i], completions[i]
             if not completion:
                 return []
-            text = prompt + completion
-            # max_tokens 1, not 0: not every server accepts 0; the extra token is
-            # past the completion's end and is dropped by the offsets.
-            payload = {"prompt": text, "echo": True, "logprobs": 0, "max_tokens": 1}
-            raw = self._post({**payload, "temperature": 0.0})
-            return parse_span_logprobs(raw, len(prompt), len(text))
+            if messages[i] is None:
+                assert isinstance(prompt, str)  # only strings go as raw text
+                text = prompt + completion
+                # max_tokens 1, not 0: not every server accepts 0; the extra token is
+                # past the completion's end and is dropped by the offsets.
+                payload = {"prompt": text, "echo": True, "logprobs": 0, "max_tokens": 1}
+                raw = self._post(COMPLETIONS, {**payload, "temperature": 0.0})
+                return parse_span_logprobs(raw, len(prompt), len(text))
+            payload = {
+                "messages": [*messages[i], {"role": "assistant", "content": completion}],
+                # the answer stays open, as the model would write it: no end-of-turn
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+                "prompt_logprobs": 0,
+                "max_tokens": 1,
+                "temperature": 0.0,
+            }
+            raw = self._post(CHAT, payload, hint=CHAT_SCORE_HINT)
+            return parse_prompt_logprobs(raw, completion)
 
         return self._map(one, len(prompts))
 
     def next_token_topk(self, prefixes: Sequence[str], k: int = 5) -> list[list[TokenLogprob]]:
-        """Top-k candidates for the first generated token after each prefix."""
+        """Top-k candidates for the first generated token after each raw-text prefix."""
 
         def one(i: int) -> list[TokenLogprob]:
             payload = {"prompt": prefixes[i], "max_tokens": 1, "logprobs": k, "temperature": 0.0}
-            return parse_top_logprobs(self._post(payload), k)
+            return parse_top_logprobs(self._post(COMPLETIONS, payload), k)
 
         return self._map(one, len(prefixes))
+
+    def chat_next_token_topk(
+        self, prompts: Sequence[Prompt], k: int = 5
+    ) -> list[list[TokenLogprob]]:
+        """Top-k candidates for the assistant's first token after each chat prompt (a
+        string is one user message), sorted by logprob descending."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        messages = [
+            to_messages(as_text_value(p, where=f"prompt {i}")) for i, p in enumerate(prompts)
+        ]
+
+        def one(i: int) -> list[TokenLogprob]:
+            # Greedy: vLLM's chat top_logprobs are a position's first k entries, the
+            # sampled token first (`_get_top_logprobs` in vllm/entrypoints/openai/
+            # chat_completion/serving.py), so the sampled token must be the top one.
+            payload = {
+                "messages": messages[i],
+                "max_tokens": 1,
+                "logprobs": True,
+                "top_logprobs": k,
+                "temperature": 0.0,
+            }
+            raw = self._post(CHAT, payload, hint=CHAT_LOGPROBS_HINT)
+            return parse_chat_top_logprobs(raw, k)
+
+        return self._map(one, len(prompts))
 
     def close(self) -> None:
         """Close the HTTP client and stop the managed server, if any."""

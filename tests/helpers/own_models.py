@@ -131,7 +131,9 @@ def build_model(folder: Path, arch: str, tok, *, seed: int = 0) -> Path:
         )
         model = Qwen2ForCausalLM(config)
     elif arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids)
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids
+        )
         model = GPT2LMHeadModel(config)
     else:
         raise ValueError(f"unknown arch {arch!r}")
