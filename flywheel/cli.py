@@ -209,6 +209,63 @@ def datasets() -> None:
         typer.echo(f"{name}: {len(versions)} version(s), latest {versions[-1]}")
 
 
+def _names(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values as one list."""
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+@app.command("import")
+def import_(
+    path: Annotated[str, typer.Argument(help="a .jsonl/.json/.csv/.parquet file or a folder")],
+    name: Annotated[str, typer.Option("--name", help="the store dataset to write a version of")],
+    file_format: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl, json (one array), csv, parquet or hf (a folder)"),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="the split of a saved DatasetDict")] = None,
+    column_map: Annotated[
+        list[str] | None, typer.Option("--map", help="SOURCE=TARGET: rename a column (repeat)")
+    ] = None,
+    require: Annotated[
+        list[str] | None, typer.Option(help="columns that must exist after --map (a,b)")
+    ] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(help="columns that need non-empty text (repeat; default: string columns)"),
+    ] = None,
+    max_field_bytes: Annotated[int, typer.Option(min=1, help="largest value, in bytes")] = (
+        1_000_000
+    ),
+    allow_bom: Annotated[bool, typer.Option(help="strip a UTF-8 byte-order mark")] = False,
+    allow_crlf: Annotated[bool, typer.Option(help="accept CRLF line endings")] = False,
+    drop_duplicates: Annotated[
+        bool, typer.Option(help="keep only the first of identical rows")
+    ] = False,
+) -> None:
+    """Check a file and import it as a new version of a store dataset (nothing is written
+    unless every row passes)."""
+    from flywheel.store import StoreError
+    from flywheel.store.importing import import_file, parse_column_map
+
+    try:
+        report = import_file(
+            path,
+            name,
+            format=file_format,
+            split=split,
+            column_map=parse_column_map(column_map or []),
+            require=_names(require),
+            text=_names(text) or None,
+            max_field_bytes=max_field_bytes,
+            allow_bom=allow_bom,
+            allow_crlf=allow_crlf,
+            drop_duplicates=drop_duplicates,
+        )
+    except (StoreError, ValueError, OSError) as e:
+        _fail(f"error: {e}")
+    typer.echo(report.summary())
+
+
 @app.command()
 def serve(
     detach: bool = typer.Option(False, help="run in the background (pid file under data/_run)"),

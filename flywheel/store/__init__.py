@@ -17,7 +17,9 @@ from flywheel.store.datasets import (
     validate_name,
     write_dataset,
 )
+from flywheel.store.importing import ImportRefused, ImportReport, import_file
 from flywheel.store.models import (
+    FileRef,
     ModelNotRegistered,
     ModelRef,
     list_model_versions,
@@ -33,12 +35,16 @@ __all__ = [
     "DatasetNotFound",
     "DatasetRef",
     "DatasetVersionExists",
+    "FileRef",
+    "ImportRefused",
+    "ImportReport",
     "InvalidDatasetName",
     "ModelNotRegistered",
     "ModelRef",
     "StoreError",
     "data_root",
     "failed_name",
+    "import_file",
     "list_datasets",
     "list_model_versions",
     "list_models",

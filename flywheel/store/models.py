@@ -132,7 +132,19 @@ def read_model(name: str, version: str | None = None, root: Path | None = None) 
     return ModelRef(name=name, version=version, path=str(models_dir(root) / name / version))
 
 
-def input_record(ref: DatasetRef | ModelRef) -> dict[str, str]:
+class FileRef(BaseModel):
+    """A file or folder outside the store that a dataset version was made from (an import)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str  # absolute
+    sha256: str  # hex digest of its bytes (of a folder: its files' names and bytes)
+
+
+def input_record(ref: DatasetRef | ModelRef | FileRef) -> dict[str, str]:
+    """An input as the meta files and the catalog's lineage rows record it."""
+    if isinstance(ref, FileRef):
+        return {"kind": "file", "name": ref.path, "version": f"sha256:{ref.sha256}"}
     kind = "model" if isinstance(ref, ModelRef) else "dataset"
     return {"kind": kind, "name": ref.name, "version": ref.version}
 
