@@ -442,3 +442,28 @@ def test_llm_teacher_malformed_answer_is_a_failure_and_the_rest_go_on(tmp_path) 
     assert stats["references_with_feedback"] == 1
     # asked again on the second attempt, like an unparsable answer
     assert sum("reverse ab" in p for p in asked) >= 2
+
+
+def test_chat_format_seeds_become_references_and_odd_conversations_are_refused():
+    rows = [
+        {
+            "instruction": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Name a fruit."},
+            ],
+            "response": [{"role": "assistant", "content": "An apple."}],
+        },
+        {"instruction": "Name a colour.", "response": "Blue."},
+    ]
+    refs = references_from_rows(rows, "seeds")
+    assert [(r.instruction, r.response) for r in refs] == [
+        ("Answer briefly.\n\nName a fruit.", "An apple."),
+        ("Name a colour.", "Blue."),
+    ]
+    two_turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(SeedDataError, match=r"row 0: 'instruction': chat messages with roles"):
+        references_from_rows([{"instruction": two_turns, "response": "x"}], "seeds")
+    with pytest.raises(SeedDataError, match=r"row 0: 'response': message 0 has role 'bot'"):
+        references_from_rows(
+            [{"instruction": "q", "response": [{"role": "bot", "content": "x"}]}], "seeds"
+        )

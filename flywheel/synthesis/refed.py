@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from flywheel.llm import Backend, BackendSpec
 from flywheel.llm.base import BackendError, MalformedResponse, call_each
+from flywheel.llm.chat import NotAText, as_messages, is_messages
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
 from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction
@@ -123,9 +124,16 @@ def references_from_rows(rows: Sequence[dict], source: str) -> list[Reference]:
                 f"the seed dataset needs text columns 'instruction' and 'response'"
             )
     problems: list[str] = []
+    rows = [dict(row) for row in rows]
     for i, row in enumerate(rows):
         for column in ("instruction", "response"):
             value = row[column]
+            if is_messages(value):
+                try:
+                    value = row[column] = _seed_text(value, column, f"row {i}: {column!r}")
+                except NotAText as err:
+                    problems.append(str(err))
+                    continue
             if not isinstance(value, str):
                 problems.append(f"row {i}: {column!r} must be text, got {type(value).__name__}")
             elif not value.strip():
@@ -151,6 +159,22 @@ def references_from_rows(rows: Sequence[dict], source: str) -> list[Reference]:
     return refs
 
 
+def _seed_text(value: object, column: str, where: str) -> str:
+    """A chat-format seed value as REFED's text: an instruction is one user turn (after an
+    optional system turn, kept as its first paragraph), a response one assistant turn.
+    Longer conversations are refused, not cut to a turn."""
+    messages = as_messages(value, where=where)
+    roles = [m["role"] for m in messages]
+    expected = (["user"], ["system", "user"]) if column == "instruction" else (["assistant"],)
+    if roles not in expected:
+        shapes = " or ".join("[" + ", ".join(e) + "]" for e in expected)
+        raise NotAText(
+            f"{where}: chat messages with roles {roles}; a seed {column} is {shapes} "
+            "(split longer conversations into one row per turn)"
+        )
+    return "\n\n".join(m["content"] for m in messages)
+
+
 def default_responder() -> BackendSpec:
     from flywheel.world.bootstrap import model_dir, models_root
 
@@ -171,7 +195,10 @@ class RefedConfig(BaseModel):
         description="fields: {example_instruction}, {example_response}, {instruction}",
     )
     response_stop: list[str] | None = Field(["\n"], description="stop strings for responses")
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1, description="tokens per responder answer")
+    teacher_max_new_tokens: int = Field(
+        512, ge=1, description="tokens per answer of an LLM teacher (feedback, instructions)"
+    )
     diversity_threshold: float | None = Field(
         0.7, ge=0, le=1, description="ROUGE-L above which a new instruction is dropped; null: off"
     )
@@ -689,4 +716,7 @@ def make_teacher(config: RefedConfig) -> Teacher:
         return WorldTeacher(seed=config.seed)
     from flywheel.llm import make_backend
 
-    return LLMTeacher(lambda: make_backend(config.teacher_backend))  # type: ignore[arg-type]
+    return LLMTeacher(
+        lambda: make_backend(config.teacher_backend),  # type: ignore[arg-type]
+        max_new_tokens=config.teacher_max_new_tokens,
+    )
