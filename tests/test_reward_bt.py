@@ -12,6 +12,7 @@ from flywheel.reward_models.bradley_terry import (
     RewardModel,
     RewardTrainingConfig,
     clean_preferences,
+    pair_key,
     train_reward_model,
 )
 
@@ -41,11 +42,51 @@ def test_bad_pairs_are_reported_and_kept_out() -> None:
         clean_preferences([{"prompt": "p", "chosen": "c"}], "pairs")
 
 
+def test_chat_messages_are_text_values_and_malformed_ones_are_reported(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    question = [{"role": "user", "content": "copy ab="}]
+    answer = [{"role": "assistant", "content": "ab"}]
+    good = {"prompt": question, "chosen": answer, "rejected": "ba"}
+    # read back from parquet, messages are numpy arrays of dicts
+    pq.write_table(pa.Table.from_pylist([good]), tmp_path / "pairs.parquet")
+    (from_parquet,) = pq.read_table(tmp_path / "pairs.parquet").to_pandas().to_dict("records")
+    assert not isinstance(from_parquet["prompt"], list)
+    rows = [
+        good,
+        from_parquet,
+        {"prompt": None, "chosen": "ab", "rejected": "ba"},
+        {"prompt": [{"role": "user", "content": "  "}], "chosen": "ab", "rejected": "ba"},
+        {"prompt": [], "chosen": "ab", "rejected": "ba"},
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "ab", "rejected": "ba"},
+        {"prompt": question, "chosen": [{"role": "user", "content": "ab"}], "rejected": "ba"},
+        {"prompt": question, "chosen": answer, "rejected": "ab"},  # says the same as chosen
+    ]
+    kept, report = clean_preferences(rows, "pairs")
+    assert kept == [good, good]  # normalized: the parquet copy holds lists of dicts
+    assert isinstance(kept[1]["prompt"], list) and isinstance(kept[1]["chosen"], list)
+    assert {k: v["count"] for k, v in report["dropped"].items()} == {
+        "non-text value": 1,
+        "empty text": 2,
+        "malformed chat messages": 1,
+        "answer messages without an assistant turn": 1,
+        "chosen identical to rejected": 1,
+    }
+    assert "robot" in report["dropped"]["malformed chat messages"]["error"]
+    assert report["dropped"]["non-text value"]["example_row"] == 2
+    # the parquet copy is the same pair as the list one
+    assert pair_key(from_parquet) == pair_key(good) != pair_key({**good, "rejected": "b"})
+    assert report["duplicates"]["count"] == 1
+
+
 def test_reward_model_learns_world_preferences_and_reloads(world_models, tmp_path) -> None:
     config = RewardTrainingConfig(base_model=str(world_models / "world-small"), epochs=2)
     train = world_pairs(1500, seed=0) + [{"prompt": "p", "chosen": "x", "rejected": "x"}]
     report = train_reward_model(train, world_pairs(300, seed=1), config, tmp_path / "rm")
     assert report["train_rows"]["dropped"]["chosen identical to rejected"]["count"] == 1
+    assert report["trained_pairs"] == report["train_rows"]["kept"] == 1500
+    assert report["eval_pairs"] == 300 and report["prompt_format"] == "raw"
     # held-out pairs: clearly better than chance after a few seconds on the CPU
     assert report["eval_pairwise_accuracy"] > 0.6
     rm = RewardModel(tmp_path / "rm")

@@ -12,7 +12,8 @@ def test_ensemble_trains_members_that_agree_on_average_and_differ(world_models, 
     config = EnsembleConfig(base_model=str(world_models / "world-small"), members=3, epochs=2)
     figures = train_ensemble(world_pairs(1500, 0), world_pairs(300, 1), config, tmp_path / "ens")
     accuracy = figures["eval_pairwise_accuracy"]
-    assert len(accuracy["members"]) == 3
+    assert len(accuracy["members"]) == 3 and accuracy["pairs"] == 300
+    assert figures["trained_pairs"] == 1500 and figures["length"]["train"]["truncated"] == 0
     assert accuracy["mean"] > 0.6 and min(accuracy["members"]) > 0.55
 
     ensemble = EnsembleRewardModel(tmp_path / "ens")

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from flywheel.llm.base import Backend, TokenLogprob
 from flywheel.reward_models import ugda
-from flywheel.reward_models.bradley_terry import encode_texts
 from flywheel.reward_models.ensemble import (
     HEADS_FILE,
     EnsembleConfig,
     EnsembleRewardModel,
+    encoder_for,
     load_ensemble,
-    score_texts,
+    score_pairs,
     train_ensemble,
 )
 from flywheel.reward_models.labelers import WorldOracleLabeler
@@ -110,8 +110,9 @@ def test_uncertainty_is_the_variance_of_member_preferences(setting) -> None:
     ensemble = EnsembleRewardModel(setting["init"])
     tok, model = ensemble.tok, ensemble.model
     prefs = ugda.pair_preferences(setting["init"], pairs)
-    r_a = score_texts(model, tok, [p["prompt"] + p["response_a"] for p in pairs])
-    r_b = score_texts(model, tok, [p["prompt"] + p["response_b"] for p in pairs])
+    prompts = [p["prompt"] for p in pairs]
+    r_a = score_pairs(model, tok, prompts, [p["response_a"] for p in pairs])
+    r_b = score_pairs(model, tok, prompts, [p["response_b"] for p in pairs])
     manual = torch.sigmoid(r_a - r_b)
     assert torch.allclose(torch.tensor(prefs["members"]), manual, atol=1e-6)
     assert torch.allclose(torch.tensor(prefs["variance"]), manual.var(dim=1, unbiased=False))
@@ -138,10 +139,9 @@ def test_per_sample_gradients_equal_single_sample_backward(setting, params) -> N
     for i in (1, 3):
         model.zero_grad()
         row = rows[i]
-        enc = encode_texts(
-            tok, [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]], "cpu"
-        )
-        ugda.pairwise_loss(model(**enc), 1).sum().backward()
+        encoder = encoder_for(model, tok)
+        seqs, _ = encoder.encode([row["prompt"]] * 2, [row["chosen"], row["rejected"]])
+        ugda.pairwise_loss(model(**encoder.batch(seqs, "cpu")), 1).sum().backward()
         manual = torch.cat([p.grad.flatten() for p in parameters])
         assert manual.abs().max() > 1e-4  # a real gradient, not zeros on both sides
         assert torch.allclose(batched[i], manual, atol=1e-6, rtol=1e-4)

@@ -17,17 +17,28 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from flywheel.reward_models.bradley_terry import clean_preferences, encode_texts
+from flywheel.llm.chat import Prompt, PromptFormat, resolve_format
+from flywheel.llm.tokens import LengthReport, OverLength
+from flywheel.reward_models.bradley_terry import (
+    PairEncoder,
+    check_max_length,
+    clean_preferences,
+    pad_with_stand_in,
+    position_limit,
+)
 
 log = logging.getLogger(__name__)
 
 HEADS_FILE = "ensemble_heads.pt"
 META_FILE = "ensemble.json"
+# where transformer backbones keep their stack of blocks: Llama/Qwen2 `layers`, GPT-2 `h`
+BLOCK_NAMES = ("layers", "h", "blocks", "layer")
 
 
 class EnsembleConfig(BaseModel):
@@ -36,17 +47,35 @@ class EnsembleConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8, description="tokens of prompt + answer + EOS")
+    prompt_format: PromptFormat = Field(
+        "auto", description="auto: the chat template when the tokenizer has one, else raw"
+    )
+    over_length: OverLength = Field(
+        "truncate", description="pairs longer than max_length: cut to fit, or leave out"
+    )
     bootstrap: bool = Field(True, description="Poisson(1) pair weights per member")
     seed: int = 0
 
 
 class SharedBackboneEnsemble(nn.Module):
-    """Backbone hidden state at the last real token -> K rewards."""
+    """Backbone hidden state at the last real token -> K rewards.
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, members: int) -> None:
+    `prompt_format` and `max_length` say how it reads (prompt, answer): see `encoder_for`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hidden_size: int,
+        members: int,
+        prompt_format: Literal["raw", "chat"] = "raw",
+        max_length: int = 128,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = nn.Linear(hidden_size, members)
+        self.prompt_format, self.max_length = prompt_format, max_length
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
@@ -55,12 +84,53 @@ class SharedBackboneEnsemble(nn.Module):
         return self.heads(states)  # (batch, members)
 
 
-def _load(base_model: str | Path, members: int):
+def decoder_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer blocks, for any architecture: a known attribute
+    (`BLOCK_NAMES`) of the model, its base model or their `decoder`/`transformer`, else
+    the longest ModuleList inside it."""
+    base = getattr(backbone, "base_model", backbone)
+    owners = [backbone, base]
+    owners += [getattr(m, n, None) for m in (backbone, base) for n in ("decoder", "transformer")]
+    for owner in owners:
+        for name in BLOCK_NAMES:
+            found = getattr(owner, name, None) if isinstance(owner, nn.Module) else None
+            if isinstance(found, nn.ModuleList) and len(found):
+                return found
+    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(backbone).__name__} has no list of transformer blocks")
+    return max(lists, key=len)
+
+
+def encoder_for(model: SharedBackboneEnsemble, tok: Any) -> PairEncoder:
+    return PairEncoder(tok, model.prompt_format, model.max_length)
+
+
+def _load(
+    base_model: str | Path, members: int, prompt_format: PromptFormat, max_length: int | None
+):
+    """(tokenizer, ensemble, pad stand-in) on `base_model`; max_length None: the model's
+    positions."""
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_model)
     backbone = AutoModel.from_pretrained(base_model)
-    return tok, SharedBackboneEnsemble(backbone, backbone.config.hidden_size, members)
+    stand_in = pad_with_stand_in(tok, backbone.config)
+    if max_length is None:  # saved before max_length existed: nothing was cut then
+        max_length = (
+            position_limit(backbone.config)
+            or getattr(backbone.config, "max_position_embeddings", None)
+            or 2048
+        )
+    check_max_length(backbone.config, max_length, base_model)
+    model = SharedBackboneEnsemble(
+        backbone,
+        backbone.config.hidden_size,
+        members,
+        resolve_format(prompt_format, tok),
+        max_length,
+    )
+    return tok, model, stand_in
 
 
 def load_ensemble(path: str | Path) -> tuple:
@@ -72,32 +142,65 @@ def load_ensemble(path: str | Path) -> tuple:
             "train one with train_ensemble"
         )
     meta = json.loads((path / META_FILE).read_text())
-    tok, model = _load(path, meta["members"])
+    # ensembles saved before prompt formats read prompt + answer as raw text
+    tok, model, _ = _load(
+        path, meta["members"], meta.get("prompt_format", "raw"), meta.get("max_length")
+    )
     model.heads.load_state_dict(torch.load(path / HEADS_FILE, weights_only=True))
     return tok, model, meta
 
 
-def pairwise_accuracy(model: SharedBackboneEnsemble, tok, rows: Sequence[dict]) -> dict:
-    """Per member and for the members' mean: share of pairs with r_chosen > r_rejected."""
-    chosen = score_texts(model, tok, [r["prompt"] + r["chosen"] for r in rows])
-    rejected = score_texts(model, tok, [r["prompt"] + r["rejected"] for r in rows])
-    wins = chosen > rejected
+def _accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Per member and for the members' mean, over all pairs: r_chosen > r_rejected counts
+    1, a tie 0.5, r_chosen < r_rejected 0 (as `bradley_terry.pairwise_accuracy_of`)."""
+
+    def share(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return ((c > r).float() + 0.5 * (c == r).float()).mean(dim=0)
+
     return {
-        "members": wins.float().mean(dim=0).tolist(),
-        "mean": (chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean().item(),
+        "members": share(chosen, rejected).tolist(),
+        "mean": share(chosen.mean(dim=1), rejected.mean(dim=1)).item(),
+        "pairs": len(chosen),
     }
 
 
-def score_texts(
-    model: SharedBackboneEnsemble, tok, texts: Sequence[str], batch_size: int = 64
+def pairwise_accuracy(model: SharedBackboneEnsemble, tok, rows: Sequence[dict]) -> dict:
+    """Per member and for the members' mean: share of pairs with r_chosen > r_rejected
+    (ties count half); `pairs`: how many. Texts longer than max_length are cut."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = score_pairs(model, tok, prompts, [r["chosen"] for r in rows])
+    rejected = score_pairs(model, tok, prompts, [r["rejected"] for r in rows])
+    return _accuracy(chosen, rejected)
+
+
+def score_ids(
+    model: SharedBackboneEnsemble,
+    encoder: PairEncoder,
+    seqs: Sequence[list[int]],
+    batch_size: int = 64,
 ) -> torch.Tensor:
+    """(texts, members) raw rewards of tokenized texts."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    out = [torch.empty(0, model.heads.out_features)]
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            out.append(model(**encode_texts(tok, texts[start : start + batch_size], device)))
-    return torch.cat(out).float().cpu()
+        for start in range(0, len(seqs), batch_size):
+            out.append(model(**encoder.batch(seqs[start : start + batch_size], device)).cpu())
+    return torch.cat(out).float()
+
+
+def score_pairs(
+    model: SharedBackboneEnsemble,
+    tok,
+    prompts: Sequence[Prompt],
+    answers: Sequence[Prompt],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(texts, members) raw rewards of each (prompt, answer), rendered and cut to
+    max_length as in training."""
+    encoder = encoder_for(model, tok)
+    seqs, _ = encoder.encode(prompts, answers, "truncate", "score")
+    return score_ids(model, encoder, seqs, batch_size)
 
 
 def train_ensemble(
@@ -112,13 +215,17 @@ def train_ensemble(
     `init_from`: a saved ensemble to continue training (backbone and heads as
     saved there, e.g. to refine it on relabeled pairs); its member count must
     equal `config.members`. Without it, `config.base_model` gets fresh heads.
+    Figures: `trained_pairs`, `length` per split (texts cut or left out for
+    max_length), and `eval_pairwise_accuracy` over all eval pairs.
     """
     train, train_report = clean_preferences(train_rows, "train pairs")
     evaluation, eval_report = clean_preferences(eval_rows, "eval pairs")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if init_from is None:
-        tok, model = _load(config.base_model, config.members)
+        tok, model, stand_in = _load(
+            config.base_model, config.members, config.prompt_format, config.max_length
+        )
     else:
         tok, model, init_meta = load_ensemble(init_from)
         if init_meta["members"] != config.members:
@@ -126,20 +233,22 @@ def train_ensemble(
                 f"init_from {init_from} has {init_meta['members']} members but "
                 f"config.members is {config.members}; set members={init_meta['members']}"
             )
+        stand_in = init_meta.get("pad_token_stand_in")
+        check_max_length(model.backbone.config, config.max_length, init_from)
+        model.prompt_format = resolve_format(config.prompt_format, tok)
+        model.max_length = config.max_length
+    encoder = encoder_for(model, tok)
+    train_pairs, train_length = encoder.encode_pairs(train, config.over_length, "train pairs")
+    eval_pairs, eval_length = encoder.encode_pairs(evaluation, config.over_length, "eval pairs")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    steps = max(1, int(config.epochs * len(train) / config.batch_size))
+    steps = max(1, int(config.epochs * len(train_pairs) / config.batch_size))
     poisson = torch.distributions.Poisson(torch.ones(config.members))
     started = time.monotonic()
     for step in range(steps):
-        batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
-        both = encode_texts(
-            tok,
-            [r["prompt"] + r["chosen"] for r in batch]
-            + [r["prompt"] + r["rejected"] for r in batch],
-            device,
-        )
+        batch = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(config.batch_size)]
+        both = encoder.batch([c for _, c, _ in batch] + [r for _, _, r in batch], device)
         rewards = model(**both)  # (2 * batch, members)
         chosen, rejected = rewards[: len(batch)], rewards[len(batch) :]
         losses = -nn.functional.logsigmoid(chosen - rejected)  # (batch, members)
@@ -153,17 +262,26 @@ def train_ensemble(
         if step % 50 == 0:
             log.info("ensemble step %d/%d loss %.4f", step, steps, loss.item() / config.members)
     seconds = time.monotonic() - started
-    train_scores = score_texts(
-        model, tok, [r["prompt"] + r[k] for k in ("chosen", "rejected") for r in train]
+    train_scores = score_ids(
+        model, encoder, [c for _, c, _ in train_pairs] + [r for _, _, r in train_pairs]
+    )
+    eval_accuracy = _accuracy(
+        score_ids(model, encoder, [c for _, c, _ in eval_pairs]),
+        score_ids(model, encoder, [r for _, _, r in eval_pairs]),
     )
     figures = {
         "members": config.members,
         "steps": steps,
         "train_seconds": seconds,
         "train_pairs_per_second": steps * config.batch_size / seconds,
-        "eval_pairwise_accuracy": pairwise_accuracy(model, tok, evaluation),
+        "trained_pairs": len(train_pairs),
+        "eval_pairwise_accuracy": eval_accuracy,
         "reward_mean": train_scores.mean(dim=0).tolist(),
         "reward_std": train_scores.std(dim=0).clamp_min(1e-6).tolist(),
+        "prompt_format": model.prompt_format,
+        "max_length": model.max_length,
+        "pad_token_stand_in": stand_in,
+        "length": {"train": train_length, "eval": eval_length},
         "config": config.model_dump(),
         "init_from": None if init_from is None else str(Path(init_from).absolute()),
     }
@@ -177,17 +295,22 @@ def train_ensemble(
 
 
 class EnsembleRewardModel:
-    """A saved ensemble: per-member rewards (normalised per member), their mean and variance."""
+    """A saved ensemble: per-member rewards (normalised per member), their mean and variance.
+
+    Texts are rendered and cut to max_length as in training; `length` counts what scoring
+    has cut so far.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.tok, self.model, self.meta = load_ensemble(path)
         self.model.eval()
+        self.length = LengthReport(self.model.max_length)
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> dict:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        raw = score_texts(self.model, self.tok, texts)
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Prompt]) -> dict:
+        encoder = encoder_for(self.model, self.tok)
+        seqs, report = encoder.encode(prompts, completions, "truncate", "score")
+        self.length = self.length.merge(report)
+        raw = score_ids(self.model, encoder, seqs)
         rewards = (raw - torch.tensor(self.meta["reward_mean"])) / torch.tensor(
             self.meta["reward_std"]
         )

@@ -31,14 +31,15 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from flywheel.llm.base import Backend
-from flywheel.reward_models.bradley_terry import encode_texts
 from flywheel.reward_models.ensemble import (
     META_FILE,
     EnsembleConfig,
     EnsembleRewardModel,
     SharedBackboneEnsemble,
+    decoder_blocks,
+    encoder_for,
     load_ensemble,
-    score_texts,
+    score_pairs,
     train_ensemble,
 )
 from flywheel.reward_models.labelers import Labeler
@@ -186,8 +187,9 @@ def pair_preferences(ensemble: EnsembleLike, pairs: Sequence[dict], batch_size: 
     all members agree on the order.
     """
     tok, model = _ensemble(ensemble)
-    r_a = score_texts(model, tok, [p["prompt"] + p["response_a"] for p in pairs], batch_size)
-    r_b = score_texts(model, tok, [p["prompt"] + p["response_b"] for p in pairs], batch_size)
+    prompts = [p["prompt"] for p in pairs]
+    r_a = score_pairs(model, tok, prompts, [p["response_a"] for p in pairs], batch_size)
+    r_b = score_pairs(model, tok, prompts, [p["response_b"] for p in pairs], batch_size)
     members = torch.sigmoid(r_a - r_b)  # (pairs, members)
     return {
         "members": members.tolist(),
@@ -199,24 +201,34 @@ def pair_preferences(ensemble: EnsembleLike, pairs: Sequence[dict], batch_size: 
 # --- 3. influence: per-sample gradients, random projection, cosine to validation ---
 
 
-def gradient_modules(model: SharedBackboneEnsemble, params: GradParams) -> list[nn.Linear]:
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's projections: a linear layer with its weight stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def gradient_modules(model: SharedBackboneEnsemble, params: GradParams) -> list[nn.Module]:
     """The linear layers whose weights (and biases) make up a gradient, in order.
 
     "heads": the K reward heads. "heads+last_layer": also every linear layer of the
-    backbone's last block (attention and MLP projections), the layer LESS-style
-    selection finds most informative; norms and embeddings are left out.
+    backbone's last block (attention and MLP projections; GPT-2's Conv1D ones too), the
+    layer LESS-style selection finds most informative; norms and embeddings are left out.
     """
     if params == "heads":
         return [model.heads]
     if params != "heads+last_layer":
         raise ValueError(f"grad_params must be 'heads' or 'heads+last_layer', got {params!r}")
-    layers = getattr(model.backbone, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    try:
+        last = decoder_blocks(model.backbone)[-1]
+    except ValueError as e:
+        raise ValueError(f"grad_params: {e} to take the last from; use 'heads'") from e
+    linears = [m for m in last.modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+    if not linears:
         raise ValueError(
-            f"grad_params: {type(model.backbone).__name__} has no `layers` list to take the "
-            "last block from; use grad_params='heads'"
+            f"grad_params: the last block of {type(model.backbone).__name__} has no linear "
+            "layers; use grad_params='heads'"
         )
-    linears = [m for m in layers[-1].modules() if isinstance(m, nn.Linear)]
     return [*linears, model.heads]
 
 
@@ -258,14 +270,16 @@ def per_sample_grads(
 def _grad_batches(model, tok, rows, params, batch_size):
     modules = gradient_modules(model, params)
     device = next(model.parameters()).device
+    encoder = encoder_for(model, tok)
     wanted = {id(p) for m in modules for p in m.parameters(recurse=False)}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     # only the selected layers need a graph: the backbone below them runs without one
     for p, _ in saved_flags:
         p.requires_grad_(id(p) in wanted)
-    was_training = model.training
+    # restored module by module: a loaded backbone sits in eval mode inside a train-mode wrapper
+    training = [(m, m.training) for m in model.modules()]
     model.eval()
-    records: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
     def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         records.append((module, inputs[0].detach(), output))
@@ -275,10 +289,11 @@ def _grad_batches(model, tok, rows, params, batch_size):
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             n = len(batch)
-            texts = [r["prompt"] + r["chosen"] for r in batch]
-            texts += [r["prompt"] + r["rejected"] for r in batch]
+            prompts = [r["prompt"] for r in batch] * 2
+            answers = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
+            seqs, _ = encoder.encode(prompts, answers, "truncate", "gradient pairs")
             records.clear()
-            rewards = model(**encode_texts(tok, texts, device))
+            rewards = model(**encoder.batch(seqs, device))
             loss = pairwise_loss(rewards, n).sum()
             outputs = [out for _, _, out in records]
             grads_out = torch.autograd.grad(loss, outputs)
@@ -287,7 +302,10 @@ def _grad_batches(model, tok, rows, params, batch_size):
             for (module, x, _), g in zip(records, grads_out, strict=True):
                 if g.dim() == 2:  # the heads: one vector (the last real token) per sequence
                     g, x = g.unsqueeze(1), x.unsqueeze(1)
-                per_seq = [torch.einsum("bto,bti->boi", g, x).flatten(1)]
+                weight = torch.einsum("bto,bti->boi", g, x)
+                if _is_conv1d(module):  # its weight is stored (in, out)
+                    weight = weight.transpose(1, 2)
+                per_seq = [weight.flatten(1)]
                 if module.bias is not None:
                     per_seq.append(g.sum(dim=1))
                 seq = torch.cat(per_seq, dim=1)
@@ -301,7 +319,8 @@ def _grad_batches(model, tok, rows, params, batch_size):
             h.remove()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, flag in training:
+            m.train(flag)
 
 
 class RandomProjection:
@@ -553,10 +572,15 @@ def refine(
     keep = ("prompt", "chosen", "rejected")
     train = [{c: r[c] for c in keep} for r in [*relabeled_rows, *replay]]
     rng.shuffle(train)
-    members = json.loads((Path(ensemble_path) / META_FILE).read_text())["members"]
+    saved = json.loads((Path(ensemble_path) / META_FILE).read_text())
+    # read the pairs as the saved ensemble was trained to (older ones: the defaults)
+    reading = {k: saved[k] for k in ("prompt_format", "max_length") if k in saved}
+    if "over_length" in saved.get("config", {}):
+        reading["over_length"] = saved["config"]["over_length"]
     ens_config = EnsembleConfig(
         base_model=str(ensemble_path),
-        members=members,
+        members=saved["members"],
+        **reading,
         epochs=config.refine_epochs,
         learning_rate=config.refine_lr,
         batch_size=config.refine_batch_size,
