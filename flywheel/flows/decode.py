@@ -53,6 +53,14 @@ from flywheel.flows.tracking import (
 )
 from flywheel.llm import Backend, BackendSpec, make_backend, model_fingerprint
 from flywheel.llm.base import call_each
+from flywheel.llm.chat import (
+    NotAText,
+    PromptFormat,
+    as_text_value,
+    is_empty,
+    render_prompt,
+    resolve_format,
+)
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.reward_models.ensemble import EnsembleRewardModel
 from flywheel.store import (
@@ -104,6 +112,12 @@ class DecodeParams(BaseModel):
     prompt_column: str = "prompt"
     answer_column: str | None = Field(
         "answer", description="reference answers for exact-match accuracy; null or absent: none"
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="'chat': prompts (text or chat messages) are rendered with the model's "
+        "chat template, the assistant turn opened; 'raw': text as it is; 'auto': chat when "
+        "the model has a chat template",
     )
     limit: int | None = Field(None, ge=1, description="decode only the first `limit` prompts")
     world_prompts: int = Field(300, ge=1, description=f"size of a generated {WORLD_PROMPTS}")
@@ -288,8 +302,12 @@ def _world_rows(n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]:
     ]
 
 
-def _prompt_rows(params: DecodeParams) -> tuple[DatasetRef, list[dict]]:
-    """The prompts dataset and its rows as {id, prompt, answer}, checked."""
+def _prompt_rows(
+    params: DecodeParams, tokenizer_path: str | None = None
+) -> tuple[DatasetRef, list[dict]]:
+    """The prompts dataset and its rows as {id, prompt, answer}, checked. Each prompt
+    (text or chat messages) is rendered as the model at `tokenizer_path` reads it; no
+    tokenizer (HTTP agents only): text as it is, messages as `role: content` lines."""
     if params.prompts == WORLD_PROMPTS and params.prompts_version is None:
         ref = reuse_or_write(
             WORLD_PROMPTS,
@@ -313,22 +331,44 @@ def _prompt_rows(params: DecodeParams) -> tuple[DatasetRef, list[dict]]:
             "name a dataset that has some"
         )
     records = table.to_pylist()
-    bad = [i for i, r in enumerate(records) if not isinstance(r[params.prompt_column], str)]
+    bad = [i for i, r in enumerate(records) if not _is_prompt(r[params.prompt_column])]
     if bad:
         raise ValueError(
-            f"{source}: {len(bad)} row(s) have no prompt text in {params.prompt_column!r}, "
-            f"first at row {bad[0]}; drop or fill them"
+            f"{source}: {len(bad)} row(s) have no prompt text or chat messages in "
+            f"{params.prompt_column!r}, first at row {bad[0]}; drop or fill them"
         )
+    render = _renderer(params.prompt_format, tokenizer_path)
     answers = params.answer_column if params.answer_column in table.column_names else None
     rows = [
         {
             "id": str(r["id"]) if "id" in r else str(i),
-            "prompt": r[params.prompt_column],
+            "prompt": render(r[params.prompt_column]),
             "answer": r[answers] if answers else None,
         }
         for i, r in enumerate(records)
     ]
     return ref, rows
+
+
+def _is_prompt(value: object) -> bool:
+    try:
+        return not is_empty(as_text_value(value))
+    except NotAText:
+        return False
+
+
+def _renderer(prompt_format: PromptFormat, tokenizer_path: str | None) -> Callable[..., str]:
+    """Prompt value -> the text the decoders continue."""
+    if tokenizer_path is None:
+        if prompt_format == "chat":
+            raise ValueError(
+                "prompt_format: 'chat' needs a model folder to read the chat template from; "
+                "no agent is a local folder, so use 'raw'"
+            )
+        return lambda value: render_prompt(None, as_text_value(value), "raw")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    fmt = resolve_format(prompt_format, tokenizer)
+    return lambda value: render_prompt(tokenizer, as_text_value(value), fmt)
 
 
 def _examples(
@@ -469,7 +509,7 @@ def check_co_llm_inputs(params: CoLLMParams) -> dict:
         co_llm_module.check_eta(params.eta)
     if params.assistant_backend is not None:
         params.assistant_backend.check()
-    prompts, rows = _prompt_rows(params)
+    prompts, rows = _prompt_rows(params, params.base_model)
     held_out = {r["prompt"] for r in rows}
     examples = _examples(
         params.train_dataset,
@@ -684,7 +724,7 @@ def check_hybrid_inputs(params: HybridParams) -> dict:
     """Before any weights load: folders, one vocabulary, the threshold, the prompts."""
     _same_tokenizer("small_model", params.small_model, "large_model", params.large_model)
     check_threshold(params.measure, params.threshold)
-    prompts, rows = _prompt_rows(params)
+    prompts, rows = _prompt_rows(params, params.small_model)
     return {"prompts": prompts, "rows": rows}
 
 
@@ -784,7 +824,9 @@ def check_collab_inputs(params: CollabParams) -> dict:
             agent.check()
         except Exception as err:
             raise type(err)(f"agents[{i}]: {err}") from err
-    prompts, rows = _prompt_rows(params)
+    # the first agent that is a local folder gives the chat template
+    local = [a.model for a in params.agents if Path(a.model).expanduser().is_dir()]
+    prompts, rows = _prompt_rows(params, local[0] if local else None)
     reward = None
     if params.reward_model == WORLD_REWARD:
         if any(r["answer"] is None for r in rows):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flywheel.flows.tracking import (
     earlier_model,
+    length_figures,
     model_inputs,
     reuse_or_write,
     summary_artifact,
@@ -24,6 +25,7 @@ from flywheel.flows.tracking import (
     training_key,
 )
 from flywheel.llm import BackendSpec
+from flywheel.llm.chat import PromptFormat
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
     PAIR_COLUMNS,
@@ -77,7 +79,18 @@ class RewardTrainParams(BaseModel):
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(256, ge=8)
+    max_length: int = Field(
+        256, ge=8, description="tokens per prompt + answer, in training, evaluation and scoring"
+    )
+    over_length: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="a longer pair: cut (the prompt's start first) or leave out; counted",
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="'chat': render pairs with the backbone's chat template; 'raw': text as "
+        "it is; 'auto': chat when the backbone has a template",
+    )
     world_pairs: int = Field(2000, ge=10, description=f"size of a generated {WORLD_PAIRS}")
     seed: int = 0
 
@@ -214,10 +227,13 @@ def train(params: RewardTrainParams, data: dict, run_id: str) -> ModelRef:
             epochs=params.epochs,
             learning_rate=params.learning_rate,
             batch_size=params.batch_size,
+            max_length=params.max_length,
+            over_length=params.over_length,
+            prompt_format=params.prompt_format,
             seed=params.seed,
         )
         if params.kind == "bradley-terry":
-            config = RewardTrainingConfig(**common, max_length=params.max_length)
+            config = RewardTrainingConfig(**common)
             figures = train_reward_model(train_rows, eval_rows, config, folder)
         else:
             config = EnsembleConfig(**common, members=params.members)
@@ -276,8 +292,12 @@ def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
             "kind": params.kind,
             "reused earlier version": model.meta["produced_by"] != run_id,
             "train pairs": data["reports"]["train"]["kept"],
+            "train pairs trained": metrics.get("trained_pairs"),
             "eval pairs": data["reports"]["eval"]["kept"],
             **dropped,
+            "prompt format": metrics.get("prompt_format"),
+            "pad token stand-in": metrics.get("pad_token_stand_in") or "none needed",
+            **length_figures(metrics.get("length", {})),
             "train duplicate rows": data["reports"]["train"]["duplicates"]["count"],
             "eval duplicate rows": data["reports"]["eval"]["duplicates"]["count"],
             "eval rows copying a train pair": data["eval copies of train pairs"]["count"],

@@ -287,3 +287,18 @@ def earlier_model(name: str, key: str) -> ModelRef | None:
         if ref.meta.get("metrics", {}).get("cache_key") == key:
             return ref
     return None
+
+
+def length_figures(length: dict[str, dict]) -> dict[str, int | str]:
+    """Summary figures of what was cut or left out for length, per split (`train`,
+    `eval`, a group...): a method's LengthReport dicts, as `flywheel.llm.tokens` counts."""
+    figures: dict[str, int | str] = {}
+    for split, report in length.items():
+        figures[f"{split} texts truncated to max_length {report['max_length']}"] = report[
+            "truncated"
+        ]
+        unit = "pairs" if "pairs_dropped" in report else "texts"
+        dropped = report.get("pairs_dropped", report["dropped"])
+        figures[f"{split} {unit} dropped for length"] = dropped
+        figures[f"{split} longest text (tokens)"] = report["longest"]
+    return figures

@@ -1,0 +1,191 @@
+"""Bring your own data and models: what a user has, built here with nothing downloaded.
+
+English preference, seed, example and prompt data written as JSONL and brought in with
+`flywheel import`; Llama, Qwen2 and GPT-2 models of a few hundred thousand parameters
+sharing a BPE tokenizer trained on the spot, with a chat template and no pad token; then
+the flows on them, against a real Prefect server. The models are untrained, so their
+outputs are noise: the tests check the plumbing and the accounting, never quality.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flywheel.cli import app
+from flywheel.llm import BackendSpec, ManagedServer
+from flywheel.store import read_dataset, read_model, sql
+from tests.conftest import free_port
+from tests.helpers.own_models import build_own_models, preference_rows
+
+pytestmark = [pytest.mark.own_data, pytest.mark.usefixtures("prefect_api")]
+
+TOPICS = ["the garden", "a bicycle", "the kitchen", "rainy weather", "a small library"]
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The user's models, data files imported into a data folder of this module's own."""
+    root = tmp_path_factory.mktemp("own")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_DATA_DIR", str(root / "data"))
+        models = {k: str(v) for k, v in build_own_models(root / "models").items()}
+        files = _write_files(root / "files")
+        runner = CliRunner()
+        imported = {}
+        for name, path in files.items():
+            result = runner.invoke(app, ["import", str(path), "--name", name])
+            assert result.exit_code == 0, result.output
+            imported[name] = result.output
+        yield {"models": models, "files": files, "imported": imported, "root": root}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _write_files(folder: Path) -> dict[str, Path]:
+    text_pairs = preference_rows(24, seed=1)
+    chat_pairs = preference_rows(24, seed=2, chat=True)
+    # one long pair, past every max_length below: it must be counted, never silently lost
+    long = dict(text_pairs[0], prompt="Tell me everything about trains. " * 40)
+    prompts = [
+        {"id": f"p{i}", "prompt": f"Write a short note about {t}.", "answer": f"A note on {t}."}
+        for i, t in enumerate(TOPICS)
+    ]
+    chat_prompts = [
+        {"id": f"c{i}", "prompt": [{"role": "user", "content": f"Describe {t}."}]}
+        for i, t in enumerate(TOPICS)
+    ]
+    examples = [
+        {"prompt": f"Write a short note about {t} ({i}).", "answer": f"A note on {t}."}
+        for i, t in enumerate(TOPICS * 4)
+    ]
+    seeds = [
+        {
+            "instruction": [{"role": "user", "content": f"Write one sentence about {t}."}],
+            "response": [{"role": "assistant", "content": f"{t.capitalize()} is calm today."}],
+        }
+        for t in TOPICS[:2]
+    ]
+    return {
+        "own_text_prefs": _jsonl(folder / "text_prefs.jsonl", [*text_pairs, long]),
+        "own_chat_prefs": _jsonl(folder / "chat_prefs.jsonl", chat_pairs),
+        "own_prompts": _jsonl(folder / "prompts.jsonl", prompts),
+        "own_chat_prompts": _jsonl(folder / "chat_prompts.jsonl", chat_prompts),
+        "own_examples": _jsonl(folder / "examples.jsonl", examples),
+        "own_seeds": _jsonl(folder / "seeds.jsonl", seeds),
+    }
+
+
+def _lineage_inputs(name: str) -> list[tuple[str, str]]:
+    rows = sql(
+        f"select input_kind, input_dataset from lineage where dataset = '{name}' "
+        "order by input_kind, input_dataset"
+    )
+    return list(rows.itertuples(index=False, name=None))
+
+
+def test_imports_land_with_lineage_to_their_files(own):
+    for name, path in own["files"].items():
+        ref = read_dataset(name)
+        assert ref.meta["num_rows"] == sum(1 for _ in path.open())
+        assert ("file", str(path.resolve())) in _lineage_inputs(name)
+    chat = read_dataset("own_chat_prefs").to_arrow()
+    assert str(chat.schema.field("prompt").type) == (
+        "list<element: struct<role: string, content: string>>"
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_server(own) -> Iterator[str]:
+    """`transformers serve` on the user's Qwen2 chat model: the teacher and the judge."""
+    pytest.importorskip("fastapi", reason="`transformers serve` needs the serve extra")
+    port = free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    model = own["models"]["qwen2"]
+    command = [exe, "serve", model, "--host", "127.0.0.1", "--port", port, "--device", "cpu"]
+    base_url = f"http://127.0.0.1:{port}/v1"
+    with ManagedServer(
+        command,
+        base_url,
+        startup_timeout=120,
+        env={"HF_HUB_OFFLINE": "1"},
+        log_path=own["root"] / "serve.log",
+    ):
+        yield base_url
+
+
+def _chat_teacher(own, url: str) -> BackendSpec:
+    return BackendSpec(
+        kind="openai", base_url=url, model=own["models"]["qwen2"], prompt_format="chat"
+    )
+
+
+def test_decode_hybrid_on_chat_prompts(own):
+    from flywheel.flows.decode import HybridParams, hybrid_flow
+
+    models = own["models"]
+    out = hybrid_flow(
+        HybridParams(
+            prompts="own_chat_prompts",
+            small_model=models["llama"],
+            large_model=models["qwen2"],
+            max_new_tokens=6,
+            batch_size=4,
+            output="own_hybrid",
+        )
+    )
+    rows = read_dataset("own_hybrid").to_pandas()
+    assert len(rows) == len(TOPICS)
+    # rendered with the chat template, the assistant turn opened
+    assert rows["prompt"].str.startswith("<|im_start|>user\nDescribe ").all()
+    assert rows["prompt"].str.endswith("<|im_start|>assistant\n").all()
+    assert out["figures"]["accuracy"] == "n/a (no answers)"
+
+
+def _reward_params(**kw):
+    from flywheel.flows.reward import RewardTrainParams
+
+    defaults = dict(epochs=1, batch_size=8, max_length=64, eval_fraction=0.2)
+    return RewardTrainParams(**{**defaults, **kw})
+
+
+@pytest.mark.parametrize(
+    ("dataset", "arch", "kind"),
+    [
+        ("own_text_prefs", "llama", "bradley-terry"),
+        ("own_chat_prefs", "gpt2", "bradley-terry"),
+        ("own_chat_prefs", "qwen2", "ensemble"),
+    ],
+)
+def test_reward_train_on_own_pairs_and_models(own, dataset, arch, kind):
+    from flywheel.flows.reward import train_flow
+
+    name = f"own-{arch}-{kind}"
+    out = train_flow(
+        _reward_params(
+            dataset=dataset, base_model=own["models"][arch], kind=kind, members=2, model_name=name
+        )
+    )
+    figures = out["figures"]
+    rows = read_dataset(dataset).meta["num_rows"]
+    # every row is accounted for: trained, held out, or dropped with a reason
+    assert figures["train pairs"] + figures["eval pairs"] == rows
+    assert figures["train pairs trained"] == figures["train pairs"]
+    assert figures["prompt format"] == "chat"  # the shared tokenizer has a chat template
+    model = read_model(name)
+    truncated = model.meta["metrics"]["length"]
+    assert figures["train texts truncated to max_length 64"] == truncated["train"]["truncated"]
+    if dataset == "own_text_prefs":  # its long pair is over 64 tokens, wherever it landed
+        cut = truncated["train"]["truncated"] + truncated["eval"]["truncated"]
+        assert cut >= 2  # chosen and rejected of the long pair
+    inputs = _lineage_inputs(name)
+    assert ("dataset", dataset) in inputs and ("model", arch) in inputs
