@@ -152,11 +152,13 @@ def co_llm_seed(
     large = CausalLM.load(paths["large"], device=args.device)
     val_prompts = [t.prompt for t in val]
 
-    def score(i: int, text: str) -> float:
-        return check(val[i], text)
+    def score(prompts: list, texts: list[str], answers: list) -> list[float]:
+        return [check(task, text) for task, text in zip(val, texts, strict=True)]
 
     def chosen_and_curve(model) -> dict:
-        sweep = sweep_eta(model, large, val_prompts, score, etas=ETAS, max_new_tokens=args.max_new)
+        sweep = sweep_eta(
+            model, large, val_prompts, scorer=score, etas=ETAS, max_new_tokens=args.max_new
+        )
         return {"val": sweep, "test": eta_curve(model, large, test, args)}
 
     out: dict = {}

@@ -204,18 +204,43 @@ def test_sweep_eta_reports_accuracy_and_deferral(
         trained,
         assistant,
         [t.prompt for t in val],
-        lambda i, text: check(val[i], text),
+        [t.answer for t in val],
         etas=[0.0, 0.5, 1.0],
         max_new_tokens=MAX_NEW,
     )
+    assert report["scorer"] == "exact_match"
     results = report["results"]
     assert [r["eta"] for r in results] == [0.0, 0.5, 1.0]
     assert results[0]["deferral_share"] == 1.0 and results[-1]["deferral_share"] == 0.0
-    best = max(r["accuracy"] for r in results)
+    best = max(r["score"] for r in results)
     chosen = next(r for r in results if r["eta"] == report["recommended_eta"])
-    assert chosen["accuracy"] == best
-    ties = [r for r in results if r["accuracy"] == best]
+    assert chosen["score"] == best
+    ties = [r for r in results if r["score"] == best]
     assert chosen["deferral_share"] == min(r["deferral_share"] for r in ties)
+    # the default scorer is the world's checker: each eta's score is its accuracy
+    outputs = co_llm_decode(
+        trained, assistant, [t.prompt for t in val], eta=0.5, max_new_tokens=MAX_NEW
+    )
+    accuracy = sum(check(t, text) for t, text in zip(val, outputs.texts, strict=True)) / len(val)
+    assert results[1]["score"] == pytest.approx(accuracy)
+
+
+def test_sweep_eta_needs_answers_for_a_reference_scorer(
+    trained: CoLLM, assistant: CausalLM
+) -> None:
+    with pytest.raises(ValueError, match=r"answers\[0\] is missing.*field: answers"):
+        sweep_eta(trained, assistant, ["copy abc="], etas=[0.5], max_new_tokens=2)
+    with pytest.raises(ValueError, match="field: answers"):
+        sweep_eta(trained, assistant, ["copy abc="], ["abc", "x"], etas=[0.5])
+    with pytest.raises(ValueError, match="field: scorer"):
+        sweep_eta(
+            trained,
+            assistant,
+            ["copy abc="],
+            scorer=lambda prompts, texts, answers: [],
+            etas=[0.5],
+            max_new_tokens=2,
+        )
 
 
 @pytest.mark.parametrize(
@@ -247,7 +272,7 @@ def test_different_tokenizers_fail_before_decoding(
     with pytest.raises(ValueError, match="other-vocab-model.*same tokenizer"):
         train_co_llm(CausalLM.load(paths[0]), other, examples[:4], init_steps=1, steps=1)
     with pytest.raises(ValueError, match="field: etas"):
-        sweep_eta(trained, assistant, ["copy abc="], lambda i, t: 0.0, etas=[])
+        sweep_eta(trained, assistant, ["copy abc="], ["abc"], etas=[])
     with pytest.raises(ValueError, match="field: examples"):
         train_co_llm(CausalLM.load(paths[0]), assistant, [], init_steps=1, steps=1)
 

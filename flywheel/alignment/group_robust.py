@@ -16,9 +16,11 @@ Two options of the paper: a size-adjusted group loss l_g + C / sqrt(n_g) in the
 weight update (small groups get more weight, as their loss is noisier), and the
 average/worst trade-off `chi`: loss = (1 - chi) * mean pair loss + chi * robust loss.
 
-TRL does the rest: dataset tokenisation, the reference model (a copy, or the base
-under a disabled LoRA adapter), optimisation and logging. Only `compute_loss` is
-replaced, to keep per-pair losses that TRL averages away.
+TRL does the rest: the reference model (a copy, or the base under a disabled LoRA
+adapter), batching, optimisation and logging. `compute_loss` is replaced, to keep
+per-pair losses that TRL averages away. Pairs reach TRL already tokenized (prompts and
+answers as strings or chat messages, rendered per `prompt_format`) and fitted to
+`max_length`, so what is cut or dropped is counted per group (see `encode_pairs`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from pydantic import BaseModel, Field
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from flywheel.llm.chat import (
+    Prompt,
+    PromptFormat,
+    as_text_value,
+    render_conversation,
+    resolve_format,
+)
+from flywheel.llm.tokens import LengthReport, OverLength, ensure_pad_token, fit_to_length
 from flywheel.reward_models.bradley_terry import PreferenceDataError, clean_preferences
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,7 @@ log = logging.getLogger(__name__)
 Method = Literal["dpo", "ipo", "gr-dpo", "gr-ipo"]
 METHODS: tuple[str, ...] = ("dpo", "ipo", "gr-dpo", "gr-ipo")
 TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo"}  # TRL's names for the two losses
+PAIR_TEXTS = ("prompt", "chosen", "rejected")
 
 
 class GroupDataError(PreferenceDataError):
@@ -57,7 +68,19 @@ class GroupRobustConfig(BaseModel):
     batch_size: int = Field(32, ge=2)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="overrides epochs when > 0")
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(
+        128, ge=8, description="tokens of prompt + answer, in training and evaluation"
+    )
+    over_length: OverLength = Field(
+        "truncate",
+        description="a longer pair: 'truncate' (the prompt's start first, then the answers' "
+        "end) or 'drop'; either way counted per group",
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="chat: render with the tokenizer's chat template; raw: text as it is; "
+        "auto: chat when the tokenizer has a template",
+    )
     eta_q: float = Field(
         0.5, ge=0, description="step size of the group weights' update; 0: fixed uniform weights"
     )
@@ -119,6 +142,92 @@ def check_groups(
     return kept, report
 
 
+def _text_ids(
+    tok: Any, prompt: Prompt, answer: Prompt, fmt: Literal["raw", "chat"]
+) -> tuple[list[int], list[int]]:
+    """Prompt ids and answer ids, tokenized apart so the boundary is exact (as a backend
+    scores a completion). Raw answers end with EOS; a chat template closes the turn."""
+    prompt_text, answer_text = render_conversation(tok, prompt, answer, fmt)
+    # a rendered template already holds its special tokens (BOS included)
+    prompt_ids = tok(prompt_text, add_special_tokens=fmt != "chat")["input_ids"]
+    answer_ids = tok(answer_text, add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids + ([tok.eos_token_id] if fmt != "chat" else [])
+
+
+def encode_pairs(
+    tok: Any, rows: Sequence[dict], config: GroupRobustConfig, source: str
+) -> tuple[list[dict], dict]:
+    """Grouped pairs (see `check_groups`) as TRL's preference collator reads them:
+    `prompt_ids`, `chosen_ids`, `rejected_ids` (and `group`), each pair within
+    `config.max_length`, and the length report {"all": ..., "by_group": {g: ...}}.
+
+    A pair counts once: cut (or dropped) when its prompt and longer answer do not fit;
+    a cut prompt loses its start, so both answers keep the same context.
+    """
+    fmt = resolve_format(config.prompt_format, tok)
+    by_group: dict[str, LengthReport] = {}
+    encoded = []
+    for i, row in enumerate(rows):
+        texts = {c: as_text_value(row[c], where=f"{source}: row {i} {c!r}") for c in PAIR_TEXTS}
+        prompt_ids, chosen = _text_ids(tok, texts["prompt"], texts["chosen"], fmt)
+        _, rejected = _text_ids(tok, texts["prompt"], texts["rejected"], fmt)
+        report = by_group.setdefault(
+            row["group"], LengthReport(config.max_length, config.over_length)
+        )
+        fitted = fit_to_length(prompt_ids, max(chosen, rejected, key=len), report)
+        if fitted is None:
+            continue
+        ids, kept_prompt = fitted
+        room = config.max_length - kept_prompt  # the longer answer is already cut to it
+        encoded.append(
+            {
+                "prompt_ids": ids[:kept_prompt],
+                "chosen_ids": chosen[:room],
+                "rejected_ids": rejected[:room],
+                "group": row["group"],
+            }
+        )
+    reports = dict(sorted(by_group.items()))
+    total = LengthReport(config.max_length, config.over_length)
+    for report in reports.values():
+        total = total.merge(report)
+    if total.truncated or total.dropped:
+        log.warning(
+            "%s: %d of %d pair(s) longer than max_length=%d were %s",
+            source,
+            total.truncated + total.dropped,
+            total.texts,
+            config.max_length,
+            "dropped" if config.over_length == "drop" else "truncated",
+        )
+    emptied = [g for g, r in reports.items() if r.dropped == r.texts]
+    if emptied:
+        raise GroupDataError(
+            f"{source}: every pair of group(s) {emptied} is longer than max_length="
+            f"{config.max_length} tokens and over_length is 'drop'; raise `max_length` or "
+            "set `over_length` to 'truncate'"
+        )
+    length = {"all": total.as_dict(), "by_group": {g: r.as_dict() for g, r in reports.items()}}
+    return encoded, length
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """`DPOTrainer` on pairs that `encode_pairs` tokenized and fitted to max_length.
+
+    TRL's own preparation would tokenize prompt + answer together and cut on its own
+    terms (keep_start: an answer loses its end, and a pair whose prompt fills max_length
+    is filtered out, uncounted), so it would not match the counts we report: it is
+    skipped, and the collator gets max_length=None, as there is nothing left to cut.
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" not in dataset.column_names:
+            raise ValueError(
+                f"{dataset_name} dataset: pairs must be tokenized first (encode_pairs)"
+            )
+        return dataset
+
+
 @dataclass
 class GroupPreferenceCollator(DataCollatorForPreference):
     """TRL's preference collator, plus each pair's group index."""
@@ -155,7 +264,7 @@ def pair_losses(
     return (margin - 1 / (2 * beta)) ** 2, margin
 
 
-class GroupRobustDPOTrainer(DPOTrainer):
+class GroupRobustDPOTrainer(PretokenizedDPOTrainer):
     """`DPOTrainer` whose loss is the group-weighted min-max objective of GR-DPO/GR-IPO.
 
     The train dataset needs an integer `group_id` column (0..len(groups)-1).
@@ -284,7 +393,7 @@ def _trl_args(config: GroupRobustConfig, out_dir: Path) -> DPOConfig:
         per_device_train_batch_size=config.batch_size,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        max_length=config.max_length,
+        max_length=None,  # encode_pairs fitted every pair (see PretokenizedDPOTrainer)
         seed=config.seed,
         logging_steps=10,
         save_strategy="no",
@@ -295,29 +404,44 @@ def _trl_args(config: GroupRobustConfig, out_dir: Path) -> DPOConfig:
     )
 
 
+def load_tokenizer(base_model: str) -> Any:
+    """The policy's tokenizer, with a pad token (a stand-in when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    ensure_pad_token(tok)
+    return tok
+
+
 def make_trainer(
     train_rows: Sequence[dict], config: GroupRobustConfig, out_dir: str | Path
 ) -> DPOTrainer:
     """A TRL trainer for `config.method` on checked, grouped rows (see `check_groups`):
-    plain `DPOTrainer` for dpo/ipo, `GroupRobustDPOTrainer` for gr-dpo/gr-ipo."""
+    `PretokenizedDPOTrainer` for dpo/ipo, `GroupRobustDPOTrainer` for gr-dpo/gr-ipo.
+    The trainer's `length` holds the training pairs' length report (`encode_pairs`)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(config.base_model)
+    tok = load_tokenizer(config.base_model)
     model = AutoModelForCausalLM.from_pretrained(config.base_model)
     args = _trl_args(config, Path(out_dir))
-    columns = ("prompt", "chosen", "rejected")
+    pairs, length = encode_pairs(tok, train_rows, config, "train pairs")
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     if not config.robust:
-        dataset = Dataset.from_list([{c: r[c] for c in columns} for r in train_rows])
-        return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
-    groups = sorted({r["group"] for r in train_rows})
+        dataset = Dataset.from_list([{c: r[c] for c in columns} for r in pairs])
+        trainer = PretokenizedDPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tok
+        )
+        trainer.length = length
+        return trainer
+    groups = sorted({r["group"] for r in pairs})
     index = {g: i for i, g in enumerate(groups)}
     dataset = Dataset.from_list(
-        [{**{c: r[c] for c in columns}, "group_id": index[r["group"]]} for r in train_rows]
+        [{**{c: r[c] for c in columns}, "group_id": index[r["group"]]} for r in pairs]
     )
-    sizes = [sum(1 for r in train_rows if r["group"] == g) for g in groups]
-    collator = GroupPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=config.max_length)
-    return GroupRobustDPOTrainer(
+    sizes = [sum(1 for r in pairs if r["group"] == g) for g in groups]
+    collator = GroupPreferenceCollator(pad_token_id=tok.pad_token_id)
+    trainer = GroupRobustDPOTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -327,27 +451,35 @@ def make_trainer(
         group_sizes=sizes,
         robust=config,
     )
+    trainer.length = length
+    return trainer
 
 
-def completion_logps(model, tok, prompts: Sequence[str], completions: Sequence[str], batch_size=64):
-    """Summed log-probability of each completion (+ EOS) after its prompt, and its length."""
+def completion_logps(
+    model,
+    pad_token_id: int,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    batch_size: int = 64,
+):
+    """Summed log-probability of each completion's ids after its prompt's, and its length
+    (the ids as `encode_pairs` gives them)."""
     import torch
 
     out, lengths = [], []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            encoded = []
-            for p, c in zip(
-                prompts[start : start + batch_size],
-                completions[start : start + batch_size],
-                strict=True,
-            ):
-                p_ids = tok(p, add_special_tokens=False)["input_ids"]
-                c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                encoded.append((p_ids + c_ids, len(p_ids)))
+            encoded = [
+                ([*p, *c], len(p))
+                for p, c in zip(
+                    prompts[start : start + batch_size],
+                    completions[start : start + batch_size],
+                    strict=True,
+                )
+            ]
             width = max(len(ids) for ids, _ in encoded)
-            ids = torch.full((len(encoded), width), tok.pad_token_id)
+            ids = torch.full((len(encoded), width), pad_token_id)
             mask = torch.zeros((len(encoded), width), dtype=torch.long)
             target = torch.zeros((len(encoded), width), dtype=torch.bool)
             for i, (seq, prompt_len) in enumerate(encoded):
@@ -363,9 +495,15 @@ def completion_logps(model, tok, prompts: Sequence[str], completions: Sequence[s
 
 
 def evaluate_groups(
-    policy, reference, tok, rows: Sequence[dict], loss: Literal["dpo", "ipo"], beta: float
+    policy,
+    reference,
+    pad_token_id: int,
+    rows: Sequence[dict],
+    loss: Literal["dpo", "ipo"],
+    beta: float,
 ) -> dict:
-    """Preference accuracy and loss per group on held-out pairs.
+    """Preference accuracy and loss per group on held-out pairs (tokenized and fitted
+    to max_length by `encode_pairs`, as in training).
 
     A pair counts as correct when the policy's implicit reward margin (the one its
     loss uses: summed log-ratios for DPO, per-token for IPO) prefers the chosen answer.
@@ -373,11 +511,13 @@ def evaluate_groups(
     """
     import torch
 
-    prompts = [r["prompt"] for r in rows]
+    prompts = [r["prompt_ids"] for r in rows]
     figures: dict[str, list[float]] = {}
     for name, model in (("policy", policy), ("reference", reference)):
         for side in ("chosen", "rejected"):
-            logps, lengths = completion_logps(model, tok, prompts, [r[side] for r in rows])
+            logps, lengths = completion_logps(
+                model, pad_token_id, prompts, [r[f"{side}_ids"] for r in rows]
+            )
             figures[f"{name}_{side}"] = logps
             figures[f"{side}_len"] = lengths
     chosen_lr = torch.tensor(figures["policy_chosen"]) - torch.tensor(figures["reference_chosen"])
@@ -427,8 +567,10 @@ def train_group_robust(
 ) -> dict:
     """Train `config.method` with TRL, save the policy to out_dir, evaluate per group.
 
-    Returns the data reports, training figures (steps, steps/s, the group weights'
-    history for robust methods) and held-out figures per group.
+    Returns the data reports, the length reports of training and held-out pairs
+    (`length`: {"train"|"eval": {"all": ..., "by_group": {g: ...}}}), training figures
+    (steps, steps/s, the group weights' history for robust methods) and held-out
+    figures per group.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -442,6 +584,9 @@ def train_group_robust(
             "for them or leave them out of the evaluation"
         )
     out_dir = Path(out_dir)
+    held_out_pairs, eval_length = encode_pairs(
+        load_tokenizer(config.base_model), evaluation, config, "eval pairs"
+    )
     torch.manual_seed(config.seed)
     trainer = make_trainer(train, config, out_dir)
     result = trainer.train()
@@ -449,7 +594,12 @@ def train_group_robust(
     trainer.processing_class.save_pretrained(out_dir)
     reference = AutoModelForCausalLM.from_pretrained(config.base_model).to(trainer.model.device)
     held_out = evaluate_groups(
-        trainer.model, reference, trainer.processing_class, evaluation, config.loss, config.beta
+        trainer.model,
+        reference,
+        trainer.processing_class.pad_token_id,
+        held_out_pairs,
+        config.loss,
+        config.beta,
     )
     history = getattr(trainer, "history", [])
     report = {
@@ -457,6 +607,7 @@ def train_group_robust(
         "config": config.model_dump(),
         "train_data": train_report,
         "eval_data": eval_report,
+        "length": {"train": trainer.length, "eval": eval_length},
         "steps": result.global_step,
         "train_seconds": result.metrics["train_runtime"],
         "steps_per_second": result.metrics["train_steps_per_second"],

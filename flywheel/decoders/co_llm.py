@@ -12,7 +12,12 @@ with the assistant frozen, so its log-probs of the targets are computed once
 supervision: defer (1) where the assistant's argmax is the target and the
 base's is not, else 0. At decode time a token is written by the assistant when
 P(defer) > eta, else by the base; both models keep KV caches fed every token.
-Pick eta on a validation set with `sweep_eta`.
+Pick eta on a validation set with `sweep_eta`, scoring the outputs with a `Scorer`
+(exact match by default; ROUGE-L for free text; the flows add a reward model).
+
+Prompts and answers are strings or chat messages, rendered per `prompt_format` (the
+one training used is saved with the model and used for decoding); training examples
+are fitted to `max_length` tokens, and what is cut or dropped is counted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +48,50 @@ from flywheel.decoders.stepping import (
     prompt_ids,
 )
 from flywheel.llm.base import Backend, BackendError
+from flywheel.llm.chat import (
+    Prompt,
+    PromptFormat,
+    as_text_value,
+    render_conversation,
+    render_prompt,
+    resolve_format,
+)
+from flywheel.llm.tokens import LengthReport, OverLength, ensure_pad_token, fit_to_length
+from flywheel.synthesis.rouge import rouge_l
 
 BASE, ASSISTANT = "base", "assistant"
 HEAD_FILE = "deferral_head.pt"
 INFO_FILE = "co_llm.json"
 
-Example = tuple[str, str]  # (prompt, answer)
+Example = tuple[Prompt, Prompt]  # (prompt, answer): strings or chat messages
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One training example as ids: prompt then targets (answer, closed by EOS or the
+    chat template's end of turn), within max_length."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+    key: str  # keys the assistant's stored log-probs
+    prompt: str  # the rendered prompt, for messages
 
 
 class CoLLM(torch.nn.Module):
     """The base model plus its deferral head; `save`/`load` keep both in one folder."""
 
-    def __init__(self, base: CausalLM, head: torch.nn.Linear | None = None) -> None:
+    def __init__(
+        self,
+        base: CausalLM,
+        head: torch.nn.Linear | None = None,
+        prompt_format: PromptFormat = "auto",
+    ) -> None:
         super().__init__()
         self.base = base
         self.lm = base.model  # registered, so .parameters() holds base and head
         self.head = head or torch.nn.Linear(base.model.config.hidden_size, 1)
         self.head.to(base.model.device)
+        self.prompt_format = prompt_format  # how prompts were rendered in training
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -74,9 +108,12 @@ class CoLLM(torch.nn.Module):
         self.base.model.save_pretrained(folder)
         self.base.tokenizer.save_pretrained(folder)
         torch.save(self.head.state_dict(), folder / HEAD_FILE)
-        (folder / INFO_FILE).write_text(
-            json.dumps({"method": "co-llm", "hidden_size": self.head.in_features})
-        )
+        info = {
+            "method": "co-llm",
+            "hidden_size": self.head.in_features,
+            "prompt_format": self.prompt_format,
+        }
+        (folder / INFO_FILE).write_text(json.dumps(info))
         return folder
 
     @classmethod
@@ -89,13 +126,16 @@ class CoLLM(torch.nn.Module):
                 "Pass the folder that CoLLM.save wrote."
             )
         base = CausalLM.load(folder, device=device)
-        model = cls(base)
+        info = (
+            json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
+        )
+        model = cls(base, prompt_format=info.get("prompt_format", "auto"))
         state = torch.load(folder / HEAD_FILE, map_location=device, weights_only=True)
         model.head.load_state_dict(state)
         return model.eval()
 
 
-# --- training data: (prompt, answer) pairs, targets = answer tokens + EOS ---
+# --- training data: (prompt, answer) pairs, targets = answer tokens + end of answer ---
 
 
 def example_key(prompt: str, answer: str) -> str:
@@ -103,19 +143,114 @@ def example_key(prompt: str, answer: str) -> str:
     return hashlib.sha1(f"{prompt}\x00{answer}".encode()).hexdigest()[:16]
 
 
-def _encode(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Ids of prompt + answer + EOS, and the prompt's length."""
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    if not p:
-        raise ValueError(f"empty prompt in the training examples (answer {answer!r})")
-    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return p + a, len(p)
+def _prompt_ids(tok: PreTrainedTokenizerBase, text: str, fmt: Literal["raw", "chat"]) -> list[int]:
+    """A rendered prompt's ids, as decoding encodes it; a chat template holds its special
+    tokens already (BOS included)."""
+    return (
+        tok(text, add_special_tokens=False)["input_ids"] if fmt == "chat" else prompt_ids(tok, text)
+    )
 
 
-def _batch(tok: PreTrainedTokenizerBase, examples: Sequence[Example], device: torch.device) -> dict:
+def encode_example(
+    tok: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    answer: Prompt,
+    fmt: Literal["raw", "chat"],
+    report: LengthReport | None = None,
+) -> Encoded | None:
+    """Prompt ids and targets: the answer + EOS (raw), or the assistant turn as the chat
+    template closes it (chat). With `report`, fitted to its max_length and counted; None
+    when `drop` leaves the example out."""
+    prompt_text, answer_text = render_conversation(tok, prompt, answer, fmt)
+    if not prompt_text:
+        raise ValueError(
+            f"empty prompt in the training examples (answer {answer_text!r}, field: examples)"
+        )
+    p = _prompt_ids(tok, prompt_text, fmt)
+    a = tok(answer_text, add_special_tokens=False)["input_ids"]
+    if fmt != "chat":
+        a.append(tok.eos_token_id)
+    key = example_key(prompt_text, answer_text)
+    if report is None:
+        return Encoded((*p, *a), len(p), key, prompt_text)
+    fitted = fit_to_length(p, a, report)
+    if fitted is None:
+        return None
+    ids, n_prompt = fitted
+    if len(ids) < len(p) + len(a):  # a cut example has other targets: its own key
+        key = example_key(prompt_text, f"{answer_text}\x00max_length={report.max_length}")
+    # a prompt cut away entirely: the answer's first token is the context
+    return Encoded(tuple(ids), max(n_prompt, 1), key, prompt_text)
+
+
+def context_size(lm: CausalLM) -> int | None:
+    """The most positions the model takes, from its config (None when it names none)."""
+    config = lm.model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(value := getattr(config, name, None), int):
+            return value
+    return None
+
+
+def encode_examples(
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    prompt_format: PromptFormat = "auto",
+    max_length: int,
+    over_length: OverLength = "truncate",
+) -> tuple[list[Encoded], LengthReport]:
+    """Every example encoded (`encode_example`) within max_length, and the length report."""
+    _check_examples(examples)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(
+            f"max_length must be an integer >= 2 (field: max_length), got {max_length!r}"
+        )
+    fmt = resolve_format(prompt_format, tok)
+    report = LengthReport(max_length, over_length)
+    out = []
+    for i, (prompt, answer) in enumerate(examples):
+        encoded = encode_example(
+            tok,
+            as_text_value(prompt, where=f"examples[{i}] prompt"),
+            as_text_value(answer, where=f"examples[{i}] answer"),
+            fmt,
+            report,
+        )
+        if encoded is not None:
+            out.append(encoded)
+    if not out:
+        raise ValueError(
+            f"every one of the {report.texts} examples is longer than max_length={max_length} "
+            "tokens and over_length is 'drop' (field: max_length): raise it, or truncate"
+        )
+    return out, report
+
+
+def _encoded(tok: PreTrainedTokenizerBase, examples: Sequence[Example | Encoded]) -> list[Encoded]:
+    """Examples as ids: encoded ones as they are, pairs rendered per the tokenizer
+    (`auto`) without a length limit (so never None)."""
+    fmt = resolve_format("auto", tok)
+    return [
+        e
+        if isinstance(e, Encoded)
+        else encode_example(
+            tok,
+            as_text_value(e[0], where=f"examples[{i}] prompt"),
+            as_text_value(e[1], where=f"examples[{i}] answer"),
+            fmt,
+        )
+        for i, e in enumerate(examples)
+    ]
+
+
+def _batch(
+    tok: PreTrainedTokenizerBase, examples: Sequence[Example | Encoded], device: torch.device
+) -> dict:
     """Right-padded ids, and for the shifted logits grid (rows, width - 1) a mask of the
     positions that predict a target token and those targets."""
-    encoded = [_encode(tok, p, a) for p, a in examples]
+    ensure_pad_token(tok)  # padding is masked out: any token can stand in
+    encoded = [(e.ids, e.n_prompt) for e in _encoded(tok, examples)]
     width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -146,7 +281,7 @@ AssistantTargets = dict[str, dict[str, torch.Tensor]]
 @torch.inference_mode()
 def assistant_targets(
     assistant: CausalLM,
-    examples: Sequence[Example],
+    examples: Sequence[Example | Encoded],
     *,
     path: str | Path | None = None,
     batch_size: int = 64,
@@ -163,7 +298,7 @@ def assistant_targets(
         saved = torch.load(path, weights_only=True)
         if saved.get("assistant") == assistant.name:
             stored = saved["rows"]
-    wanted = {example_key(p, a): (p, a) for p, a in examples}
+    wanted = {e.key: e for e in _encoded(assistant.tokenizer, examples)}
     missing = [wanted[k] for k in wanted if k not in stored]
     for idx in chunks(len(missing), batch_size):
         batch = _batch(assistant.tokenizer, [missing[i] for i in idx], assistant.model.device)
@@ -175,7 +310,7 @@ def assistant_targets(
         argmax = logps.argmax(-1)
         for row, i in enumerate(idx):
             m = batch["target_mask"][row]
-            stored[example_key(*missing[i])] = {
+            stored[missing[i].key] = {
                 "logprob": picked[row][m].cpu().clone(),
                 "argmax": argmax[row][m].cpu().clone(),
             }
@@ -188,29 +323,28 @@ def assistant_targets(
 
 
 def _gather_stored(
-    targets: AssistantTargets, examples: Sequence[Example], key: str, mask: torch.Tensor
+    targets: AssistantTargets, examples: Sequence[Encoded], key: str, mask: torch.Tensor
 ) -> torch.Tensor:
     """Place the stored per-target values of each example into the (rows, width - 1) grid."""
-    grid = torch.zeros(mask.shape, dtype=targets[example_key(*examples[0])][key].dtype)
-    for row, (p, a) in enumerate(examples):
-        k = example_key(p, a)
-        if k not in targets:
-            raise KeyError(
-                f"no stored assistant log-probs for prompt {p!r}: compute them with "
-                "assistant_targets on the same examples (field: targets)"
-            )
-        values = targets[k][key]
+    if unknown := next((e for e in examples if e.key not in targets), None):
+        raise KeyError(
+            f"no stored assistant log-probs for prompt {unknown.prompt!r}: compute them with "
+            "assistant_targets on the same examples (field: targets)"
+        )
+    grid = torch.zeros(mask.shape, dtype=targets[examples[0].key][key].dtype)
+    for row, e in enumerate(examples):
+        values = targets[e.key][key]
         n = int(mask[row].sum())
         if values.shape[0] != n:
             raise ValueError(
-                f"stored assistant log-probs for prompt {p!r} have {values.shape[0]} targets, "
-                f"the base tokenizer gives {n}: the models must share a tokenizer"
+                f"stored assistant log-probs for prompt {e.prompt!r} have {values.shape[0]} "
+                f"targets, the base tokenizer gives {n}: the models must share a tokenizer"
             )
         grid[row][mask[row].cpu()] = values
     return grid.to(mask.device)
 
 
-def _base_terms(model: CoLLM, examples: Sequence[Example]) -> dict:
+def _base_terms(model: CoLLM, examples: Sequence[Encoded]) -> dict:
     """Base log-probs of the targets, its argmax, and the deferral logits, on the grid."""
     batch = _batch(model.tokenizer, examples, model.lm.device)
     out = model.lm(
@@ -233,18 +367,18 @@ def _base_terms(model: CoLLM, examples: Sequence[Example]) -> dict:
 
 @torch.no_grad()
 def weak_labels(
-    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+    model: CoLLM, examples: Sequence[Example | Encoded], targets: AssistantTargets
 ) -> list[list[int]]:
     """Per example, per target token: 1 where the assistant's argmax is the target and
     the base's is not, else 0."""
     _check_examples(examples)
-    terms, labels = _weak_label_grid(model, examples, targets)
+    terms, labels = _weak_label_grid(model, _encoded(model.tokenizer, examples), targets)
     mask = terms["target_mask"]
     return [labels[row][mask[row]].long().tolist() for row in range(len(examples))]
 
 
 def _weak_label_grid(
-    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+    model: CoLLM, examples: Sequence[Encoded], targets: AssistantTargets
 ) -> tuple[dict, torch.Tensor]:
     terms = _base_terms(model, examples)
     asst_argmax = _gather_stored(targets, examples, "argmax", terms["target_mask"])
@@ -252,19 +386,22 @@ def _weak_label_grid(
     return terms, (asst_argmax == gold) & (terms["base_argmax"] != gold)
 
 
-def weak_bce(model: CoLLM, examples: Sequence[Example], targets: AssistantTargets) -> torch.Tensor:
+def weak_bce(
+    model: CoLLM, examples: Sequence[Example | Encoded], targets: AssistantTargets
+) -> torch.Tensor:
     """BCE of the deferral head against the weak labels, with the base frozen (no grad)."""
     with torch.no_grad():
-        terms, labels = _weak_label_grid(model, examples, targets)
+        terms, labels = _weak_label_grid(model, _encoded(model.tokenizer, examples), targets)
     mask = terms["target_mask"]
     logit = model.defer_logit(terms["hidden"]).float()
     return F.binary_cross_entropy_with_logits(logit[mask], labels.float()[mask])
 
 
 def marginal_nll(
-    model: CoLLM, examples: Sequence[Example], targets: AssistantTargets
+    model: CoLLM, examples: Sequence[Example | Encoded], targets: AssistantTargets
 ) -> torch.Tensor:
     """Mean over target tokens of -log[(1 - p_defer) p_base(x_t) + p_defer p_asst(x_t)]."""
+    examples = _encoded(model.tokenizer, examples)
     terms = _base_terms(model, examples)
     mask = terms["target_mask"]
     asst = _gather_stored(targets, examples, "logprob", mask)
@@ -277,8 +414,8 @@ def marginal_nll(
 
 def _loop(
     params: list[torch.nn.Parameter],
-    loss_fn: Callable[[Sequence[Example]], torch.Tensor],
-    examples: Sequence[Example],
+    loss_fn: Callable[[Sequence[Encoded]], torch.Tensor],
+    examples: Sequence[Encoded],
     *,
     steps: int,
     batch_size: int,
@@ -309,7 +446,7 @@ def _loop(
 
 def init_head_weak(
     model: CoLLM,
-    examples: Sequence[Example],
+    examples: Sequence[Example | Encoded],
     targets: AssistantTargets,
     *,
     steps: int = 200,
@@ -322,6 +459,7 @@ def init_head_weak(
     Returns {"steps", "first_loss", "loss", "seconds", "positive_share"}.
     """
     _check_examples(examples)
+    examples = _encoded(model.tokenizer, examples)
     model.lm.eval()
     torch.manual_seed(seed)
     stats = _loop(
@@ -342,7 +480,7 @@ def init_head_weak(
 
 def train_marginal(
     model: CoLLM,
-    examples: Sequence[Example],
+    examples: Sequence[Example | Encoded],
     targets: AssistantTargets,
     *,
     steps: int = 200,
@@ -357,6 +495,7 @@ def train_marginal(
     (alone it fell from 0.363 to 0.168 accuracy) and pushed deferral to 95% of tokens.
     """
     _check_examples(examples)
+    examples = _encoded(model.tokenizer, examples)
     torch.manual_seed(seed)
     model.train()
     stats = _loop(
@@ -384,22 +523,49 @@ def train_co_llm(
     head_lr: float = 1e-2,
     lr: float = 1e-4,
     seed: int = 0,
+    prompt_format: PromptFormat = "auto",
+    max_length: int | None = None,
+    over_length: OverLength = "truncate",
 ) -> tuple[CoLLM, dict]:
     """The whole recipe: store the assistant's target log-probs, weak-supervision
-    initialisation of the head, then marginal-likelihood training. Returns the model
-    and {"init": ..., "marginal": ...} statistics."""
+    initialisation of the head, then marginal-likelihood training.
+
+    Examples are (prompt, answer) strings or chat messages, rendered per `prompt_format`
+    and fitted to `max_length` tokens (None: the base model's context size) per
+    `over_length`. Returns the model and {"init": ..., "marginal": ..., "length": the
+    length report, "prompt_format": the format used} statistics."""
     _check_examples(examples)
-    check_same_vocab(base.tokenizer, assistant.tokenizer, base.name, assistant.name)
-    targets = assistant_targets(assistant, examples, path=targets_path, batch_size=batch_size)
+    _check_same_tokenizer(base, assistant.tokenizer, assistant.name)
+    if max_length is None and (max_length := context_size(base)) is None:
+        raise ValueError(
+            f"{base.name}'s config names no context size: set max_length (field: max_length)"
+        )
+    encoded, length = encode_examples(
+        base.tokenizer,
+        examples,
+        prompt_format=prompt_format,
+        max_length=max_length,
+        over_length=over_length,
+    )
+    targets = assistant_targets(assistant, encoded, path=targets_path, batch_size=batch_size)
     torch.manual_seed(seed)  # the head's initial weights, so a seed gives one result
-    model = CoLLM(base)
+    model = CoLLM(base, prompt_format=resolve_format(prompt_format, base.tokenizer))
     init = init_head_weak(
-        model, examples, targets, steps=init_steps, batch_size=batch_size, lr=head_lr, seed=seed
+        model, encoded, targets, steps=init_steps, batch_size=batch_size, lr=head_lr, seed=seed
     )
     marginal = train_marginal(
-        model, examples, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        model, encoded, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed
     )
-    return model, {"init": init, "marginal": marginal}
+    stats = {"init": init, "marginal": marginal, "length": length.as_dict()}
+    return model, {**stats, "prompt_format": model.prompt_format}
+
+
+def _check_same_tokenizer(base: CausalLM, tok: PreTrainedTokenizerBase, name: str) -> None:
+    """Both tokenizers padded alike (a stand-in where one has no pad token: padding is
+    masked out), then the same vocabulary."""
+    ensure_pad_token(base.tokenizer)
+    ensure_pad_token(tok)
+    check_same_vocab(base.tokenizer, tok, base.name, name)
 
 
 # --- decoding ---
@@ -426,7 +592,7 @@ def _backend_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
 def co_llm_decode(
     model: CoLLM,
     assistant: CausalLM | Backend,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     eta: float,
     max_new_tokens: int = 16,
@@ -434,7 +600,8 @@ def co_llm_decode(
 ) -> Decoded:
     """Greedy Co-LLM decoding: each token is the assistant's when P(defer) > eta, else the
     base's. `writers` holds "base"/"assistant" per token; `share("assistant")` is the
-    share deferred.
+    share deferred. Prompts (strings or chat messages) are rendered as in training
+    (`model.prompt_format`).
 
     The assistant is either an in-process `CausalLM` (its own KV cache is fed every
     chosen token) or any `Backend`, e.g. an OpenAI-compatible server: then only the
@@ -446,10 +613,10 @@ def co_llm_decode(
     check_eta(eta)
     check_prompts(prompts)
     if isinstance(assistant, CausalLM):
-        check_same_vocab(model.tokenizer, assistant.tokenizer, model.base.name, assistant.name)
+        _check_same_tokenizer(model.base, assistant.tokenizer, assistant.name)
     elif isinstance(assistant, Backend):
         if (tok := getattr(assistant, "tokenizer", None)) is not None:
-            check_same_vocab(model.tokenizer, tok, model.base.name, assistant.model)
+            _check_same_tokenizer(model.base, tok, assistant.model)
     else:
         raise TypeError(
             f"assistant must be a CausalLM or a Backend (field: assistant), got "
@@ -457,11 +624,16 @@ def co_llm_decode(
         )
     model.eval()
     tok = model.tokenizer
+    fmt = resolve_format(model.prompt_format, tok)
+    texts = [
+        render_prompt(tok, as_text_value(p, where=f"prompts[{i}]"), fmt)
+        for i, p in enumerate(prompts)
+    ]
     ids: list[list[int]] = []
     writers: list[list[int]] = []
     for idx in chunks(len(prompts), batch_size):
-        batch_prompts = [prompts[i] for i in idx]
-        encoded = [prompt_ids(tok, p) for p in batch_prompts]
+        batch_prompts = [texts[i] for i in idx]
+        encoded = [_prompt_ids(tok, p, fmt) for p in batch_prompts]
         base = CausalStepper(model.base, encoded, want_hidden=True)
         steppers = [base]
         helper = None
@@ -506,26 +678,80 @@ def co_llm_decode(
     )
 
 
+# --- choosing eta: a scorer of the validation outputs ---
+
+
+class Scorer(Protocol):
+    """Scores decoded outputs, one number per prompt (higher is better): given the
+    prompts, the completions and the reference answers (None where a row has none)."""
+
+    def __call__(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[str],
+        answers: Sequence[str | None],
+    ) -> list[float]: ...
+
+
+def _references(answers: Sequence[str | None], scorer: str) -> list[str]:
+    missing = [i for i, a in enumerate(answers) if not isinstance(a, str)]
+    if missing:
+        raise ValueError(
+            f"answers[{missing[0]}] is missing ({len(missing)} row(s) without an answer): the "
+            f"{scorer} scorer needs a reference answer per prompt (field: answers); give "
+            "answers or a scorer that needs none (a reward model)"
+        )
+    return list(answers)  # type: ignore[arg-type]
+
+
+def exact_match(
+    prompts: Sequence[Prompt], completions: Sequence[str], answers: Sequence[str | None]
+) -> list[float]:
+    """1.0 where the completion is the answer (surrounding whitespace aside), else 0.0."""
+    refs = _references(answers, "exact_match")
+    return [float(c.strip() == a.strip()) for c, a in zip(completions, refs, strict=True)]
+
+
+def rouge_l_f(
+    prompts: Sequence[Prompt], completions: Sequence[str], answers: Sequence[str | None]
+) -> list[float]:
+    """ROUGE-L F1 between completion and answer (lower-cased words): partial credit for
+    free text, where exact match scores every eta 0."""
+    refs = _references(answers, "rouge_l")
+    return [rouge_l(c, a) for c, a in zip(completions, refs, strict=True)]
+
+
+SCORERS: dict[str, Scorer] = {"exact_match": exact_match, "rouge_l": rouge_l_f}
+
+
 def sweep_eta(
     model: CoLLM,
     assistant: CausalLM | Backend,
-    prompts: Sequence[str],
-    score: Callable[[int, str], float],
+    prompts: Sequence[Prompt],
+    answers: Sequence[str | None] | None = None,
     *,
+    scorer: Scorer = exact_match,
     etas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     max_new_tokens: int = 16,
     batch_size: int = 64,
 ) -> dict:
-    """Decode a validation set at every eta; `score(i, text)` scores prompt i's output.
+    """Decode a validation set at every eta and score the outputs with `scorer` against
+    `answers` (one per prompt; None for a scorer that needs none).
 
-    Returns {"results": [{"eta", "accuracy", "deferral_share"}, ...],
-    "recommended_eta"}: the best mean score, ties broken by fewer deferrals.
+    Returns {"results": [{"eta", "score", "deferral_share"}, ...], "recommended_eta",
+    "scorer"}: the best mean score, ties broken by fewer deferrals.
     """
     if len(etas) == 0:
         raise ValueError("etas is empty (field: etas): give at least one eta in [0, 1]")
     for eta in etas:
         check_eta(eta)
     check_prompts(prompts)
+    answers = [None] * len(prompts) if answers is None else list(answers)
+    if len(answers) != len(prompts):
+        raise ValueError(
+            f"{len(answers)} answers for {len(prompts)} prompts (field: answers): give one "
+            "answer per prompt"
+        )
     results = []
     for eta in etas:
         out = co_llm_decode(
@@ -536,15 +762,22 @@ def sweep_eta(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )
-        scores = [float(score(i, text)) for i, text in enumerate(out.texts)]
+        scores = [float(x) for x in scorer(prompts, out.texts, answers)]
+        if len(scores) != len(prompts):
+            raise ValueError(
+                f"scorer gave {len(scores)} scores for {len(prompts)} outputs (field: scorer): "
+                "it must give one number per output"
+            )
         results.append(
             {
                 "eta": float(eta),
-                "accuracy": sum(scores) / len(scores),
+                "score": sum(scores) / len(scores),
                 "deferral_share": out.share(ASSISTANT),
             }
         )
-    best = min(results, key=lambda r: (-r["accuracy"], r["deferral_share"], -r["eta"]))
-    if math.isnan(best["accuracy"]):
-        raise ValueError("score returned NaN (field: score): it must give a number per output")
-    return {"results": results, "recommended_eta": best["eta"]}
+    if any(math.isnan(r["score"]) for r in results):
+        raise ValueError("scorer returned NaN (field: scorer): it must give a number per output")
+    best = min(results, key=lambda r: (-r["score"], r["deferral_share"], -r["eta"]))
+    name = next((k for k, v in SCORERS.items() if v is scorer), None)
+    name = name or getattr(scorer, "__name__", type(scorer).__name__)
+    return {"results": results, "recommended_eta": best["eta"], "scorer": name}

@@ -6,6 +6,10 @@ and lists the adapters with how they were trained. `AdapterLibrary.load_model()`
 every adapter into one `PeftModel` under its own name, so switching task is
 `model.set_adapter(name)` and the base weights are held once.
 
+LoRA goes on the linear projections of the model's repeated blocks, found for the
+architecture (q/k/v/o and the MLP's projections for Llama or Qwen2; GPT-2's `c_attn`,
+`c_proj` and `c_fc` Conv1D layers), or on the modules `target_modules` names.
+
 Inputs are embedded by mean-pooling the base model's input embedding layer over the
 prompt's tokens: no sentence-embedding model is installed here, and the base's own
 embeddings need nothing beyond the model every adapter already sits on.
@@ -27,10 +31,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from flywheel.llm.tokens import ensure_pad_token
+
 ADAPTER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LIBRARY_FILE = "library.json"
-# Attention and MLP projections of Llama-style models.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class SelectorInputError(ValueError):
@@ -56,6 +60,12 @@ class LoraTraining(BaseModel):
     lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="names of the modules LoRA adapts (e.g. ['q_proj', 'v_proj']); null: "
+        "the linear projections of the model's blocks",
+    )
 
 
 def load_base(base_model: str | Path) -> tuple[Any, Any]:
@@ -70,20 +80,91 @@ def load_base(base_model: str | Path) -> tuple[Any, Any]:
         )
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tok.padding_side = "left"  # generation: every prompt ends at the last position
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     return model.eval(), tok
 
 
-def lora_config(training: LoraTraining) -> Any:
-    from peft import LoraConfig
+def _adaptable(model: Any) -> dict[str, torch.nn.Module]:
+    """Leaf modules LoRA can adapt (Linear, and the Conv1D GPT-2 uses), by full name."""
+    from transformers.pytorch_utils import Conv1D
 
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D)
+    }
+
+
+def find_target_modules(model: Any) -> list[str]:
+    """The names (last part) of the linear projections inside the model's repeated
+    blocks, attention and MLP: what LoRA adapts when `target_modules` is not given.
+
+    Blocks are the items of a ModuleList (`model.layers`, GPT-2's `transformer.h`), so
+    the LM head and embeddings are never picked. When no block holds one, peft's own
+    mapping for the model type is used; nothing found is an error naming the field.
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    in_blocks = {
+        f"{list_name}.{name}"
+        for list_name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList)
+        for name, _ in module.named_modules()
+        if name
+    }
+    found: list[str] = []
+    for name in _adaptable(model):
+        short = name.rsplit(".", 1)[-1]
+        if name in in_blocks and short not in found:
+            found.append(short)
+    if not found:
+        found = list(PEFT_TARGETS.get(getattr(model.config, "model_type", None), []))
+    if not found:
+        raise SelectorInputError(
+            f"target_modules: found no linear projections to adapt in "
+            f"{type(model).__name__}; name them in `target_modules` (modules present: "
+            f"{sorted({n.rsplit('.', 1)[-1] for n in _adaptable(model)})})"
+        )
+    return found
+
+
+def check_target_modules(model: Any, target_modules: Sequence[str]) -> list[str]:
+    """`target_modules` if each names at least one adaptable module (a full name or its
+    last parts, as peft matches them)."""
+    names = list(_adaptable(model))
+    unknown = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        raise SelectorInputError(
+            f"target_modules: {unknown} name no Linear or Conv1D module of "
+            f"{type(model).__name__}; modules it has: "
+            f"{sorted({n.rsplit('.', 1)[-1] for n in names})}"
+        )
+    return list(target_modules)
+
+
+def lora_config(training: LoraTraining, model: Any) -> Any:
+    """peft's LoraConfig for `training` on `model`: the given target modules (checked),
+    or those `find_target_modules` finds."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    if training.target_modules is None:
+        targets = find_target_modules(model)
+    else:
+        targets = check_target_modules(model, training.target_modules)
+    adapted = [
+        m
+        for n, m in _adaptable(model).items()
+        if any(n == t or n.endswith(f".{t}") for t in targets)
+    ]
     return LoraConfig(
         r=training.rank,
         lora_alpha=training.alpha or 2 * training.rank,
-        target_modules=list(LORA_TARGETS),
+        target_modules=targets,
         lora_dropout=0.0,
+        # Conv1D stores its weight transposed (GPT-2)
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in adapted),
         task_type="CAUSAL_LM",
     )
 
@@ -99,7 +180,7 @@ def lora_model(
     torch.manual_seed(training.seed)  # the LoRA init is random too
     if init_from is not None:
         return PeftModel.from_pretrained(model, str(init_from), is_trainable=True), tok
-    return get_peft_model(model, lora_config(training)), tok
+    return get_peft_model(model, lora_config(training, model)), tok
 
 
 def fit_lora(
@@ -138,13 +219,15 @@ def train_lora(
     progress: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train one LoRA adapter on (prompt, answer) pairs and save it into `out_dir`
-    (`save_pretrained`). Returns the loop's {"steps", "loss", "seconds"}."""
+    (`save_pretrained`). Returns the loop's {"steps", "loss", "seconds"} and the
+    `target_modules` adapted."""
     if not examples:
         raise SelectorInputError("examples: no (prompt, answer) pairs to train the adapter on")
     peft_model, tok = lora_model(base_model, training)
     stats = fit_lora(peft_model, tok, examples, training, progress=progress)
     peft_model.save_pretrained(str(out_dir))
-    return stats
+    targets = peft_model.peft_config[peft_model.active_adapter].target_modules
+    return {**stats, "target_modules": sorted(targets)}
 
 
 class PromptEmbedder:
