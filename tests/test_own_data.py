@@ -189,3 +189,154 @@ def test_reward_train_on_own_pairs_and_models(own, dataset, arch, kind):
         assert cut >= 2  # chosen and rejected of the long pair
     inputs = _lineage_inputs(name)
     assert ("dataset", dataset) in inputs and ("model", arch) in inputs
+
+
+def test_align_group_robust_on_own_pairs_with_length_counts(own):
+    from flywheel.flows.align import GroupRobustParams, group_robust_flow
+
+    out = group_robust_flow(
+        GroupRobustParams(
+            dataset="own_text_prefs",
+            base_model=own["models"]["gpt2"],
+            epochs=1,
+            batch_size=8,
+            max_length=48,
+            eval_fraction=0.25,
+            evaluation_dataset="own_align_eval",
+            model_name="own-gpt2-gr-dpo",
+        )
+    )
+    figures = out["figures"]
+    metrics = read_model("own-gpt2-gr-dpo").meta["metrics"]
+    length = metrics["length"]
+    # the long pair is cut wherever it landed, and the per-group counts add up
+    cut = length["train"]["all"]["truncated"] + length["eval"]["all"]["truncated"]
+    assert cut >= 1
+    for split in ("train", "eval"):
+        by_group = length[split]["by_group"].values()
+        assert sum(g["truncated"] for g in by_group) == length[split]["all"]["truncated"]
+        assert (
+            figures[f"{split} texts truncated to max_length 48"]
+            == (length[split]["all"]["truncated"])
+        )
+    evaluation = read_dataset("own_align_eval").to_pandas()
+    assert set(evaluation["group"]) == {"short", "long"}
+    assert ("dataset", "own_text_prefs") in _lineage_inputs("own-gpt2-gr-dpo")
+
+
+def test_decode_co_llm_trains_on_own_examples_and_sweeps_with_rouge(own):
+    from flywheel.flows.decode import CoLLMParams, co_llm_flow
+
+    models = own["models"]
+    out = co_llm_flow(
+        CoLLMParams(
+            prompts="own_prompts",
+            train_dataset="own_examples",
+            validation_dataset="own_examples",
+            base_model=models["llama"],
+            assistant_model=models["qwen2"],
+            model_name="own-co-llm",
+            init_steps=2,
+            steps=2,
+            train_batch_size=4,
+            max_length=24,
+            etas=[0.0, 1.0],
+            sweep_scorer="rouge_l",
+            max_new_tokens=6,
+            batch_size=4,
+            baselines=False,
+            output="own_co_llm",
+        )
+    )
+    stats = read_model("own-co-llm").meta["metrics"]
+    assert stats["prompt_format"] == "chat"
+    assert stats["length"]["texts"] == read_dataset("own_examples").meta["num_rows"]
+    sweep = sql("select * from co_llm_eta_sweep")
+    assert sorted(sweep["eta"]) == [0.0, 1.0] and sweep["score"].notna().all()
+    assert len(read_dataset("own_co_llm").to_pandas()) == len(TOPICS)
+    assert out["figures"]["eta chosen by"] == "the validation sweep"
+
+
+def test_decode_collab_with_the_users_reward_model(own):
+    from flywheel.flows.decode import CollabParams, collab_flow
+
+    models = own["models"]
+    collab_flow(
+        CollabParams(
+            prompts="own_chat_prompts",
+            agents=[BackendSpec(model=models["llama"]), BackendSpec(model=models["qwen2"])],
+            reward_model="own-llama-bradley-terry",
+            k=2,
+            rollout_len=2,
+            max_new_tokens=3,
+            batch_size=5,
+            output="own_collab",
+        )
+    )
+    rows = read_dataset("own_collab").to_pandas()
+    assert len(rows) == len(TOPICS) and rows["reward"].notna().all()
+    assert ("model", "own-llama-bradley-terry") in _lineage_inputs("own_collab")
+
+
+def test_synth_reference_with_a_chat_teacher_behind_transformers_serve(own, chat_server):
+    from flywheel.flows.synth import ReferenceSynthParams, reference
+
+    out = reference(
+        ReferenceSynthParams(
+            seed_dataset="own_seeds",
+            teacher="llm",
+            teacher_backend=_chat_teacher(own, chat_server),
+            teacher_max_new_tokens=24,
+            responder=BackendSpec(model=own["models"]["llama"]),
+            samples_per_feature=1,
+            max_attempts=1,
+            output="own_synth",
+        )
+    )
+    # an untrained teacher answers noise: every unusable answer is a failure row with
+    # its raw text, none is dropped or turned into an empty value
+    failed = read_dataset("own_synth__failed").to_pandas()
+    assert out["stats"]["failed"] == len(failed) > 0
+    assert failed["raw"].notna().all()
+    assert ("dataset", "own_seeds") in _lineage_inputs("own_synth__failed")
+
+
+def test_relabel_with_an_llm_judge_and_with_the_human_queue(own, chat_server):
+    from flywheel.flows.relabel import RelabelParams, relabel
+
+    common = dict(
+        ensemble="own-qwen2-ensemble",
+        policy=BackendSpec(model=own["models"]["llama"]),
+        prompts_dataset="own_prompts",
+        validation_dataset="own_text_prefs",
+        policy_max_new_tokens=8,
+        budget=2,
+        uncertain_fraction=1.0,
+        projection_dim=64,
+        refine_epochs=1,
+    )
+    judged = relabel(
+        RelabelParams(
+            **common,
+            labeler="llm",
+            judge=_chat_teacher(own, chat_server),
+            candidates_dataset="own_judge_candidates",
+            labeled_dataset="own_judge_labeled",
+        )
+    )
+    figures = judged["figures"]
+    assert figures["labeled pairs"] + figures["labeler failures (ties, unparsed answers)"] == 2
+    assert ("dataset", "own_prompts") in _lineage_inputs("own_judge_candidates")
+
+    human = dict(common, labeler="human", queue="own_queue", labeled_dataset="own_human")
+    queued = relabel(RelabelParams(**human, candidates_dataset="own_human_candidates"))
+    assert queued["status"] == "queued"
+    queue = read_dataset("own_queue").to_pandas()
+    labels = own["root"] / "labels.csv"
+    queue.assign(label="a")[["id", "label"]].to_csv(labels, index=False)
+    refined = relabel(
+        RelabelParams(**human, candidates_dataset="own_human_candidates", labels_file=str(labels))
+    )
+    assert refined["status"] == "refined"
+    inputs = _lineage_inputs("own-qwen2-ensemble")
+    assert ("dataset", "own_chat_prefs") in inputs  # the replayed pairs

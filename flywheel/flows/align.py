@@ -27,6 +27,7 @@ from flywheel.alignment.group_robust import (
 from flywheel.flows.reward import default_backbone, split_pairs
 from flywheel.flows.tracking import (
     earlier_model,
+    length_figures,
     model_inputs,
     reuse_or_write,
     summary_artifact,
@@ -35,6 +36,7 @@ from flywheel.flows.tracking import (
     write_once,
 )
 from flywheel.llm import BackendSpec
+from flywheel.llm.chat import PromptFormat
 from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
 from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
@@ -74,6 +76,17 @@ class GroupRobustParams(BaseModel):
     )
     base_model: str = Field(default_factory=default_backbone, description="policy folder")
     beta: float = Field(0.1, gt=0)
+    max_length: int = Field(
+        128, ge=8, description="tokens per prompt + answer, in training and evaluation"
+    )
+    over_length: Literal["truncate", "drop"] = Field(
+        "truncate", description="a longer pair: cut (the prompt's start first) or leave out"
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="'chat': render pairs with the policy's chat template; 'raw': text as it "
+        "is; 'auto': chat when the policy has a template",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)
     epochs: float = Field(1.0, gt=0)
@@ -121,6 +134,9 @@ class GroupRobustParams(BaseModel):
                     "size_adjustment",
                     "chi",
                     "seed",
+                    "max_length",
+                    "over_length",
+                    "prompt_format",
                 }
             ),
         )
@@ -220,6 +236,16 @@ def train(params: GroupRobustParams, data: dict, run_id: str) -> ModelRef:
     )
 
 
+def _length_figures(length: dict) -> dict:
+    """What was cut or left out for length, overall and per group, train and eval."""
+    per_split: dict[str, dict] = {}
+    for split, report in length.items():
+        per_split[split] = report["all"]
+        for group, figures in report.get("by_group", {}).items():
+            per_split[f"{split} group {group}"] = figures
+    return length_figures(per_split)
+
+
 def evaluation_rows(model: ModelRef) -> list[dict]:
     """One row per method and group: held-out pairs, accuracy, loss, worst-group flag."""
     metrics = model.meta["metrics"]
@@ -277,6 +303,7 @@ def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) ->
                 {g: round(w, 3) for g, w in metrics["final_group_weights"].items()}
             ),
             "steps/s": metrics["steps_per_second"],
+            **_length_figures(metrics.get("length", {})),
         }
         if baseline := metrics.get("baseline"):
             plain = baseline["held_out"]

@@ -175,6 +175,20 @@ class CoLLMParams(DecodeParams):
         min_length=1,
         description="etas swept on the validation set",
     )
+    sweep_scorer: Literal["exact_match", "rouge_l", "reward_model"] = Field(
+        "exact_match",
+        description="how the sweep scores a validation answer: exact match, ROUGE-L F against "
+        "the answer (free text), or a registered reward model (sweep_reward_model)",
+    )
+    sweep_reward_model: str | None = Field(
+        None, description="registered reward model (sweep_scorer 'reward_model')"
+    )
+    max_length: int | None = Field(
+        None, ge=8, description="tokens per training example; null: the base model's context"
+    )
+    over_length: Literal["truncate", "drop"] = Field(
+        "truncate", description="a longer training example: cut or leave out; counted"
+    )
 
     @field_validator("etas")
     @classmethod
@@ -195,6 +209,11 @@ class CoLLMParams(DecodeParams):
         sweep = f"{self.model_name}_{new_version()}_{'0' * 8}".replace("-", "_")
         validate_derived_version(sweep, field="model_name", value=self.model_name)
         self.output = self.output or "decoded_co_llm"
+        if (self.sweep_scorer == "reward_model") != (self.sweep_reward_model is not None):
+            raise ValueError(
+                "sweep_reward_model: give it exactly when sweep_scorer is 'reward_model' "
+                f"(sweep_scorer is {self.sweep_scorer!r})"
+            )
         if self.prompts != WORLD_PROMPTS:
             # the world's examples teach nothing about the user's prompts: no quiet fallback
             if self.train_dataset is None:
@@ -223,6 +242,9 @@ class CoLLMParams(DecodeParams):
                 "head_lr",
                 "lr",
                 "seed",
+                "prompt_format",
+                "max_length",
+                "over_length",
             }
         )
 
@@ -343,6 +365,7 @@ def _prompt_rows(
         {
             "id": str(r["id"]) if "id" in r else str(i),
             "prompt": render(r[params.prompt_column]),
+            "source": as_text_value(r[params.prompt_column]),
             "answer": r[answers] if answers else None,
         }
         for i, r in enumerate(records)
@@ -510,6 +533,8 @@ def check_co_llm_inputs(params: CoLLMParams) -> dict:
     if params.assistant_backend is not None:
         params.assistant_backend.check()
     prompts, rows = _prompt_rows(params, params.base_model)
+    if params.sweep_reward_model is not None:
+        _reward_model(params.sweep_reward_model, None, "sweep_reward_model")
     held_out = {r["prompt"] for r in rows}
     examples = _examples(
         params.train_dataset,
@@ -559,6 +584,9 @@ def train_pair(params: CoLLMParams, data: dict, run_id: str) -> ModelRef:
             head_lr=params.head_lr,
             lr=params.lr,
             seed=params.seed,
+            prompt_format=params.prompt_format,
+            max_length=params.max_length,
+            over_length=params.over_length,
         )
         model.save(folder)
         return json.loads(json.dumps({**stats, "cache_key": key}, default=str))
@@ -596,7 +624,8 @@ def choose_eta(params: CoLLMParams, model: ModelRef, data: dict, run_id: str) ->
             pair,
             assistant,
             prompts,
-            lambda i, text: float(_correct({"answer": pairs[i][1]}, text)),
+            [a for _, a in pairs],
+            scorer=_sweep_scorer(params),
             etas=params.etas,
             max_new_tokens=params.max_new_tokens,
             batch_size=params.batch_size,
@@ -610,12 +639,33 @@ def choose_eta(params: CoLLMParams, model: ModelRef, data: dict, run_id: str) ->
         for r in report["results"]
     ]
     # one sweep per model version and sweep setting: a re-run reuses it
-    setting = params.model_dump_json(include={"etas", "max_new_tokens", "validation_dataset"})
+    setting = params.model_dump_json(
+        include={
+            "etas",
+            "max_new_tokens",
+            "validation_dataset",
+            "sweep_scorer",
+            "sweep_reward_model",
+        }
+    )
     version = f"{model.name}_{model.version}_{hashlib.sha256(setting.encode()).hexdigest()[:8]}"
     sweep, _ = write_once(
         ETA_SWEEP, rows, version.replace("-", "_"), run_id, [model, data["validation"]]
     )
     return {"eta": report["recommended_eta"], "sweep": sweep, "results": report["results"]}
+
+
+def _sweep_scorer(params: CoLLMParams) -> co_llm_module.Scorer:
+    """The eta sweep's scorer: a built-in one, or a registered reward model's score."""
+    if params.sweep_scorer != "reward_model":
+        return co_llm_module.SCORERS[params.sweep_scorer]
+    reward = read_model(params.sweep_reward_model)  # type: ignore[arg-type]
+    score = _reward_fn(reward, [])
+
+    def by_reward(prompts, completions, answers) -> list[float]:
+        return list(score(list(prompts), list(completions)))
+
+    return by_reward
 
 
 @task(name="decode-co-llm", **MODEL_CALLS)
@@ -637,7 +687,8 @@ def decode_co_llm(
             out = co_llm_decode(
                 pair,
                 assistant,
-                [r["prompt"] for r in chunk],
+                # the prompts as given: the pair renders them as it was trained to
+                [r["source"] for r in chunk],
                 eta=eta,
                 max_new_tokens=params.max_new_tokens,
                 batch_size=params.batch_size,
@@ -695,11 +746,11 @@ def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
         figures["seconds"] = round(time.monotonic() - started, 2)
         extra = ""
         if chosen["sweep"] is not None:
-            lines = ["| eta | accuracy | share deferred |", "|---|---|---|"]
+            lines = [f"| eta | {params.sweep_scorer} | share deferred |", "|---|---|---|"]
             for r in chosen["results"]:
                 mark = " (chosen)" if r["eta"] == chosen["eta"] else ""
                 lines.append(
-                    f"| {r['eta']:g}{mark} | {r['accuracy']:.3f} | {r['deferral_share']:.3f} |"
+                    f"| {r['eta']:g}{mark} | {r['score']:.3f} | {r['deferral_share']:.3f} |"
                 )
             validation = data["validation"]
             extra = (
@@ -836,13 +887,18 @@ def check_collab_inputs(params: CollabParams) -> dict:
                 "name a reward model trained with reward/train instead"
             )
     else:
-        reward = read_model(params.reward_model, params.reward_version)
-        if reward.meta["kind"] not in ("bradley-terry", "ensemble"):
-            raise ValueError(
-                f"reward_model {reward.name}@{reward.version} is a {reward.meta['kind']!r} "
-                "model, not a reward model; train one with reward/train"
-            )
+        reward = _reward_model(params.reward_model, params.reward_version, "reward_model")
     return {"prompts": prompts, "rows": rows, "reward": reward}
+
+
+def _reward_model(name: str, version: str | None, field: str) -> ModelRef:
+    reward = read_model(name, version)
+    if reward.meta["kind"] not in ("bradley-terry", "ensemble"):
+        raise ValueError(
+            f"{field}: {reward.name}@{reward.version} is a {reward.meta['kind']!r} "
+            "model, not a reward model; train one with reward/train"
+        )
+    return reward
 
 
 def _reward_fn(reward: ModelRef | None, rows: list[dict]):

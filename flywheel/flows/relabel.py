@@ -54,7 +54,7 @@ from flywheel.store import (
 )
 from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import validate_model_name
-from flywheel.world.tasks import sample_tasks
+from flywheel.world.tasks import MAX_LEN, sample_tasks
 
 DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"
 CANDIDATE_SCHEMA = pa.schema(
@@ -91,6 +91,10 @@ def _policy_spec() -> BackendSpec:
     return BackendSpec(model=default_backbone())
 
 
+WORLD_RESPONSE_TOKENS = MAX_LEN + 2  # a world answer and its end
+TEXT_RESPONSE_TOKENS = 256
+
+
 class RelabelParams(UgdaConfig):
     """Parameters of `reward/relabel`: UGDA's knobs, the policy, the labeler."""
 
@@ -112,6 +116,20 @@ class RelabelParams(UgdaConfig):
     )
     n_validation_prompts: int = Field(200, ge=2)
     temperature: float = Field(1.0, gt=0, description="policy sampling temperature")
+    policy_max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"tokens per policy response; null: {WORLD_RESPONSE_TOKENS} for world "
+        f"tasks, {TEXT_RESPONSE_TOKENS} for prompts_dataset",
+    )
+    policy_stop: list[str] | None = Field(
+        None,
+        description="stop strings of policy responses; null: a newline for world tasks, "
+        "none for prompts_dataset",
+    )
+    judge_max_new_tokens: int = Field(
+        16, ge=1, description="tokens of the judge's answer (labeler 'llm'; it names A or B)"
+    )
     labeler: Literal["world", "llm", "human"] = "world"
     judge: BackendSpec | None = Field(None, description="the LLM judge (labeler 'llm')")
     queue: str = Field("relabel_queue", description="dataset people label (labeler 'human')")
@@ -208,7 +226,15 @@ def _workdir(params: RelabelParams, ensemble: ModelRef) -> Checkpoint:
 def _prompts(params: RelabelParams) -> tuple[list[str], list[str]]:
     """(candidate prompts, validation prompts): disjoint world tasks, or the dataset's."""
     if params.prompts_dataset:
-        prompts = read_dataset(params.prompts_dataset).to_pandas()["prompt"].astype(str).tolist()
+        prompts = read_dataset(params.prompts_dataset).to_pandas()["prompt"].tolist()
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            # chat-message prompts too: UGDA's pairs are keyed and judged on prompt text
+            raise ValueError(
+                f"prompts_dataset: {params.prompts_dataset} has {len(bad)} prompt(s) that are "
+                f"not non-empty text, first at row {bad[0]} ({type(prompts[bad[0]]).__name__}); "
+                "reward/relabel takes text prompts (chat messages are not supported here yet)"
+            )
         return prompts, []
     rng = random.Random(f"relabel-{params.seed}")
     tasks = sample_tasks(params.n_prompts + params.n_validation_prompts, rng)
@@ -225,20 +251,31 @@ def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
         return cached
     prompts, validation_prompts = _prompts(params)
     with make_backend(params.policy) as policy:
-        candidates, report = policy_pairs(
-            policy, prompts, temperature=params.temperature, seed=params.seed
-        )
+        candidates, report = policy_pairs(policy, prompts, **_sampling(params))
         if params.validation_dataset:
             validation = read_dataset(params.validation_dataset).to_pandas().to_dict("records")
         else:
-            pairs, _ = policy_pairs(
-                policy, validation_prompts, temperature=params.temperature, seed=params.seed + 1
-            )
+            sampling = _sampling(params) | {"seed": params.seed + 1}
+            pairs, _ = policy_pairs(policy, validation_prompts, **sampling)
             validation, _ = WorldOracleLabeler().label(pairs)
     params.ugda().check_candidates(len(candidates))
     out = {"candidates": candidates, "validation": validation, "report": report}
     ckpt.put("policy", out)
     return out
+
+
+def _sampling(params: RelabelParams) -> dict:
+    """How the policy samples: world tasks have one-line answers of a few tokens; the
+    user's prompts get room for text."""
+    world = params.prompts_dataset is None
+    tokens = params.policy_max_new_tokens
+    stop = params.policy_stop
+    return {
+        "temperature": params.temperature,
+        "seed": params.seed,
+        "max_new_tokens": tokens or (WORLD_RESPONSE_TOKENS if world else TEXT_RESPONSE_TOKENS),
+        "stop": stop if stop is not None else (["\n"] if world else []),
+    }
 
 
 @task(name="score-and-select")
@@ -271,7 +308,10 @@ def label(params: RelabelParams, selected: list[dict]) -> tuple[list[dict], list
         return WorldOracleLabeler().label(selected)
     assert params.judge is not None  # checked in check-inputs
     with make_backend(params.judge) as judge:
-        return LLMJudgeLabeler(judge, seed=params.seed).label(selected)
+        labeler = LLMJudgeLabeler(
+            judge, seed=params.seed, max_new_tokens=params.judge_max_new_tokens
+        )
+        return labeler.label(selected)
 
 
 def _original_rows(ensemble: ModelRef) -> tuple[list[dict], list[DatasetRef]]:
