@@ -175,3 +175,33 @@ def test_make_backend_transformers(tiny_model_dir: Path) -> None:
         assert isinstance(backend, TransformersBackend)
         assert backend.batch_size == 2
         assert len(backend.generate(["ab", "c"], max_new_tokens=2)) == 2
+
+
+def test_chat_prompts_render_with_the_template_and_stop_at_end_of_turn(tmp_path):
+    """A model with a chat template: `auto` is chat; messages and a string under chat
+    are rendered with the template, the assistant turn opened; generation also ends at
+    the template's end-of-turn token when EOS is another token; `raw` leaves text alone."""
+    from tests.helpers.own_models import build_model, train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    tok.eos_token = "<|endoftext|>"  # EOS is not the end-of-turn token here
+    folder = build_model(tmp_path / "llama", "llama", tok)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    chat = TransformersBackend(folder)
+    assert chat.prompt_format == "chat" and end_of_turn in chat._eos_ids
+    question = "Write a note about the garden."
+    rendered = "<|im_start|>user\n" + question + "<|im_end|>\n<|im_start|>assistant\n"
+    assert chat._prompt_ids(question) == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert chat._prompt_ids([{"role": "user", "content": question}]) == chat._prompt_ids(question)
+    assert chat.generate([question], max_new_tokens=5) == chat.generate(
+        [[{"role": "user", "content": question}]], max_new_tokens=5
+    )
+    raw = TransformersBackend(folder, prompt_format="raw")
+    assert end_of_turn not in raw._eos_ids
+    assert raw._prompt_ids(question) == tok(question)["input_ids"]
+
+    tok.chat_template = None
+    plain = build_model(tmp_path / "plain", "llama", tok)
+    assert TransformersBackend(plain).prompt_format == "raw"
+    with pytest.raises(ValueError, match="prompt_format 'chat' needs a chat template"):
+        TransformersBackend(plain, prompt_format="chat")

@@ -24,6 +24,7 @@ from flywheel.synthesis.refed import (
     RefedConfig,
     RefedRun,
     SeedDataError,
+    make_teacher,
     references_from_rows,
 )
 from flywheel.synthesis.rouge import diverse_subset, rouge_l
@@ -467,3 +468,57 @@ def test_chat_format_seeds_become_references_and_odd_conversations_are_refused()
         references_from_rows(
             [{"instruction": "q", "response": [{"role": "bot", "content": "x"}]}], "seeds"
         )
+
+
+def test_llm_teacher_over_chat_sends_each_answers_json_schema(tmp_path) -> None:
+    """prompt_format chat sends REFED's prompts as user messages to /chat/completions;
+    with structured output each request carries its answer's JSON schema, and the answers
+    are validated by the same pydantic schemas."""
+    from tests.helpers.completions_server import chat_completion
+
+    def answer(payload: dict) -> tuple[int, str]:
+        if "messages" not in payload:
+            return 200, completion("q")  # the responder, raw
+        prompt = payload["messages"][0]["content"]
+        if "List the subject areas" in prompt:
+            return 200, chat_completion('{"subject_areas": ["copy"], "skills": []}')
+        if "what makes it good" in prompt:
+            fb = {"content_quality": "a", "communication": "b", "instruction_alignment": "c"}
+            return 200, chat_completion(json.dumps(fb))
+        if "new, different instructions" in prompt:
+            return 200, chat_completion('{"instructions": ["copy xy"]}')
+        return 200, chat_completion('{"response": "fixed"}')
+
+    refs = references_from_rows([{"instruction": "copy ab", "response": "ab"}], "seed")
+    with pytest.raises(ValueError, match="teacher_structured_output: needs teacher 'llm'"):
+        RefedConfig(responder=BackendSpec(model="unused"), teacher_structured_output=True)
+    with CompletionsServer(answer) as server:
+        spec = BackendSpec(
+            kind="openai", base_url=server.base_url, model="teacher", prompt_format="chat"
+        )
+        cfg = RefedConfig(
+            responder=BackendSpec(model="unused"),
+            teacher="llm",
+            teacher_backend=spec,
+            teacher_structured_output=True,
+            samples_per_feature=1,
+            max_attempts=1,
+        )
+        run = RefedRun(
+            refs,
+            cfg,
+            tmp_path,
+            make_teacher(cfg),
+            lambda: OpenAIBackend(server.base_url, "responder"),
+        )
+        rows, failed, _ = run.result()
+        chat_calls = [(path, p) for path, p in server.calls if "messages" in p]
+    assert not failed and [r["response"] for r in rows] == ["fixed"]
+    assert chat_calls and all(path.endswith("/chat/completions") for path, _ in chat_calls)
+    schemas = {p["response_format"]["json_schema"]["schema"]["title"] for _, p in chat_calls}
+    assert schemas == {
+        "InstructionFeedback",
+        "ResponseFeedback",
+        "NewInstructions",
+        "RefinedResponse",
+    }

@@ -72,6 +72,11 @@ class KmeansSelectorParams(BaseModel):
     adapter_rank: int = Field(8, ge=1)
     adapter_steps: int = Field(300, ge=1)
     adapter_lr: float = Field(1e-2, gt=0)
+    target_modules: list[str] | None = Field(
+        None,
+        description="LoRA target module names (adapters and the LoRA selector); null: found "
+        "for the architecture (q/k/v/o and MLP projections, GPT-2's c_attn/c_proj/c_fc)",
+    )
     selector_rank: int = Field(4, ge=1)
     selector_steps: int = Field(150, ge=1, description="LoRA selector steps (head: epochs 300)")
     old_share: float = Field(0.3, ge=0, le=1, description="old samples replayed on add")
@@ -92,6 +97,7 @@ class KmeansSelectorParams(BaseModel):
             steps=steps or self.adapter_steps,
             lr=self.adapter_lr,
             seed=self.seed,
+            target_modules=self.target_modules,
         )
 
     def selector_config(self, kind: str, selection: str = "kmeans") -> SelectorConfig:
@@ -104,6 +110,7 @@ class KmeansSelectorParams(BaseModel):
             rank=self.selector_rank,
             steps=self.selector_steps,
             old_share=self.old_share,
+            target_modules=self.target_modules,
             seed=self.seed,
         )
 

@@ -184,6 +184,9 @@ class SelectorConfig(BaseModel):
     old_share: float = Field(
         0.3, ge=0, le=1, description="share of each old task's samples replayed on add"
     )
+    target_modules: list[str] | None = Field(
+        None, description="LoRA target module names (kind=lora); null: found for the model"
+    )
     seed: int = 0
 
     @property
@@ -297,7 +300,12 @@ class LoraSelector(Selector):
     def _training(self) -> LoraTraining:
         c = self.config
         return LoraTraining(
-            rank=c.rank, steps=c.steps, lr=c.lr, batch_size=c.batch_size, seed=c.seed
+            rank=c.rank,
+            steps=c.steps,
+            lr=c.lr,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            target_modules=c.target_modules,
         )
 
     def fit(self, samples: Mapping[str, Sequence[str]], *, update: bool = False) -> dict:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from flywheel.llm import Backend, BackendSpec
 from flywheel.llm.base import BackendError, MalformedResponse, call_each
 from flywheel.llm.chat import NotAText, as_messages, is_messages
+from flywheel.llm.openai_backend import OpenAIBackend
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
 from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction
@@ -199,6 +200,11 @@ class RefedConfig(BaseModel):
     teacher_max_new_tokens: int = Field(
         512, ge=1, description="tokens per answer of an LLM teacher (feedback, instructions)"
     )
+    teacher_structured_output: bool = Field(
+        False,
+        description="send each answer's JSON schema to an HTTP teacher (vLLM's structured "
+        "output), so it can only answer in shape; answers are validated the same either way",
+    )
     diversity_threshold: float | None = Field(
         0.7, ge=0, le=1, description="ROUGE-L above which a new instruction is dropped; null: off"
     )
@@ -227,6 +233,11 @@ class RefedConfig(BaseModel):
         if self.teacher == "llm" and self.teacher_backend is None:
             raise ValueError("teacher_backend is required when teacher='llm'")
         teacher = self.teacher_backend
+        if self.teacher_structured_output and (teacher is None or teacher.kind == "transformers"):
+            raise ValueError(
+                "teacher_structured_output: needs teacher 'llm' with an HTTP teacher_backend "
+                "(kind 'openai' or 'vllm') whose server supports JSON-schema output, as vLLM does"
+            )
         if (
             teacher is not None
             and teacher.kind == self.responder.kind == "vllm"
@@ -643,10 +654,16 @@ class LLMTeacher:
 
     name = "llm"
 
-    def __init__(self, backend: Backend | Callable[[], Backend], max_new_tokens: int = 512) -> None:
+    def __init__(
+        self,
+        backend: Backend | Callable[[], Backend],
+        max_new_tokens: int = 512,
+        structured_output: bool = False,
+    ) -> None:
         self._backend = backend if isinstance(backend, Backend) else None
         self._make_backend = None if isinstance(backend, Backend) else backend
         self.max_new_tokens = max_new_tokens
+        self.structured_output = structured_output
 
     @property
     def backend(self) -> Backend:
@@ -659,37 +676,43 @@ class LLMTeacher:
             self._backend.close()
             self._backend = None
 
-    def _ask(self, prompts: list[str], attempt: int) -> list[str | MalformedResponse]:
+    def _ask(
+        self, prompts: list[str], attempt: int, schema: type[BaseModel]
+    ) -> list[str | MalformedResponse]:
         # a malformed answer stays with its prompt (ask_validated records it and asks
         # again); a retry samples instead of repeating the same greedy answer
-        return call_each(
-            lambda batch: self.backend.generate(
-                batch,
-                max_new_tokens=self.max_new_tokens,
-                temperature=0.0 if attempt == 0 else 0.7,
-                seed=attempt,
-            ),
-            prompts,
+        options: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0 if attempt == 0 else 0.7,
+            seed=attempt,
         )
+        if self.structured_output:
+            if not isinstance(self.backend, OpenAIBackend):
+                raise ValueError(
+                    "teacher_structured_output needs an HTTP teacher (kind 'openai' or "
+                    "'vllm') whose server supports JSON-schema output"
+                )
+            options["json_schema"] = schema.model_json_schema()
+        return call_each(lambda batch: self.backend.generate(batch, **options), prompts)
 
     def instruction_feedback(
         self, references: Sequence[dict], attempt: int = 0
     ) -> list[str | MalformedResponse]:
         template = PROMPTS["instruction_feedback"]
-        return self._ask([template.format(**r) for r in references], attempt)
+        return self._ask([template.format(**r) for r in references], attempt, InstructionFeedback)
 
     def response_feedback(
         self, references: Sequence[dict], attempt: int = 0
     ) -> list[str | MalformedResponse]:
         template = PROMPTS["response_feedback"]
-        return self._ask([template.format(**r) for r in references], attempt)
+        return self._ask([template.format(**r) for r in references], attempt, ResponseFeedback)
 
     def new_instructions(
         self, requests: Sequence[tuple[dict, str]], n: int, attempt: int = 0
     ) -> list[str | MalformedResponse]:
         template = PROMPTS["new_instructions"]
         prompts = [template.format(n=n, feature=f, **ref) for ref, f in requests]
-        return self._ask(prompts, attempt)
+        return self._ask(prompts, attempt, NewInstructions)
 
     def refine(
         self, requests: Sequence[tuple[dict, dict, str, str]], attempt: int = 0
@@ -699,14 +722,14 @@ class LLMTeacher:
             template.format(new_instruction=instr, new_response=resp, **fb)
             for _ref, fb, instr, resp in requests
         ]
-        return self._ask(prompts, attempt)
+        return self._ask(prompts, attempt, RefinedResponse)
 
     def judge(
         self, requests: Sequence[tuple[str, str]], attempt: int = 0
     ) -> list[str | MalformedResponse]:
         template = PROMPTS["judge"]
         prompts = [template.format(instruction=i, response=r) for i, r in requests]
-        return self._ask(prompts, attempt)
+        return self._ask(prompts, attempt, JudgeScore)
 
 
 def make_teacher(config: RefedConfig) -> Teacher:
@@ -719,4 +742,5 @@ def make_teacher(config: RefedConfig) -> Teacher:
     return LLMTeacher(
         lambda: make_backend(config.teacher_backend),  # type: ignore[arg-type]
         max_new_tokens=config.teacher_max_new_tokens,
+        structured_output=config.teacher_structured_output,
     )
