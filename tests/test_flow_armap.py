@@ -50,9 +50,14 @@ def test_armap_then_planners(prefect_api, world_models, data_dir):
     assert out["reward_model"]["version"] == rm.version
     lineage = sql(
         "select input_dataset, input_kind, kind from lineage "
-        "where dataset in ('armap_triplets', 'armap-triplets-rm') order by kind"
+        "where dataset in ('armap_triplets', 'armap-triplets-rm') order by kind, input_dataset"
     ).values.tolist()
-    assert lineage == [["shop-agent", "model", "dataset"], ["armap_triplets", "dataset", "model"]]
+    # the reward model: from the triplets, on the world-small backbone
+    assert lineage == [
+        ["shop-agent", "model", "dataset"],
+        ["armap_triplets", "dataset", "model"],
+        ["world-small", "model", "model"],
+    ]
 
     # a repeated run reuses the checkpointed work and the versions written
     again = armap(params)

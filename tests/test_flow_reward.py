@@ -31,7 +31,11 @@ def test_train_publishes_model_with_lineage_and_reuses_it(prefect_api, world_mod
     runs = sql("select run_id, flow, status from runs")
     assert row["produced_by"] == runs["run_id"][0] and runs["status"][0] == "completed"
     lineage = sql("select input_dataset, input_kind from lineage where kind = 'model'")
-    assert lineage.values.tolist() == [["world_preference_pairs", "dataset"]]
+    # the pairs and the backbone the head was trained on
+    assert sorted(lineage.values.tolist()) == [
+        ["world-small", "model"],
+        ["world_preference_pairs", "dataset"],
+    ]
 
     assert "Reward model training" in read_artifact("reward-train")
 
