@@ -338,5 +338,7 @@ def test_relabel_with_an_llm_judge_and_with_the_human_queue(own, chat_server):
         RelabelParams(**human, candidates_dataset="own_human_candidates", labels_file=str(labels))
     )
     assert refined["status"] == "refined"
+    # what refinement cut for length is in the summary, as the ensemble reads (max_length 64)
+    assert "train texts truncated to max_length 64" in refined["figures"]
     inputs = _lineage_inputs("own-qwen2-ensemble")
     assert ("dataset", "own_chat_prefs") in inputs  # the replayed pairs

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field, field_validator
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
+    length_figures,
     model_inputs,
     summary_artifact,
     tracked_run,
@@ -490,6 +491,8 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             # refine() evaluates on the validation pairs it is given: read, do not recompute
             after = refined.meta["metrics"]["eval_pairwise_accuracy"]["mean"]
             figures["validation accuracy after"] = after
+            # refinement reads pairs as the ensemble was trained to (its max_length)
+            figures |= length_figures(refined.meta["metrics"].get("length", {}))
             out = {"status": "refined", "model": refined.model_dump(), "figures": figures}
         figures["seconds"] = round(time.monotonic() - started, 2)
         summary_artifact("reward-relabel", "UGDA relabeling", figures)
