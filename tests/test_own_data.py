@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from flywheel.cli import app
 from flywheel.llm import BackendSpec, ManagedServer
-from flywheel.store import read_dataset, read_model, sql
+from flywheel.store import read_dataset, read_model, sql, write_dataset
 from tests.conftest import free_port
 from tests.helpers.own_models import build_own_models, preference_rows
 
@@ -150,6 +150,18 @@ def test_decode_hybrid_on_chat_prompts(own):
     assert rows["prompt"].str.endswith("<|im_start|>assistant\n").all()
     assert out["figures"]["accuracy"] == "n/a (no answers)"
 
+    # a prompt past GPT-2's 512 positions is refused by name before any decoding
+    write_dataset("own_long_prompts", [{"id": "long", "prompt": "trains " * 600}])
+    with pytest.raises(ValueError, match=r"prompt 'long' \(row 0\) is \d+ tokens; .*512 positions"):
+        hybrid_flow(
+            HybridParams(
+                prompts="own_long_prompts",
+                small_model=models["llama"],
+                large_model=models["gpt2"],
+                output="own_hybrid_long",
+            )
+        )
+
 
 def _reward_params(**kw):
     from flywheel.flows.reward import RewardTrainParams
@@ -255,13 +267,14 @@ def test_decode_co_llm_trains_on_own_examples_and_sweeps_with_rouge(own):
     assert sorted(sweep["eta"]) == [0.0, 1.0] and sweep["score"].notna().all()
     assert len(read_dataset("own_co_llm").to_pandas()) == len(TOPICS)
     assert out["figures"]["eta chosen by"] == "the validation sweep"
+    assert out["figures"]["train texts truncated to max_length 24"] == stats["length"]["truncated"]
 
 
 def test_decode_collab_with_the_users_reward_model(own):
     from flywheel.flows.decode import CollabParams, collab_flow
 
     models = own["models"]
-    collab_flow(
+    figures = collab_flow(
         CollabParams(
             prompts="own_chat_prompts",
             agents=[BackendSpec(model=models["llama"]), BackendSpec(model=models["qwen2"])],
@@ -272,10 +285,13 @@ def test_decode_collab_with_the_users_reward_model(own):
             batch_size=5,
             output="own_collab",
         )
-    )
+    )["figures"]
     rows = read_dataset("own_collab").to_pandas()
     assert len(rows) == len(TOPICS) and rows["reward"].notna().all()
     assert ("model", "own-llama-bradley-terry") in _lineage_inputs("own_collab")
+    # the reward model reads the prompts as given (chat) and cuts to its max_length, counted
+    assert figures["reward model (scored in this run) texts truncated to max_length 64"] >= 0
+    assert figures["reward model (scored in this run) longest text (tokens)"] > 0
 
 
 def test_synth_reference_with_a_chat_teacher_behind_transformers_serve(own, chat_server):

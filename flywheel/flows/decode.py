@@ -24,7 +24,7 @@ from typing import Literal
 import pyarrow as pa
 from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from flywheel.decoders import co_llm as co_llm_module
 from flywheel.decoders import collab as collab_module
@@ -44,6 +44,7 @@ from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     earlier_model,
+    length_figures,
     model_inputs,
     reuse_or_write,
     summary_artifact,
@@ -61,6 +62,7 @@ from flywheel.llm.chat import (
     render_prompt,
     resolve_format,
 )
+from flywheel.llm.tokens import position_limit
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.reward_models.ensemble import EnsembleRewardModel
 from flywheel.store import (
@@ -373,6 +375,27 @@ def _prompt_rows(
     return ref, rows
 
 
+def _check_fits(rows: list[dict], max_new_tokens: int, models: dict[str, str]) -> None:
+    """Every prompt plus `max_new_tokens` within each model's learned positions (GPT-2's
+    `n_positions`; rotary models have no hard limit): refused by name, not an index
+    error halfway through decoding."""
+    for field, path in models.items():
+        if not Path(path).expanduser().is_dir():
+            continue
+        limit = position_limit(AutoConfig.from_pretrained(path, local_files_only=True))
+        if limit is None:
+            continue
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        for i, row in enumerate(rows):
+            n = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+            if n + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {row['id']!r} (row {i}) is {n} tokens; with max_new_tokens "
+                    f"{max_new_tokens} that is past the {limit} positions of {field} ({path}): "
+                    "shorten or drop it, or lower max_new_tokens"
+                )
+
+
 def _is_prompt(value: object) -> bool:
     try:
         return not is_empty(as_text_value(value))
@@ -533,6 +556,11 @@ def check_co_llm_inputs(params: CoLLMParams) -> dict:
     if params.assistant_backend is not None:
         params.assistant_backend.check()
     prompts, rows = _prompt_rows(params, params.base_model)
+    _check_fits(
+        rows,
+        params.max_new_tokens,
+        {"base_model": params.base_model, "assistant_model": params.assistant_model},
+    )
     if params.sweep_reward_model is not None:
         _reward_model(params.sweep_reward_model, None, "sweep_reward_model")
     held_out = {r["prompt"] for r in rows}
@@ -739,6 +767,7 @@ def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
             "eta chosen by": "the validation sweep" if params.eta is None else "the eta parameter",
             "accuracy": _figure(_accuracy(rows, [r["completion"] for r in rows])),
             "share of tokens deferred": _share(rows, "assistant"),
+            **length_figures({"train": model.meta["metrics"].get("length", {})}),
         }
         if params.baselines:
             alone = {"base alone": params.base_model, "assistant alone": params.assistant_model}
@@ -776,6 +805,11 @@ def check_hybrid_inputs(params: HybridParams) -> dict:
     _same_tokenizer("small_model", params.small_model, "large_model", params.large_model)
     check_threshold(params.measure, params.threshold)
     prompts, rows = _prompt_rows(params, params.small_model)
+    _check_fits(
+        rows,
+        params.max_new_tokens,
+        {"small_model": params.small_model, "large_model": params.large_model},
+    )
     return {"prompts": prompts, "rows": rows}
 
 
@@ -878,6 +912,9 @@ def check_collab_inputs(params: CollabParams) -> dict:
     # the first agent that is a local folder gives the chat template
     local = [a.model for a in params.agents if Path(a.model).expanduser().is_dir()]
     prompts, rows = _prompt_rows(params, local[0] if local else None)
+    local_agents = {f"agents[{i}]": a.model for i, a in enumerate(params.agents)}
+    # Collab's rollouts run up to rollout_len past each proposed token as well
+    _check_fits(rows, params.max_new_tokens + params.rollout_len, local_agents)
     reward = None
     if params.reward_model == WORLD_REWARD:
         if any(r["answer"] is None for r in rows):
@@ -901,22 +938,43 @@ def _reward_model(name: str, version: str | None, field: str) -> ModelRef:
     return reward
 
 
-def _reward_fn(reward: ModelRef | None, rows: list[dict]):
-    """The target reward: the registered reward model's score, or the world's checker."""
-    if reward is None:
-        answers = {r["prompt"]: r["answer"] for r in rows}
-        return lambda prompts, completions: [
-            float(c.strip() == answers[p].strip())
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-    if reward.meta["kind"] == "ensemble":
-        ensemble = EnsembleRewardModel(reward.path)
-        return lambda prompts, completions: ensemble.score(prompts, completions)["mean"]
-    return RewardModel(reward.path).score
+class _TargetReward:
+    """The target reward: a registered reward model's score, or the world's checker.
+
+    Prompts arrive as the decoders read them (rendered); the reward model gets each
+    prompt as the dataset gave it (text or chat messages) and renders it itself, as it
+    was trained. What it cuts for length is counted in `length`."""
+
+    def __init__(self, reward: ModelRef | None, rows: list[dict]) -> None:
+        self.source = {r["prompt"]: r.get("source", r["prompt"]) for r in rows}
+        self.answers = {r["prompt"]: r["answer"] for r in rows}
+        self.model: RewardModel | EnsembleRewardModel | None = None
+        if reward is not None:
+            is_ensemble = reward.meta["kind"] == "ensemble"
+            self.model = (EnsembleRewardModel if is_ensemble else RewardModel)(reward.path)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        if self.model is None:
+            return [
+                float(c.strip() == self.answers[p].strip())
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        given = [self.source.get(p, p) if isinstance(p, str) else p for p in prompts]
+        scores = self.model.score(given, completions)
+        return scores["mean"] if isinstance(scores, dict) else scores
+
+    def length(self) -> dict:
+        """{"reward model": LengthReport dict} of this run's scoring; empty for the world."""
+        report = getattr(self.model, "length", None)
+        return {} if report is None else {"reward model (scored in this run)": report.as_dict()}
+
+
+def _reward_fn(reward: ModelRef | None, rows: list[dict]) -> _TargetReward:
+    return _TargetReward(reward, rows)
 
 
 @task(name="decode-collab", **MODEL_CALLS)
-def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[DatasetRef, bool]:
+def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[DatasetRef, bool, dict]:
     names = _agent_names(params.agents)
     reward = _reward_fn(data["reward"], data["rows"])
     agents = [make_backend(spec) for spec in params.agents]
@@ -963,7 +1021,7 @@ def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[Datase
         *([data["reward"]] if data["reward"] is not None else []),
         *(ref for s in params.agents for ref in model_inputs(s)),
     ]
-    return _write_output(params, ckpt, rows, COLLAB_SCHEMA, run_id, inputs)
+    return (*_write_output(params, ckpt, rows, COLLAB_SCHEMA, run_id, inputs), reward.length())
 
 
 @task(name="agents-alone", **MODEL_CALLS)
@@ -973,6 +1031,8 @@ def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
     with its raw text."""
     reward = _reward_fn(data["reward"], data["rows"])
     prompts = [r["prompt"] for r in data["rows"]]
+    # each agent alone reads the prompts as given, in its own prompt format
+    given = [r.get("source", r["prompt"]) for r in data["rows"]]
     out = {}
     for name, spec in zip(_agent_names(params.agents), params.agents, strict=True):
         with make_backend(spec) as agent:
@@ -980,7 +1040,7 @@ def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
                 lambda batch, agent=agent: agent.generate(
                     batch, max_new_tokens=params.max_new_tokens, temperature=0.0, stop=params.stop
                 ),
-                prompts,
+                given,
             )
         texts = [a if isinstance(a, str) else None for a in answers]
         answered = [i for i, t in enumerate(texts) if t is not None]
@@ -1005,7 +1065,7 @@ def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
     started = time.monotonic()
     with tracked_run("decode/collab", params.model_dump(mode="json")) as run_id:
         data = check_collab_inputs(params)
-        output, reused = decode_collab(params, data, run_id)
+        output, reused, length = decode_collab(params, data, run_id)
         rows = _rows(output)
         scored = [r["reward"] for r in rows if r["reward"] is not None]
         figures = {
@@ -1019,6 +1079,7 @@ def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
             "agent switches per prompt": sum(r["switches"] for r in rows) / len(rows),
             "prompts failed": sum(r["finish_reason"] == "failed" for r in rows),
             "failed model calls": sum(r["failed_calls"] for r in rows),
+            **length_figures(length),
         }
         for name in _agent_names(params.agents):
             figures[f"share of tokens by {name}"] = _share(rows, name)

@@ -294,6 +294,8 @@ def length_figures(length: dict[str, dict]) -> dict[str, int | str]:
     `eval`, a group...): a method's LengthReport dicts, as `flywheel.llm.tokens` counts."""
     figures: dict[str, int | str] = {}
     for split, report in length.items():
+        if not report:  # a model saved before lengths were counted
+            continue
         figures[f"{split} texts truncated to max_length {report['max_length']}"] = report[
             "truncated"
         ]

@@ -27,6 +27,16 @@ def ensure_pad_token(tokenizer: Any) -> str | None:
     )
 
 
+def position_limit(config: Any) -> int | None:
+    """Positions a model has learned embeddings for (GPT-2's `n_positions`): longer inputs
+    fail with an index error. Rotary models (Llama, Qwen2) have no hard limit: None."""
+    if getattr(config, "n_positions", None):
+        return config.n_positions
+    if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
 OverLength = Literal["truncate", "drop"]
 
 

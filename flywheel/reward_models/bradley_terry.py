@@ -33,7 +33,13 @@ from flywheel.llm.chat import (
     render_conversation,
     resolve_format,
 )
-from flywheel.llm.tokens import LengthReport, OverLength, ensure_pad_token, fit_to_length
+from flywheel.llm.tokens import (
+    LengthReport,
+    OverLength,
+    ensure_pad_token,
+    fit_to_length,
+    position_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +182,6 @@ class RewardTrainingConfig(BaseModel):
         0.01, ge=0, description="weight of the mean-zero reward penalty; null: off"
     )
     seed: int = 0
-
-
-def position_limit(config: Any) -> int | None:
-    """Positions a model has learned embeddings for (GPT-2's `n_positions`): longer inputs
-    fail with an index error. Rotary models (Llama, Qwen2) have no hard limit: None."""
-    if getattr(config, "n_positions", None):
-        return config.n_positions
-    if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
-        return None
-    return getattr(config, "max_position_embeddings", None)
 
 
 def check_max_length(config: Any, max_length: int, base_model: str | Path) -> None:

@@ -24,13 +24,12 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from flywheel.llm.chat import Prompt, PromptFormat, resolve_format
-from flywheel.llm.tokens import LengthReport, OverLength
+from flywheel.llm.tokens import LengthReport, OverLength, position_limit
 from flywheel.reward_models.bradley_terry import (
     PairEncoder,
     check_max_length,
     clean_preferences,
     pad_with_stand_in,
-    position_limit,
 )
 
 log = logging.getLogger(__name__)
