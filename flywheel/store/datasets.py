@@ -12,7 +12,7 @@ import re
 import secrets
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -352,26 +352,30 @@ def _first_bad_text(chunk: pa.Array) -> tuple[int, str] | None:
     return None
 
 
-def _check_text(table: pa.Table) -> None:
-    """Refuse text that is not valid UTF-8, naming its column and row: parquet stores it,
-    but every reader then fails with a bare UnicodeDecodeError."""
+def invalid_text(table: pa.Table) -> Iterator[tuple[str, int, str]]:
+    """(column, row, reason) of the first row of each column whose data arrow finds
+    invalid: text that is not UTF-8, or (row -1, arrow's message) for anything else."""
     for name, column in zip(table.column_names, table.columns, strict=True):
         start = 0
         for chunk in column.chunks:
             try:
                 chunk.validate(full=True)
             except pa.ArrowInvalid as e:
-                bad = _first_bad_text(chunk)
-                if bad is None:
-                    raise ValueError(
-                        f"column {name!r}: invalid data ({e}); nothing was written"
-                    ) from None
-                row, reason = bad
-                raise InvalidText(
-                    f"column {name!r} row {start + row}: the text is not valid UTF-8 ({reason}); "
-                    f"{_TEXT_FIX}"
-                ) from None
+                row, reason = _first_bad_text(chunk) or (-1, str(e))
+                yield name, (start + row if row >= 0 else -1), reason
+                break
             start += len(chunk)
+
+
+def _check_text(table: pa.Table) -> None:
+    """Refuse text that is not valid UTF-8, naming its column and row: parquet stores it,
+    but every reader then fails with a bare UnicodeDecodeError."""
+    for name, row, reason in invalid_text(table):
+        if row < 0:
+            raise ValueError(f"column {name!r}: invalid data ({reason}); nothing was written")
+        raise InvalidText(
+            f"column {name!r} row {row}: the text is not valid UTF-8 ({reason}); {_TEXT_FIX}"
+        )
 
 
 def _input_record(ref: Any) -> dict[str, str]:

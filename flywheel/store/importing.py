@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from flywheel.store.datasets import (
     DatasetRef,
     StoreError,
-    _first_bad_text,
+    invalid_text,
     validate_name,
     write_dataset,
 )
@@ -451,20 +451,11 @@ def _from_table(table: pa.Table, problems: _Problems) -> _Source:
         if name in seen:
             problems.add(f"column {name!r}: appears twice in the file; rename one")
         seen.add(name)
-    for name, column in zip(table.column_names, table.columns, strict=True):
-        start = 0
-        for chunk in column.chunks:
-            try:
-                chunk.validate(full=True)
-            except pa.ArrowInvalid as e:
-                bad = _first_bad_text(chunk)
-                row, reason = bad if bad else (0, str(e))
-                problems.add(
-                    f"row {start + row} (0-based), column {name!r}: the text is not valid "
-                    f"UTF-8 ({reason}); re-encode it as UTF-8 where the file was written"
-                )
-                break
-            start += len(chunk)
+    for name, row, reason in invalid_text(table):
+        problems.add(
+            f"row {max(row, 0)} (0-based), column {name!r}: the text is not valid "
+            f"UTF-8 ({reason}); re-encode it as UTF-8 where the file was written"
+        )
     if problems:
         return source
     try:
