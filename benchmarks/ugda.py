@@ -59,7 +59,7 @@ def accuracy(model, tok, rows: list[dict]) -> dict:
     """Ensemble-mean pairwise accuracy on all labelled pairs and on the decisive ones
     (one response correct, the other not)."""
     from flywheel.reward_models.ensemble import pairwise_accuracy
-    from flywheel.reward_models.labelers import task_of_prompt
+    from flywheel.world.labelers import task_of_prompt
     from flywheel.world.tasks import check
 
     decisive = [
@@ -122,8 +122,8 @@ def one_seed(seed: int, models: dict[str, Path], work: Path, args: argparse.Name
     from flywheel.llm import TransformersBackend
     from flywheel.reward_models import ugda
     from flywheel.reward_models.ensemble import EnsembleConfig, load_ensemble, train_ensemble
-    from flywheel.reward_models.labelers import WorldOracleLabeler
-    from flywheel.world.tasks import answer_preference_pairs
+    from flywheel.world.labelers import WorldOracleLabeler
+    from flywheel.world.tasks import MAX_LEN, answer_preference_pairs
 
     out: dict = {}
     started = time.perf_counter()
@@ -141,15 +141,16 @@ def one_seed(seed: int, models: dict[str, Path], work: Path, args: argparse.Name
         seed, [args.test_prompts, args.candidate_prompts, args.validation_prompts]
     )
     oracle = WorldOracleLabeler(min_margin=args.min_margin)
+    sampling = {"temperature": args.temperature, "max_new_tokens": MAX_LEN + 2}
     with TransformersBackend(models[args.policy], batch_size=128) as policy:
         candidates, cand_report = ugda.policy_pairs(
-            policy, cand_tasks, temperature=args.temperature, seed=seed
+            policy, [t.prompt for t in cand_tasks], seed=seed, **sampling
         )
         val_pairs, _ = ugda.policy_pairs(
-            policy, val_tasks, temperature=args.temperature, seed=seed + 1
+            policy, [t.prompt for t in val_tasks], seed=seed + 1, **sampling
         )
         test_pairs, _ = ugda.policy_pairs(
-            policy, test_tasks, temperature=args.temperature, seed=seed + 2
+            policy, [t.prompt for t in test_tasks], seed=seed + 2, **sampling
         )
     validation, _ = oracle.label(val_pairs)
     test, test_ties = oracle.label(test_pairs)

@@ -15,12 +15,12 @@ from flywheel.llm.base import Backend, TokenLogprob
 from flywheel.reward_models.labelers import (
     LabelFileError,
     LLMJudgeLabeler,
-    WorldOracleLabeler,
     parse_choice,
     read_labels,
     write_queue,
 )
 from flywheel.store import read_dataset
+from flywheel.world.labelers import WorldOracleLabeler
 from flywheel.world.tasks import Task, sample_tasks
 
 

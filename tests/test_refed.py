@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.flows.synth import WorldRefedConfig
 from flywheel.llm import (
     Backend,
     BackendError,
@@ -74,7 +75,7 @@ class ScriptedBackend(Backend):
 
 def config(world_models: Path, **kw) -> RefedConfig:
     responder = BackendSpec(model=str(world_models / "world-large"))
-    return RefedConfig(responder=responder, **{"chunk_size": 16, **kw})
+    return WorldRefedConfig(responder=responder, **{"chunk_size": 16, **kw})
 
 
 def test_rouge_l() -> None:
@@ -112,7 +113,7 @@ def test_feedback_once_per_reference_reused_for_all_samples(world_models, tmp_pa
 def test_responses_use_the_reference_as_one_shot_example(tmp_path) -> None:
     refs = world_refs(3)
     responder = ScriptedBackend(lambda p: "zz")
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
+    cfg = WorldRefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
     rows, _, stats = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder).result()
     by_id = {r.id: r for r in refs}
     for row in rows:
@@ -130,7 +131,7 @@ def test_diversity_filter_drops_near_duplicates(tmp_path) -> None:
 
     refs = world_refs(2)
     responder = ScriptedBackend(lambda p: "abc")
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=4)
+    cfg = WorldRefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=4)
     rows, _, stats = RefedRun(refs, cfg, tmp_path, Repetitive(), lambda: responder).result()
     assert [r["instruction"] for r in rows] == ["copy abc"]
     assert stats["dropped_by_diversity"] == stats["instructions_proposed"] - 1
@@ -143,7 +144,7 @@ def test_judge_filter_drops_low_scores(tmp_path) -> None:
 
     refs = world_refs(4)
     responder = ScriptedBackend(lambda p: "abc")  # right only for `copy abc`-like tasks
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), judge_filter=True)
+    cfg = WorldRefedConfig(responder=BackendSpec(model="unused"), judge_filter=True)
     rows, _, stats = RefedRun(refs, cfg, tmp_path, NoRefine(), lambda: responder).result()
     assert stats["dropped_by_judge"] > 0
     assert all(r["judge_score"] >= 7 for r in rows)
@@ -232,7 +233,9 @@ def test_responder_outage_keeps_done_chunks_and_resumes(tmp_path) -> None:
                 raise BackendError("server said 503", raw='{"error": "overloaded"}')
             return super().generate(prompts, **kw)
 
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=4, chunk_size=8)
+    cfg = WorldRefedConfig(
+        responder=BackendSpec(model="unused"), samples_per_feature=4, chunk_size=8
+    )
     responder = Flaky(lambda p: "x")
     run = RefedRun(world_refs(4), cfg, tmp_path, WorldTeacher(), lambda: responder)
     with pytest.raises(BackendError, match="503"):
@@ -279,7 +282,7 @@ def test_response_template_and_stop_are_configurable(tmp_path) -> None:
     refs = references_from_rows([{"instruction": "copy abc", "response": "abc"}], "seed")
     responder = ScriptedBackend(lambda p: "abc")
     template = "Example:\nQ: {example_instruction}\nA: {example_response}\n\nQ: {instruction}\nA:"
-    cfg = RefedConfig(
+    cfg = WorldRefedConfig(
         responder=BackendSpec(model="unused"),
         samples_per_feature=1,
         response_template=template,
@@ -306,7 +309,7 @@ def test_both_feedback_failures_are_kept_one_row_each(tmp_path) -> None:
         "seed",
     )
     responder = ScriptedBackend(lambda p: "abc")
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
+    cfg = WorldRefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=2)
     run = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder)
     rows, failed, stats = run.result()
     assert rows and {r["reference_id"] for r in rows} == {"task"}
@@ -325,7 +328,7 @@ def test_an_empty_response_is_a_failure_not_a_sample(tmp_path) -> None:
     refs = world_refs(6, seed=2)
     blank = {"copy": "", "sort": " \n "}  # nothing, and only whitespace
     responder = ScriptedBackend(lambda p: blank.get(p.rsplit("\n", 1)[-1].split()[0], "abc"))
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=3)
+    cfg = WorldRefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=3)
     run = RefedRun(refs, cfg, tmp_path, WorldTeacher(), lambda: responder)
     rows, failed, stats = run.result()
     kept = {c["id"]: c for c in run.instructions() if c["kept"]}
@@ -354,7 +357,9 @@ def test_malformed_and_empty_responder_answers_are_failures_with_raw_text(tmp_pa
     """REFED end to end with an HTTP responder that answers some prompts with a malformed
     body and others with blanks: each such item is one failure row with its own raw text,
     and the other items become samples (the batch is not sunk)."""
-    cfg = RefedConfig(responder=BackendSpec(model="unused"), samples_per_feature=3, chunk_size=8)
+    cfg = WorldRefedConfig(
+        responder=BackendSpec(model="unused"), samples_per_feature=3, chunk_size=8
+    )
     with CompletionsServer(responder_answer) as server:
         run = RefedRun(
             world_refs(8, seed=3),
@@ -491,7 +496,7 @@ def test_llm_teacher_over_chat_sends_each_answers_json_schema(tmp_path) -> None:
 
     refs = references_from_rows([{"instruction": "copy ab", "response": "ab"}], "seed")
     with pytest.raises(ValueError, match="teacher_structured_output: needs teacher 'llm'"):
-        RefedConfig(responder=BackendSpec(model="unused"), teacher_structured_output=True)
+        WorldRefedConfig(responder=BackendSpec(model="unused"), teacher_structured_output=True)
     with CompletionsServer(answer) as server:
         spec = BackendSpec(
             kind="openai", base_url=server.base_url, model="teacher", prompt_format="chat"

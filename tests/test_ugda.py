@@ -23,8 +23,8 @@ from flywheel.reward_models.ensemble import (
     score_pairs,
     train_ensemble,
 )
-from flywheel.reward_models.labelers import WorldOracleLabeler
-from flywheel.world.tasks import answer_preference_pairs, sample_tasks
+from flywheel.world.labelers import WorldOracleLabeler
+from flywheel.world.tasks import MAX_LEN, answer_preference_pairs, sample_tasks
 
 
 class ScriptedPolicy(Backend):
@@ -67,8 +67,10 @@ def setting(world_models, tmp_path_factory, one_thread) -> dict:
     train_ensemble(original, answer_preference_pairs(40, random.Random(1)), config, work / "init")
     tasks = sample_tasks(160, random.Random(7))
     with TransformersBackend(world_models / "world-small", batch_size=64) as policy:
-        pairs, report = ugda.policy_pairs(policy, tasks[:120], temperature=1.5, seed=0)
-        val_pairs, _ = ugda.policy_pairs(policy, tasks[120:], temperature=1.5, seed=1)
+        prompts = [t.prompt for t in tasks]
+        sampling = {"temperature": 1.5, "max_new_tokens": MAX_LEN + 2}
+        pairs, report = ugda.policy_pairs(policy, prompts[:120], seed=0, **sampling)
+        val_pairs, _ = ugda.policy_pairs(policy, prompts[120:], seed=1, **sampling)
     validation, _ = WorldOracleLabeler().label(val_pairs)
     return {
         "work": work,
@@ -82,7 +84,9 @@ def setting(world_models, tmp_path_factory, one_thread) -> dict:
 
 def test_policy_pairs_skip_identical_and_empty_and_report_them(setting) -> None:
     policy = ScriptedPolicy(["ab", "ab", "ab", "ba", "", "x", "ab", "ba", "cd", "dc"])
-    pairs, report = ugda.policy_pairs(policy, ["p1=", "p2=", "p3=", "p2=", "p4="], seed=0)
+    pairs, report = ugda.policy_pairs(
+        policy, ["p1=", "p2=", "p3=", "p2=", "p4="], seed=0, max_new_tokens=4
+    )
     assert [(p["prompt"], p["response_a"], p["response_b"]) for p in pairs] == [
         ("p2=", "ab", "ba"),
         ("p4=", "cd", "dc"),
@@ -96,7 +100,7 @@ def test_policy_pairs_skip_identical_and_empty_and_report_them(setting) -> None:
     }
     assert len({p["id"] for p in pairs}) == 2
     with pytest.raises(ValueError, match="temperature"):
-        ugda.policy_pairs(policy, ["p="], temperature=0)
+        ugda.policy_pairs(policy, ["p="], temperature=0, max_new_tokens=4)
 
     # the real tiny policy: every prompt is accounted for
     real = setting["report"]

@@ -1,5 +1,6 @@
 """`reward/relabel`: one UGDA round on a registered reward ensemble. Wiring only; the
-method is `flywheel.reward_models.ugda`, the labelers `flywheel.reward_models.labelers`.
+method is `flywheel.reward_models.ugda`, the labelers `flywheel.reward_models.labelers`
+(the world's oracle: `flywheel.world.labelers`).
 
 With `labeler: human` a run writes the selected pairs as a queue dataset and stops; the
 next run finds the labeled file, checks it against the queue and refines the ensemble.
@@ -27,12 +28,7 @@ from flywheel.flows.tracking import (
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.reward_models.ensemble import EnsembleRewardModel, pairwise_accuracy
-from flywheel.reward_models.labelers import (
-    LLMJudgeLabeler,
-    WorldOracleLabeler,
-    read_labels,
-    write_queue,
-)
+from flywheel.reward_models.labelers import LLMJudgeLabeler, read_labels, write_queue
 from flywheel.reward_models.ugda import (
     UgdaConfig,
     policy_pairs,
@@ -55,6 +51,7 @@ from flywheel.store import (
 )
 from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import validate_model_name
+from flywheel.world.labelers import WorldOracleLabeler
 from flywheel.world.tasks import MAX_LEN, sample_tasks
 
 DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"

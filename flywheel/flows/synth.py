@@ -1,5 +1,7 @@
 """`synth/reference`: REFED synthesis as a Prefect flow. Wiring only; the method is
-`flywheel.synthesis.refed`."""
+`flywheel.synthesis.refed`, and the world's part of it (teacher, responder, one-shot
+format, which instructions it knows) is bound here, in `WorldRefedConfig` and
+`make_teacher`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hashlib
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 from prefect import flow, task
@@ -19,7 +22,7 @@ from flywheel.flows.tracking import (
     tracked_run,
     write_once,
 )
-from flywheel.llm import make_backend, model_fingerprint
+from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
     DatasetRef,
@@ -35,11 +38,13 @@ from flywheel.synthesis.refed import (
     RefedConfig,
     RefedRun,
     SeedDataError,
-    make_teacher,
+    Teacher,
     references_from_rows,
 )
 from flywheel.world import teacher as world_teacher
-from flywheel.world.tasks import parse_instruction, sample_tasks
+from flywheel.world.bootstrap import model_dir, models_root
+from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction, sample_tasks
+from flywheel.world.teacher import WorldTeacher
 
 FAILED_SCHEMA = pa.schema(
     [
@@ -81,7 +86,42 @@ SAMPLES_SCHEMA = pa.schema(
 )
 
 
-class ReferenceSynthParams(RefedConfig):
+def world_responder() -> BackendSpec:
+    """The world's large model (made by `world/bootstrap`)."""
+    return BackendSpec(kind="transformers", model=str(model_dir(models_root(), "large")))
+
+
+class WorldRefedConfig(RefedConfig):
+    """REFED with the world's defaults: its programmatic teacher, its large model as
+    responder, and its one-shot format (`<instruction>=<answer>`, one line per answer)."""
+
+    teacher: Literal["world", "llm"] = Field(
+        "world", description="'world': the world's programmatic teacher; 'llm': teacher_backend"
+    )
+    responder: BackendSpec = Field(default_factory=world_responder)
+    response_template: str = Field(
+        ONE_SHOT_TEMPLATE,
+        description="the responder's one-shot prompt; "
+        "fields: {example_instruction}, {example_response}, {instruction}",
+    )
+    response_stop: list[str] | None = Field(["\n"], description="stop strings for responses")
+    max_new_tokens: int = Field(16, ge=1, description="tokens per responder answer")
+
+
+def make_teacher(config: RefedConfig) -> Teacher:
+    """The world's teacher for teacher 'world'; REFED's LLM teacher otherwise."""
+    if config.teacher == "world":
+        return WorldTeacher(seed=config.seed)
+    return refed_module.make_teacher(config)
+
+
+def world_family(instruction: str) -> str | None:
+    """The world task family of an instruction, None for one that is not a world task."""
+    task = parse_instruction(instruction)
+    return task.family if task else None
+
+
+class ReferenceSynthParams(WorldRefedConfig):
     """Parameters of `synth/reference`: REFED's knobs plus where references come from."""
 
     model_config = ConfigDict(extra="forbid")
@@ -148,7 +188,12 @@ def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     key = Checkpoint.key(config.model_dump(mode="json"), refs.name, refs.version, models, SOURCE)
     workdir = data_root() / "_work" / "refed" / key
     return RefedRun(
-        references, config, workdir, make_teacher(config), lambda: make_backend(config.responder)
+        references,
+        config,
+        workdir,
+        make_teacher(config),
+        lambda: make_backend(config.responder),
+        family_of=world_family,
     )
 
 

@@ -1,4 +1,5 @@
-"""Who says which of two responses is better: the world's oracle, an LLM judge, or people.
+"""Who says which of two responses is better: an LLM judge, people, or a domain's own
+oracle (the world's, `WorldOracleLabeler`, lives with the world in `world/labelers.py`).
 
 Every labeler takes unlabeled pairs `{id, prompt, response_a, response_b}` and
 returns `(labeled_rows, failures)`:
@@ -9,6 +10,9 @@ returns `(labeled_rows, failures)`:
   did not parse, an oracle tie), so nothing is dropped silently; write them to a
   `<name>__failed` dataset.
 
+A labeler is any subclass of `Labeler`; `check_pairs`, `preference_row`,
+`failure_row` and `log_outcome` give every labeler the same row formats and report.
+
 People label through a queue: `write_queue` stores the pairs as a dataset with an
 empty `label` column that any tool can open (DuckDB, a spreadsheet via CSV,
 pandas); `read_labels` checks the labeled file against that queue version.
@@ -16,20 +20,17 @@ pandas); `read_labels` checks the labeled file against that queue version.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 
 from flywheel.llm.base import Backend
 from flywheel.store import DatasetRef, write_dataset
-from flywheel.world.tasks import SEP, Task, check, parse_instruction
 
 log = logging.getLogger(__name__)
 
@@ -88,79 +89,8 @@ def failure_row(pair: dict, raw: str, error: str, labeler: str) -> dict:
     }
 
 
-# --- the world's oracle ---
-
-
-def task_of_prompt(prompt: str) -> Task | None:
-    """The world task a prompt asks (its last line, `<family> <letters>=`), or None."""
-    line = prompt.rstrip().splitlines()[-1] if prompt.strip() else ""
-    if not line.endswith(SEP):
-        return None
-    return parse_instruction(line[: -len(SEP)])
-
-
-class WorldOracleLabeler(Labeler):
-    """Grades both responses; the better grade wins.
-
-    grade = `tasks.check` (1 right, 0 wrong) + similarity to the correct answer
-    (difflib ratio, 0..1). A correct answer (grade 2) always beats a wrong one
-    (below 1), and of two wrong answers (most pairs of a weak policy) the near miss
-    beats the noise: a reward model should rank it higher. `tie_break="none"`
-    grades by `tasks.check` alone. Pairs whose grades differ by no more than
-    `min_margin` (always: equal grades, e.g. two wrong digits for `count`) are not
-    preferences: they become failure rows with error "tie: ...", so they are
-    counted and kept out of training. `min_margin` (below 1, so it never ties a
-    right and a wrong answer) drops the wrong-vs-wrong pairs too close to call.
-    """
-
-    def __init__(
-        self, tie_break: Literal["similarity", "none"] = "similarity", min_margin: float = 0.0
-    ) -> None:
-        if tie_break not in ("similarity", "none"):
-            raise ValueError(f"tie_break must be 'similarity' or 'none', got {tie_break!r}")
-        if not 0 <= min_margin < 1:
-            raise ValueError(f"min_margin must be in [0, 1), got {min_margin}")
-        self.tie_break = tie_break
-        self.min_margin = min_margin
-        self.name = "world-oracle"
-
-    def grade(self, task: Task, response: str) -> float:
-        if self.tie_break == "none":
-            return check(task, response)
-        return check(task, response) + _similarity(response, task.answer)
-
-    def label(self, pairs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-        check_pairs(pairs)
-        labeled: list[dict] = []
-        failures: list[dict] = []
-        for pair in pairs:
-            task = task_of_prompt(pair["prompt"])
-            if task is None:
-                failures.append(
-                    failure_row(
-                        pair,
-                        pair["prompt"],
-                        "not a world task: the prompt's last line is not '<family> <letters>='",
-                        self.name,
-                    )
-                )
-                continue
-            a = self.grade(task, pair["response_a"])
-            b = self.grade(task, pair["response_b"])
-            if abs(a - b) > self.min_margin:
-                labeled.append(preference_row(pair, "a" if a > b else "b", self.name))
-            else:
-                graded = f"grade a={a:.3f} b={b:.3f} (min_margin {self.min_margin})"
-                failures.append(failure_row(pair, graded, f"tie: {graded}", self.name))
-        _log_outcome(self.name, labeled, failures)
-        return labeled, failures
-
-
-def _similarity(response: str, answer: str) -> float:
-    return difflib.SequenceMatcher(None, response.strip(), answer).ratio()
-
-
-def _log_outcome(name: str, labeled: list[dict], failures: list[dict]) -> None:
+def log_outcome(name: str, labeled: list[dict], failures: list[dict]) -> None:
+    """Log, by reason, the pairs a labeler could not label."""
     if failures:
         reasons: dict[str, int] = {}
         for f in failures:
@@ -239,7 +169,7 @@ class LLMJudgeLabeler(Labeler):
             # map the shown position back to the pair's own response
             winner = ("b" if first_won else "a") if self.swapped(pair["id"]) else choice.lower()
             labeled.append(preference_row(pair, winner, self.name))
-        _log_outcome(self.name, labeled, failures)
+        log_outcome(self.name, labeled, failures)
         return labeled, failures
 
 

@@ -43,7 +43,6 @@ from flywheel.reward_models.ensemble import (
     train_ensemble,
 )
 from flywheel.reward_models.labelers import Labeler
-from flywheel.world.tasks import MAX_LEN, Task
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +111,17 @@ def pair_id(prompt: str, response_a: str, response_b: str) -> str:
 
 def policy_pairs(
     policy: Backend,
-    prompts: Sequence[str | Task],
+    prompts: Sequence[str],
     *,
+    max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
-    max_new_tokens: int = MAX_LEN + 2,
     stop: Sequence[str] = ("\n",),
 ) -> tuple[list[dict], dict]:
     """Two sampled responses per prompt -> unlabeled pairs {id, prompt, response_a, response_b}.
+
+    `max_new_tokens` fits the answers the prompts ask for, which only the caller knows
+    (a one-line world answer is a few tokens; free text needs room).
 
     Skipped, and counted in the report: pairs whose two responses are identical
     (no preference), pairs with an empty response (reward training keeps empty
@@ -130,7 +132,13 @@ def policy_pairs(
         raise ValueError(
             f"temperature must be > 0 to sample two different responses, got {temperature}"
         )
-    texts = [p.prompt if isinstance(p, Task) else p for p in prompts]
+    texts = list(prompts)
+    bad = next((i for i, p in enumerate(texts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(
+            f"prompts: item {bad} is a {type(texts[bad]).__name__}, not text; pass each "
+            "prompt's text (for world tasks, `task.prompt`)"
+        )
     doubled = [t for t in texts for _ in range(2)]
     out = policy.generate(
         doubled, max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop), seed=seed

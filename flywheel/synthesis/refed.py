@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -41,7 +41,6 @@ from flywheel.llm.chat import NotAText, as_messages, is_messages
 from flywheel.llm.openai_backend import OpenAIBackend
 from flywheel.store import Checkpoint
 from flywheel.synthesis.rouge import diverse_subset
-from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction
 
 log = logging.getLogger(__name__)
 
@@ -176,27 +175,36 @@ def _seed_text(value: object, column: str, where: str) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def default_responder() -> BackendSpec:
-    from flywheel.world.bootstrap import model_dir, models_root
-
-    return BackendSpec(kind="transformers", model=str(model_dir(models_root(), "large")))
+# A plain-text one-shot prompt; a domain with its own format (the flows' world) sets its own.
+RESPONSE_TEMPLATE = (
+    "Instruction: {example_instruction}\nResponse: {example_response}\n\n"
+    "Instruction: {instruction}\nResponse:"
+)
 
 
 class RefedConfig(BaseModel):
-    """REFED's knobs; defaults are sized for the embedded world."""
+    """REFED's knobs. The responder is required; the teacher is an LLM over
+    `teacher_backend` unless the caller names and passes a programmatic one."""
 
     samples_per_feature: int = Field(8, ge=1, le=200)
     max_features_per_reference: int = Field(3, ge=1)
-    teacher: Literal["world", "llm"] = "world"
-    teacher_backend: BackendSpec | None = None
-    responder: BackendSpec = Field(default_factory=default_responder)
-    # the one-shot prompt the responder sees; the default is the world's format
-    response_template: str = Field(
-        ONE_SHOT_TEMPLATE,
-        description="fields: {example_instruction}, {example_response}, {instruction}",
+    teacher: str = Field(
+        "llm",
+        min_length=1,
+        description="'llm': LLMTeacher over teacher_backend; another name: a programmatic "
+        "teacher that the caller builds and passes to RefedRun",
     )
-    response_stop: list[str] | None = Field(["\n"], description="stop strings for responses")
-    max_new_tokens: int = Field(16, ge=1, description="tokens per responder answer")
+    teacher_backend: BackendSpec | None = None
+    responder: BackendSpec
+    response_template: str = Field(
+        RESPONSE_TEMPLATE,
+        description="the responder's one-shot prompt; "
+        "fields: {example_instruction}, {example_response}, {instruction}",
+    )
+    response_stop: list[str] | None = Field(
+        ["\nInstruction:"], description="stop strings for responses"
+    )
+    max_new_tokens: int = Field(256, ge=1, description="tokens per responder answer")
     teacher_max_new_tokens: int = Field(
         512, ge=1, description="tokens per answer of an LLM teacher (feedback, instructions)"
     )
@@ -322,7 +330,10 @@ class RefedRun:
         workdir: str | Path,
         teacher: Teacher,
         responder: Callable[[], Backend],
+        family_of: Callable[[str], str | None] | None = None,
     ) -> None:
+        """`family_of` names the kind of task a new instruction is, for the samples'
+        `family` column (None: the column stays empty)."""
         if not references:
             raise SeedDataError("no references: REFED needs at least one reference sample")
         self.references = list(references)
@@ -330,6 +341,7 @@ class RefedRun:
         self.ckpt = Checkpoint(workdir)
         self.teacher = teacher
         self.make_responder = responder
+        self.family_of = family_of
         self._by_id = {r.id: r for r in self.references}
 
     def close(self) -> None:
@@ -574,14 +586,13 @@ class RefedRun:
             ref = self._by_id[c["reference_id"]]
             initial = responses[r["id"]]["response"]
             changed += initial != r["response"]
-            task = parse_instruction(c["instruction"])
             rows.append(
                 {
                     "id": r["id"],
                     "reference_id": ref.id,
                     "reference_instruction": ref.instruction,
                     "feature": c["feature"],
-                    "family": task.family if task else None,
+                    "family": self.family_of(c["instruction"]) if self.family_of else None,
                     "instruction": c["instruction"],
                     "response": r["response"],
                     "initial_response": initial,
@@ -733,10 +744,12 @@ class LLMTeacher:
 
 
 def make_teacher(config: RefedConfig) -> Teacher:
-    if config.teacher == "world":
-        from flywheel.world.teacher import WorldTeacher
-
-        return WorldTeacher(seed=config.seed)
+    """The LLM teacher of `config`; a programmatic teacher is built by its caller."""
+    if config.teacher != "llm":
+        raise ValueError(
+            f"teacher: {config.teacher!r} is not built here; build that teacher and pass it "
+            "to RefedRun, or use teacher 'llm' with a teacher_backend"
+        )
     from flywheel.llm import make_backend
 
     return LLMTeacher(
