@@ -13,7 +13,6 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from flywheel.flows import decode
 from flywheel.flows.decode import (
     CollabParams,
     CoLLMParams,
@@ -22,6 +21,7 @@ from flywheel.flows.decode import (
     collab_flow,
     hybrid_flow,
 )
+from flywheel.flows.decode import hybrid as hybrid_flow_module
 from flywheel.llm import BackendSpec
 from flywheel.store import (
     ModelNotRegistered,
@@ -172,7 +172,7 @@ def test_collab_flow_keeps_failed_calls_with_their_raw_text(prefect_api, world_m
 def test_a_killed_decoding_resumes_without_losing_or_duplicating_rows(
     prefect_api, world_models, data_dir, monkeypatch
 ):
-    real = decode.hybrid_decode
+    real = hybrid_flow_module.hybrid_decode
     calls = []
 
     def dies_on_the_third_chunk(*args, **kwargs):
@@ -181,12 +181,13 @@ def test_a_killed_decoding_resumes_without_losing_or_duplicating_rows(
             raise KeyboardInterrupt("killed")  # like a SIGINT halfway
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "hybrid_decode", dies_on_the_third_chunk)
+    monkeypatch.setattr(hybrid_flow_module, "hybrid_decode", dies_on_the_third_chunk)
     params = hybrid_params(world_models, world_prompts=30, batch_size=8, baselines=False)
     with pytest.raises(BaseException, match="killed"):
         hybrid_flow(params)
     assert "decoded_hybrid" not in list_datasets()
-    monkeypatch.setattr(decode, "hybrid_decode", lambda *a, **k: calls.append(0) or real(*a, **k))
+    counting = lambda *a, **k: calls.append(0) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(hybrid_flow_module, "hybrid_decode", counting)
     hybrid_flow(params)
     # chunks 1-2 were kept; chunks 3-4 (8 + 6 prompts) were decoded on the re-run
     assert calls == [8, 8, 8, 0, 0]
