@@ -144,8 +144,8 @@ def co_llm_seed(
         train_co_llm,
     )
     from flywheel.decoders.stepping import CausalLM
+    from flywheel.llm.training import train_causal_lm
     from flywheel.world.tasks import check
-    from flywheel.world.training import train_causal_lm
 
     test, val = splits["test"], splits["val"]
     examples = [(t.prompt, t.answer) for t in splits["train"]]

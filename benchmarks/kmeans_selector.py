@@ -34,15 +34,29 @@ def accuracy(tasks: list, outputs: list[str]) -> float:
     return sum(check(t, o) for t, o in zip(tasks, outputs, strict=True)) / len(tasks)
 
 
+def world_scorer(tasks: list):
+    """The world's checker as a selector-evaluation scorer (prompts name their task)."""
+    from flywheel.world.tasks import check
+
+    by_prompt = {t.prompt: t for t in tasks}
+
+    def score(prompts, outputs, answers) -> list[float]:
+        return [check(by_prompt[p], o) for p, o in zip(prompts, outputs, strict=True)]
+
+    return score
+
+
 def one_seed(seed: int, base: Path, work: Path, args: argparse.Namespace) -> dict:
     from peft import PeftModel
 
     from flywheel.selectors import (
         AdapterLibrary,
         AdaptersSelector,
+        EvalSet,
         LoraTraining,
         PromptEmbedder,
         SelectorConfig,
+        evaluate_selectors,
         generate_greedy,
         load_base,
         routing_accuracy,
@@ -123,16 +137,6 @@ def one_seed(seed: int, base: Path, work: Path, args: argparse.Namespace) -> dic
                     systems[(kind, selection)] = system
 
     # task accuracy: routed adapters vs base, multi-task adapter and oracle routing
-    task = {}
-    for (kind, selection), system in systems.items():
-        gen = system.generator()
-        task[f"routed {kind}/{selection}"] = accuracy(
-            old, gen.generate(old_prompts, max_new_tokens=max_new)
-        )
-    task["oracle routing"] = accuracy(
-        old, gen.generate(old_prompts, max_new_tokens=max_new, routes=old_truth)
-    )
-    task["base model"] = accuracy(old, gen.generate_base(old_prompts, max_new_tokens=max_new))
     model, tok = load_base(base)
     multitask = None
     for slug in MULTITASK.values():
@@ -143,24 +147,31 @@ def one_seed(seed: int, base: Path, work: Path, args: argparse.Namespace) -> dic
             multitask.load_adapter(path, adapter_name=slug)
     assert multitask is not None
     multitask.eval()
-    for name, slug in MULTITASK.items():
-        multitask.set_adapter(slug)
-        task[name] = accuracy(old, generate_greedy(multitask, tok, old_prompts, max_new))
-    per_family = {}
-    for family in families:
-        fam = [t for t in old if t.family == family]
-        fp = [t.prompt for t in fam]
-        per_family[family] = {
-            "base": accuracy(fam, gen.generate_base(fp, max_new_tokens=max_new)),
-            "own adapter": accuracy(
-                fam, gen.generate(fp, max_new_tokens=max_new, routes=[family] * len(fp))
-            ),
-        }
-        for name, slug in MULTITASK.items():
+
+    def baseline(slug: str):
+        def generate(prompts: list[str]) -> list[str]:
             multitask.set_adapter(slug)
-            per_family[family][name] = accuracy(fam, generate_greedy(multitask, tok, fp, max_new))
-    out["task_accuracy"] = task
-    out["per_family"] = per_family
+            return generate_greedy(multitask, tok, prompts, max_new)
+
+        return generate
+
+    result = evaluate_selectors(
+        {f"{kind}/{selection}": system for (kind, selection), system in systems.items()},
+        EvalSet(old_prompts, old_truth, [t.answer for t in old]),
+        world_scorer(old),
+        max_new_tokens=max_new,
+        baselines={name: baseline(slug) for name, slug in MULTITASK.items()},
+    )
+    by_family = result["task_accuracy_by_task"]
+    out["task_accuracy"] = result["task_accuracy"]
+    out["per_family"] = {
+        family: {
+            "base": by_family["base model"][family],
+            "own adapter": by_family["oracle routing"][family],
+            **{name: by_family[name][family] for name in MULTITASK},
+        }
+        for family in families
+    }
 
     # add the sixth adapter by updating the selector only
     all_tasks = old + new

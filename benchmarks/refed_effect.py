@@ -49,11 +49,12 @@ def run_refed(
     references: list, large: Path, seed: int, workdir: Path, per_feature: int
 ) -> tuple[list[dict], dict]:
     """REFED over the references with the world teacher; (synthesized rows, stats)."""
+    from flywheel.flows.synth import WorldRefedConfig
     from flywheel.llm import BackendSpec, make_backend
-    from flywheel.synthesis.refed import RefedConfig, RefedRun
+    from flywheel.synthesis.refed import RefedRun
     from flywheel.world.teacher import WorldTeacher
 
-    config = RefedConfig(
+    config = WorldRefedConfig(
         samples_per_feature=per_feature, responder=BackendSpec(model=str(large)), seed=seed
     )
     run = RefedRun(
@@ -79,9 +80,9 @@ def train_and_evaluate(
     `seed` when init is None) and evaluate it on `tasks`."""
     from transformers import AutoModelForCausalLM
 
+    from flywheel.llm.training import train_causal_lm
     from flywheel.world.bootstrap import evaluate_model
     from flywheel.world.models import char_tokenizer, new_tiny_model, save_tiny
-    from flywheel.world.training import train_causal_lm
 
     model = (
         AutoModelForCausalLM.from_pretrained(init) if init else new_tiny_model("small", seed=seed)

@@ -57,9 +57,9 @@ def base(world_models: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """
     from transformers import AutoModelForCausalLM
 
+    from flywheel.llm.training import train_causal_lm
     from flywheel.world.bootstrap import world_example
     from flywheel.world.models import char_tokenizer, save_tiny
-    from flywheel.world.training import train_causal_lm
 
     model = AutoModelForCausalLM.from_pretrained(world_models / "world-small")
     train_causal_lm(model, char_tokenizer(), world_example, steps=500, batch_size=32, lr=3e-3)

@@ -11,6 +11,14 @@ from flywheel.selectors.adapters import (
     load_base,
     train_lora,
 )
+from flywheel.selectors.evaluation import (
+    SCORERS,
+    EvalSet,
+    Scorer,
+    evaluate_selectors,
+    exact_match,
+    rouge_l_f,
+)
 from flywheel.selectors.kmeans import (
     AdaptersSelector,
     HeadSelector,
@@ -29,16 +37,21 @@ from flywheel.selectors.kmeans import (
 )
 
 __all__ = [
+    "SCORERS",
     "AdapterLibrary",
     "AdaptersSelector",
+    "EvalSet",
     "HeadSelector",
     "LoraSelector",
     "LoraTraining",
     "PromptEmbedder",
     "RoutedGenerator",
+    "Scorer",
     "Selector",
     "SelectorConfig",
     "SelectorInputError",
+    "evaluate_selectors",
+    "exact_match",
     "folder_digest",
     "generate_greedy",
     "kmeans_select",
@@ -46,6 +59,7 @@ __all__ = [
     "load_selector",
     "new_selector",
     "random_select",
+    "rouge_l_f",
     "routing_accuracy",
     "select_samples",
     "selector_config",

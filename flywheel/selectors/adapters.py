@@ -52,7 +52,7 @@ def check_adapter_name(name: str, field: str = "name") -> str:
 
 
 class LoraTraining(BaseModel):
-    """How one LoRA adapter is trained (the short loop of `world.training`)."""
+    """How one LoRA adapter is trained (the short loop of `flywheel.llm.training`)."""
 
     rank: int = Field(8, ge=1, description="LoRA rank r")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: 2 * rank")
@@ -75,8 +75,8 @@ def load_base(base_model: str | Path) -> tuple[Any, Any]:
     folder = Path(base_model).expanduser()
     if not (folder / "config.json").exists():
         raise SelectorInputError(
-            f"base_model: no model folder at {folder}; run `flywheel world bootstrap` for "
-            "the world models, or pass a local model folder"
+            f"base_model: no model folder at {folder} (no config.json); pass the folder of a "
+            "saved causal LM (save_pretrained)"
         )
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tok.padding_side = "left"  # generation: every prompt ends at the last position
@@ -194,7 +194,7 @@ def fit_lora(
 ) -> dict:
     """Train the active LoRA of `peft_model` on (prompt, answer) pairs (loss on the answer
     and EOS only); the base weights stay frozen. Returns {"steps", "loss", "seconds"}."""
-    from flywheel.world.training import train_causal_lm
+    from flywheel.llm.training import train_causal_lm
 
     if not examples:
         raise SelectorInputError("examples: no (prompt, answer) pairs to train the adapter on")

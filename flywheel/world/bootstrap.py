@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.llm.training import train_causal_lm
 from flywheel.world.models import ModelSize, char_tokenizer, new_tiny_model, save_tiny
 from flywheel.world.tasks import (
     FAMILIES,
@@ -21,7 +22,7 @@ from flywheel.world.tasks import (
     one_shot_prompt,
     sample_tasks,
 )
-from flywheel.world.training import accuracy_by_family, train_causal_lm
+from flywheel.world.training import accuracy_by_family
 
 log = logging.getLogger(__name__)
 
