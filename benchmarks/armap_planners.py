@@ -57,7 +57,6 @@ def one_seed(
         train_reward_model,
     )
     from flywheel.reward_models.planners import (
-        EnvScoreOracle,
         best_of_n,
         evaluate,
         mcts,
@@ -66,8 +65,12 @@ def one_seed(
         reward_scores,
     )
     from flywheel.store import Checkpoint
-    from flywheel.synthesis.armap import ArmapConfig, ShopAgent, synthesize_triplets
+    from flywheel.synthesis.armap import ArmapConfig, synthesize_triplets
     from flywheel.world.shop_agent import held_out_intents
+    from flywheel.world.shop_env import EnvScoreOracle, ShopAgent, ShopEnvironment
+
+    def shop(c: ArmapConfig) -> ShopEnvironment:
+        return ShopEnvironment.from_settings(c.catalog_size, c.catalog_seed, c.price_slack)
 
     out: dict = {}
     with TransformersBackend(agent_path, batch_size=256) as backend:
@@ -80,7 +83,9 @@ def one_seed(
             catalog_seed=seed,
         )
         checkpoint = Checkpoint(work / "checkpoints")
-        train, failures, synth = synthesize_triplets(config, None, agent, checkpoint)
+        train, failures, synth = synthesize_triplets(
+            config, None, agent, checkpoint, environment=shop(config)
+        )
         held_out_config = config.model_copy(
             update={
                 "intents": args.eval_intents,
@@ -88,7 +93,9 @@ def one_seed(
                 "catalog_seed": 10_000 + seed,
             }
         )
-        held_out, _, _ = synthesize_triplets(held_out_config, None, agent, checkpoint)
+        held_out, _, _ = synthesize_triplets(
+            held_out_config, None, agent, checkpoint, environment=shop(held_out_config)
+        )
         out["synthesis"] = {**synth, "failures": len(failures), "held_out_triplets": len(held_out)}
         print(
             f"  seed {seed}: {len(train)} triplets from {args.intents} intents "
@@ -124,6 +131,7 @@ def one_seed(
         out["reflexion_threshold"] = threshold
 
         catalog, intents = held_out_intents(args.planner_intents, seed=EVAL_CATALOG_SEED)
+        environment = ShopEnvironment(catalog)
         out["planners"] = {}
         for temperature in args.planner_temperatures:
             # every planner plans over the same policy as the baseline it is compared with
@@ -142,7 +150,7 @@ def one_seed(
                 f"best-of-{args.n}, oracle reward": (best_of_n(args.n), EnvScoreOracle()),
             }
             for name, (planner, scorer) in planners.items():
-                figures = evaluate(planner, policy, scorer, intents, catalog, seed=seed)
+                figures = evaluate(planner, policy, scorer, intents, environment, seed=seed)
                 out["planners"][f"T={temperature:g}: {name}"] = figures
                 print(
                     f"  seed {seed}: T={temperature:g}: {name}: success "
@@ -151,11 +159,13 @@ def one_seed(
                 )
         greedy = ShopAgent(backend, temperature=0.0, seed=seed)
         out["planners"]["greedy policy (reference)"] = evaluate(
-            plain(), greedy, None, intents, catalog, seed=seed
+            plain(), greedy, None, intents, environment, seed=seed
         )
         # how often the reward model ranks a successful episode above a failed one of
         # the same intent, on the planners' intents (the ranking best-of-N relies on)
-        episodes = agent.rollout([i for i in intents for _ in range(4)], catalog, seed=seed + 99)
+        episodes = agent.rollout(
+            [i for i in intents for _ in range(4)], environment, seed=seed + 99
+        )
         scores = reward_scores(reward_model, episodes)
         wins = total = 0
         for k in range(len(intents)):

@@ -10,14 +10,11 @@ from flywheel.store import Checkpoint
 from flywheel.synthesis.armap import (
     ArmapConfig,
     LLMIntentProposer,
-    ShopAgent,
     WorldIntentProposer,
     make_triplets,
-    parse_intent,
-    reward_prompt,
     synthesize_triplets,
-    trajectory_text,
 )
+from flywheel.synthesis.environment import Episode as EnvEpisode
 from flywheel.world.models import ALPHABET
 from flywheel.world.shop import MAX_STEPS, make_catalog, sample_intent
 from flywheel.world.shop_agent import (
@@ -27,8 +24,27 @@ from flywheel.world.shop_agent import (
     expert_episode,
     random_avoid,
 )
+from flywheel.world.shop_env import (
+    ShopAgent,
+    ShopEnvironment,
+    parse_intent,
+    reward_prompt,
+    trajectory_text,
+)
 
 POSITIONS = 256  # max_position_embeddings of the tiny models
+
+
+def shop(config: ArmapConfig) -> ShopEnvironment:
+    return ShopEnvironment.from_settings(
+        config.catalog_size, config.catalog_seed, config.price_slack
+    )
+
+
+def as_env_episode(episode: Episode) -> EnvEpisode:
+    """A shop agent's episode as the environment-generic one (replayed: same state)."""
+    environment = ShopEnvironment(episode.env.catalog)
+    return EnvEpisode.replay(environment, episode.intent, episode.actions, episode.avoid)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +148,14 @@ def test_config_errors_name_the_field() -> None:
 def test_refinement_makes_each_positive_exact_and_negatives_lower() -> None:
     episodes = expert_episodes(8, seed=5)
     original = episodes[0].intent
-    rows = make_triplets(0, original, episodes, [], random.Random(0), negatives_per_positive=8)
+    rows = make_triplets(
+        0,
+        original,
+        [as_env_episode(e) for e in episodes],
+        [],
+        random.Random(0),
+        negatives_per_positive=8,
+    )
     assert rows
     for row in rows:
         refined = parse_intent("buy a " + row["intent"])
@@ -145,11 +168,11 @@ def test_refinement_makes_each_positive_exact_and_negatives_lower() -> None:
 
 def test_synthesis_with_the_tiny_agent(agent: ShopAgent) -> None:
     config = ArmapConfig(intents=12, trajectories_per_intent=4, chunk_size=4, seed=1)
-    triplets, failures, figures = synthesize_triplets(config, None, agent)
+    triplets, failures, figures = synthesize_triplets(config, None, agent, environment=shop(config))
     assert failures == [] and figures["episodes"] == 48
     assert figures["bought_rate"] > 0 and len(triplets) == figures["triplets"] > 0
     assert len({t["id"] for t in triplets}) == len(triplets)
-    from flywheel.reward_models.planners import EnvScoreOracle
+    from flywheel.world.shop_env import EnvScoreOracle
 
     oracle = EnvScoreOracle()
     chosen = oracle.score([t["prompt"] for t in triplets], [t["chosen"] for t in triplets])
@@ -157,7 +180,9 @@ def test_synthesis_with_the_tiny_agent(agent: ShopAgent) -> None:
     assert all(c == 1.0 for c in chosen)
     assert all(r == t["negative_score"] < 1.0 for r, t in zip(rejected, triplets, strict=True))
     # the same seed gives the same rows
-    again, _, _ = synthesize_triplets(config, WorldIntentProposer(), agent)
+    again, _, _ = synthesize_triplets(
+        config, WorldIntentProposer(), agent, environment=shop(config)
+    )
     assert again == triplets
 
 
@@ -171,7 +196,9 @@ def test_llm_proposer_failures_keep_raw_text(agent: ShopAgent) -> None:
     ]
     proposer = LLMIntentProposer(ScriptedBackend(answers))
     config = ArmapConfig(intents=5, trajectories_per_intent=2, proposer="llm")
-    triplets, failures, figures = synthesize_triplets(config, proposer, agent)
+    triplets, failures, figures = synthesize_triplets(
+        config, proposer, agent, environment=shop(config)
+    )
     assert [f["index"] for f in failures] == [2, 3, 4] and figures["intent_failures"] == 3
     assert [f["raw"] for f in failures] == answers[2:]
     assert "unknown size 'tiny'" in failures[1]["error"]
@@ -181,18 +208,25 @@ def test_llm_proposer_failures_keep_raw_text(agent: ShopAgent) -> None:
         "large blue hat under 12",
     }
     with pytest.raises(ValueError, match="proposer"):
-        synthesize_triplets(config.model_copy(update={"proposer": "world"}), proposer, agent)
+        synthesize_triplets(
+            config.model_copy(update={"proposer": "world"}),
+            proposer,
+            agent,
+            environment=shop(config),
+        )
     with pytest.raises(ValueError, match="proposer"):
-        synthesize_triplets(config, None, agent)
+        synthesize_triplets(config, None, agent, environment=shop(config))
     # a real tiny model as the intent writer: whatever it writes is kept, never dropped
-    rows = LLMIntentProposer(agent.backend).propose(make_catalog(120), [0, 1, 2], seed=0)
+    rows = LLMIntentProposer(agent.backend).propose(
+        ShopEnvironment(make_catalog(120)), [0, 1, 2], seed=0
+    )
     assert all((r["intent"] is None) == bool(r["error"]) for r in rows)
     assert all(r["intent"] is not None or isinstance(r["raw"], str) for r in rows)
 
 
 def test_killed_synthesis_resumes_with_identical_rows(agent: ShopAgent, tmp_path: Path) -> None:
     config = ArmapConfig(intents=9, trajectories_per_intent=3, chunk_size=3, seed=2)
-    expected = synthesize_triplets(config, None, agent)[0]
+    expected = synthesize_triplets(config, None, agent, environment=shop(config))[0]
 
     class Killed(RuntimeError):
         pass
@@ -208,8 +242,8 @@ def test_killed_synthesis_resumes_with_identical_rows(agent: ShopAgent, tmp_path
     dying.calls = 0
     checkpoint = Checkpoint(tmp_path / "ckpt")
     with pytest.raises(Killed):
-        synthesize_triplets(config, None, dying, checkpoint)
-    resumed, _, _ = synthesize_triplets(config, None, agent, checkpoint)
+        synthesize_triplets(config, None, dying, checkpoint, environment=shop(config))
+    resumed, _, _ = synthesize_triplets(config, None, agent, checkpoint, environment=shop(config))
     assert resumed == expected
     assert len({t["id"] for t in resumed}) == len(resumed)
 
@@ -222,9 +256,8 @@ def test_reward_model_trains_on_triplets(agent: ShopAgent, tmp_path: Path) -> No
     )
     from flywheel.world.models import new_tiny_model, save_tiny
 
-    triplets, _, _ = synthesize_triplets(
-        ArmapConfig(intents=16, trajectories_per_intent=4, seed=3), None, agent
-    )
+    config = ArmapConfig(intents=16, trajectories_per_intent=4, seed=3)
+    triplets, _, _ = synthesize_triplets(config, None, agent, environment=shop(config))
     backbone = save_tiny(new_tiny_model("small"), tmp_path / "backbone")
     config = RewardTrainingConfig(base_model=str(backbone), max_length=256, batch_size=16)
     report = train_reward_model(triplets, triplets[:16], config, tmp_path / "rm")
@@ -238,7 +271,8 @@ def test_reward_model_trains_on_triplets(agent: ShopAgent, tmp_path: Path) -> No
 def test_max_steps_is_respected(agent: ShopAgent) -> None:
     catalog = make_catalog(120)
     intents = [sample_intent(catalog, random.Random(k)) for k in range(6)]
-    episodes = agent.rollout(intents, catalog, max_steps=2, seed=0)
+    environment = ShopEnvironment(catalog)
+    episodes = agent.rollout(intents, environment, max_steps=2, seed=0)
     assert all(len(e.actions) <= 2 and e.done for e in episodes)
     assert agent.env_steps >= sum(e.steps for e in episodes)
-    assert all(e.steps <= MAX_STEPS for e in agent.rollout(intents, catalog, seed=1))
+    assert all(e.steps <= MAX_STEPS for e in agent.rollout(intents, environment, seed=1))

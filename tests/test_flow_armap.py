@@ -24,7 +24,8 @@ from flywheel.flows.armap import (
 )
 from flywheel.llm import BackendSpec, ModelNotFound, make_backend
 from flywheel.store import Checkpoint, ModelNotRegistered, read_dataset, read_model, sql
-from flywheel.synthesis.armap import ArmapConfig, ShopAgent, synthesize_triplets
+from flywheel.synthesis.armap import ArmapConfig, synthesize_triplets
+from flywheel.world.shop_env import ShopAgent, ShopEnvironment
 
 
 def agent(world_models: Path) -> BackendSpec:
@@ -136,7 +137,12 @@ def test_armap_killed_halfway_resumes_without_losing_or_duplicating_rows(
     config = ArmapConfig.model_validate(params.model_dump(include=set(ArmapConfig.model_fields)))
     with make_backend(params.agent) as backend:
         clean = ShopAgent(backend, temperature=config.temperature, seed=config.seed)
-        expected, _, _ = synthesize_triplets(config, None, clean, Checkpoint(tmp_path / "clean"))
+        shop = ShopEnvironment.from_settings(
+            config.catalog_size, config.catalog_seed, config.price_slack
+        )
+        expected, _, _ = synthesize_triplets(
+            config, None, clean, Checkpoint(tmp_path / "clean"), environment=shop
+        )
     assert sorted(rows["id"]) == sorted(t["id"] for t in expected)
     by_id = rows.set_index("id")
     assert all(by_id.loc[t["id"], "chosen"] == t["chosen"] for t in expected)

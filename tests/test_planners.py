@@ -4,7 +4,6 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from flywheel.reward_models.planners import (
-    EnvScoreOracle,
     PlanResult,
     best_of_n,
     evaluate,
@@ -13,11 +12,19 @@ from flywheel.reward_models.planners import (
     reflexion,
     reward_scores,
 )
-from flywheel.synthesis.armap import ShopAgent, reward_prompt, trajectory_text
+from flywheel.synthesis.environment import Episode as EnvEpisode
 from flywheel.world.shop import MAX_STEPS, Intent, make_catalog, sample_intent
 from flywheel.world.shop_agent import Episode, parse_listing
+from flywheel.world.shop_env import (
+    EnvScoreOracle,
+    ShopAgent,
+    ShopEnvironment,
+    reward_prompt,
+    trajectory_text,
+)
 
 CATALOG = make_catalog(120, seed=11)
+SHOP = ShopEnvironment(CATALOG)
 INTENTS = [sample_intent(CATALOG, random.Random(k)) for k in range(24)]
 
 
@@ -51,10 +58,11 @@ def test_oracle_scores_the_env_reward() -> None:
     episode.apply("buy")
     assert episode.reward == 1.0
     nothing = Episode.replay(CATALOG, intent, ["back"] * MAX_STEPS)
-    assert reward_scores(oracle, [episode, nothing]) == [1.0, 0.0]
+    played = [EnvEpisode.replay(SHOP, intent, e.actions) for e in (episode, nothing)]
+    assert reward_scores(oracle, played) == [1.0, 0.0]
     # an ensemble's dict is read by its mean
     ensemble = type("E", (), {"score": lambda self, p, c: {"mean": [0.5] * len(p)}})()
-    assert reward_scores(ensemble, [episode]) == [0.5]
+    assert reward_scores(ensemble, played[:1]) == [0.5]
     with pytest.raises(ValueError, match="not a shop reward prompt"):
         oracle.score(["hello"], ["|bought nothing"])
     assert reward_prompt(intent).startswith("task: ")
@@ -69,7 +77,7 @@ def test_planners_stay_within_budget(agent: ShopAgent) -> None:
         (mcts(simulations=4, expand_k=2, horizon=8), 4, 4),
     ]
     for planner, episodes, rm_calls in budgets:
-        results = planner.run(agent, oracle, INTENTS[:8], CATALOG, seed=0)
+        results = planner.run(agent, oracle, INTENTS[:8], SHOP, seed=0)
         assert len(results) == 8
         for result, intent in zip(results, INTENTS[:8], strict=True):
             check_result(result, intent)
@@ -88,8 +96,7 @@ def test_best_of_n_with_an_oracle_beats_the_sampled_policy(agent: ShopAgent) -> 
     figures = {}
     for planner in (plain(), best_of_n(6)):
         figures[planner.name] = [
-            evaluate(planner, agent, EnvScoreOracle(), INTENTS, CATALOG, seed=seed)
-            for seed in (0, 1)
+            evaluate(planner, agent, EnvScoreOracle(), INTENTS, SHOP, seed=seed) for seed in (0, 1)
         ]
     for base, bon in zip(figures["plain"], figures["best_of_n"], strict=True):
         assert bon["mean_reward"] >= base["mean_reward"]
@@ -114,13 +121,13 @@ class Constant:
 
 def test_reflexion_stops_when_the_reward_model_is_satisfied(agent: ShopAgent) -> None:
     intents = INTENTS[:6]
-    happy = reflexion(trials=3, threshold=0.0).run(agent, Constant(1.0), intents, CATALOG)
+    happy = reflexion(trials=3, threshold=0.0).run(agent, Constant(1.0), intents, SHOP)
     assert all(r.episodes == 1 for r in happy)
     unhappy = Constant(-1.0)
-    retried = reflexion(trials=3, threshold=0.0).run(agent, unhappy, intents, CATALOG)
+    retried = reflexion(trials=3, threshold=0.0).run(agent, unhappy, intents, SHOP)
     assert all(r.episodes == 3 and r.rm_calls == 3 for r in retried) and unhappy.calls == 18
     # never satisfied: the best-scored attempt is executed, so with the oracle it is the max
-    best = reflexion(trials=3, threshold=2.0).run(agent, EnvScoreOracle(), intents, CATALOG)
+    best = reflexion(trials=3, threshold=2.0).run(agent, EnvScoreOracle(), intents, SHOP)
     assert all(r.score == r.reward for r in best)
 
 
@@ -134,7 +141,7 @@ def test_planner_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="expand_k"):
         mcts(expand_k=0)
     with pytest.raises(ValueError, match="intents is empty"):
-        evaluate(plain(), None, None, [], CATALOG)  # type: ignore[arg-type]
+        evaluate(plain(), None, None, [], SHOP)  # type: ignore[arg-type]
 
 
 def test_evaluate_reports_rates(agent: ShopAgent) -> None:
@@ -143,7 +150,7 @@ def test_evaluate_reports_rates(agent: ShopAgent) -> None:
         agent,
         EnvScoreOracle(),
         INTENTS[:5],
-        CATALOG,
+        SHOP,
         keep_results=True,
     )
     assert figures["intents"] == 5 and len(figures["results"]) == 5

@@ -1,18 +1,25 @@
 """`synth/armap` (ARMAP triplets, then a reward model trained on them) and the planner
 deployments `plan/best-of-n`, `plan/reflexion`, `plan/mcts`. Wiring only; the methods
-are `flywheel.synthesis.armap` and `flywheel.reward_models.planners`."""
+are `flywheel.synthesis.armap` and `flywheel.reward_models.planners`.
+
+`environment` picks one of `ENVIRONMENTS`, a fixed registry of the environments
+implemented here (`shop`, the default, and `grid`); run parameters never name code."""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 import pyarrow as pa
 from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flywheel.environments import grid as grid_module
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
@@ -28,14 +35,57 @@ from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_mo
 from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import model_name_for
 from flywheel.synthesis import armap as armap_module
-from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, ShopAgent, synthesize_triplets
+from flywheel.synthesis import environment as environment_module
+from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, synthesize_triplets
+from flywheel.synthesis.environment import Agent, Environment
 from flywheel.world import shop_agent as shop_agent_module
+from flywheel.world import shop_env as shop_env_module
 from flywheel.world.bootstrap import models_root, shop_agent_dir
 from flywheel.world.shop_agent import held_out_intents
+from flywheel.world.shop_env import ShopEnvironment
 
-SOURCE = hashlib.sha256(
-    b"".join(Path(m.__file__).read_bytes() for m in (armap_module, shop_agent_module))
-).hexdigest()
+
+@dataclass(frozen=True)
+class EnvironmentEntry:
+    """How the flows build one environment: for synthesis from ARMAP's settings, and
+    with its held-out tasks for the planners."""
+
+    build: Callable[[ArmapConfig], Environment]
+    held_out: Callable[[int], tuple[Environment, list[Any]]]
+    modules: tuple[ModuleType, ...]  # their source is part of the checkpoint key
+
+
+def _shop_held_out(n: int) -> tuple[Environment, list[Any]]:
+    catalog, intents = held_out_intents(n)
+    return ShopEnvironment(catalog), list(intents)
+
+
+def _grid_held_out(n: int) -> tuple[Environment, list[Any]]:
+    environment, tasks = grid_module.held_out_tasks(n)
+    return environment, list(tasks)
+
+
+ENVIRONMENTS: dict[str, EnvironmentEntry] = {
+    "shop": EnvironmentEntry(
+        build=lambda c: ShopEnvironment.from_settings(
+            c.catalog_size, c.catalog_seed, c.price_slack
+        ),
+        held_out=_shop_held_out,
+        modules=(shop_env_module, shop_agent_module),
+    ),
+    "grid": EnvironmentEntry(
+        build=lambda c: grid_module.GridEnvironment(),
+        held_out=_grid_held_out,
+        modules=(grid_module,),
+    ),
+}
+EnvironmentName = Literal["shop", "grid"]
+
+
+def _source(name: str) -> str:
+    modules = (armap_module, environment_module, *ENVIRONMENTS[name].modules)
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+
 
 TRIPLET_SCHEMA = pa.schema(
     [
@@ -73,7 +123,13 @@ class ArmapSynthParams(ArmapConfig):
     # 600 intents (about 6,000 triplets): with 200 the reward model stayed near 0.55-0.74
     # held-out and MCTS gained little over the plain policy (benchmarks/README.md)
     intents: int = Field(600, ge=1, description="task intents to propose")
-    agent: BackendSpec = Field(default_factory=_shop_agent_spec, description="the acting LLM")
+    environment: EnvironmentName = Field(
+        "shop", description="where the agent acts: 'shop' (the built-in world) or 'grid'"
+    )
+    agent: BackendSpec = Field(
+        default_factory=_shop_agent_spec,
+        description="the acting LLM (the default is the shop agent: give one for 'grid')",
+    )
     proposer_backend: BackendSpec | None = Field(
         None, description="LLM that proposes intents (proposer='llm')"
     )
@@ -113,7 +169,9 @@ def _workdir(params: ArmapSynthParams) -> Path:
     models = [model_fingerprint(params.agent)]
     if params.proposer_backend is not None:
         models.append(model_fingerprint(params.proposer_backend))
-    key = Checkpoint.key(config.model_dump(mode="json"), models, SOURCE)
+    key = Checkpoint.key(
+        config.model_dump(mode="json"), params.environment, models, _source(params.environment)
+    )
     return data_root() / "_work" / "armap" / key
 
 
@@ -123,15 +181,18 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
     so a killed run resumes and a repeated run reuses its versions."""
     config = ArmapConfig.model_validate(params.model_dump(include=set(ArmapConfig.model_fields)))
     ckpt = Checkpoint(_workdir(params))
+    environment = ENVIRONMENTS[params.environment].build(config)
     with make_backend(params.agent) as backend:
-        agent = ShopAgent(backend, temperature=config.temperature, seed=config.seed)
+        agent = Agent(backend, temperature=config.temperature, seed=config.seed)
         proposer = None
         if config.proposer == "llm":
             assert params.proposer_backend is not None  # checked in check-inputs
             proposer_backend = make_backend(params.proposer_backend)
             proposer = LLMIntentProposer(proposer_backend)
         try:
-            triplets, failures, figures = synthesize_triplets(config, proposer, agent, ckpt)
+            triplets, failures, figures = synthesize_triplets(
+                config, proposer, agent, ckpt, environment=environment
+            )
         finally:
             if config.proposer == "llm":
                 proposer_backend.close()
@@ -184,9 +245,13 @@ def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
             "dataset: triplets": out["triplets"],
             "dataset: failed": out["failed"],
         }
+        figures["environment"] = params.environment
         if params.train_reward_model and not out["figures"]["triplets"]:
             # nothing to learn from: say so instead of failing inside the trainer
-            figures["reward model"] = "not trained: no triplets (the agent bought nothing)"
+            figures["reward model"] = (
+                "not trained: no triplets (no trajectory fulfilled a task; the shop: "
+                "the agent bought nothing)"
+            )
         elif params.train_reward_model:
             trained = train_flow(
                 RewardTrainParams(
@@ -217,7 +282,13 @@ class PlanParams(BaseModel):
     reward_model: str = Field(
         "armap-triplets-rm", description="registered reward model (`synth/armap` trains one)"
     )
-    agent: BackendSpec = Field(default_factory=_shop_agent_spec)
+    environment: EnvironmentName = Field(
+        "shop", description="where the agent acts: 'shop' (the built-in world) or 'grid'"
+    )
+    agent: BackendSpec = Field(
+        default_factory=_shop_agent_spec,
+        description="the acting LLM (the default is the shop agent: give one for 'grid')",
+    )
     temperature: float = Field(1.0, ge=0)
     intents: int = Field(100, ge=1, description="held-out intents to plan for")
     seed: int = 0
@@ -272,15 +343,15 @@ def run_planner(
     name: str, planner: planners.Planner, params: PlanParams, rm: ModelRef, run_id: str
 ) -> dict:
     """The planner and the plain policy on the same held-out intents, same run."""
-    catalog, intents = held_out_intents(params.intents)
+    environment, intents = ENVIRONMENTS[params.environment].held_out(params.intents)
     reward_model = RewardModel(rm.path)
     with make_backend(params.agent) as backend:
-        agent = ShopAgent(backend, temperature=params.temperature, seed=params.seed)
+        agent = Agent(backend, temperature=params.temperature, seed=params.seed)
         baseline = planners.evaluate(
-            planners.plain(), agent, reward_model, intents, catalog, seed=params.seed
+            planners.plain(), agent, reward_model, intents, environment, seed=params.seed
         )
         planned = planners.evaluate(
-            planner, agent, reward_model, intents, catalog, seed=params.seed, keep_results=True
+            planner, agent, reward_model, intents, environment, seed=params.seed, keep_results=True
         )
     output = params.output or f"plan_{name.replace('-', '_')}"
     inputs: list[Any] = [rm, *model_inputs(params.agent)]
@@ -296,6 +367,7 @@ def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
         plain, planned = out["plain"], out["planner"]
         figures = {
             "reward model": f"{rm.name}@{rm.version}",
+            "environment": params.environment,
             "intents": planned["intents"],
             "budget": str(planned["budget"]),
             "success rate: plain policy": plain["success_rate"],

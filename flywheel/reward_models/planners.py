@@ -1,4 +1,4 @@
-"""Planning with a reward model on the shop (ARMAP): best-of-N, Reflexion and MCTS.
+"""Planning with a reward model in any `Environment` (ARMAP): best-of-N, Reflexion and MCTS.
 
 After "Scaling Autonomous Agents via Automatic Reward Modeling and Planning"
 (ICLR 2025): the agent proposes, a reward model trained on synthesized
@@ -9,87 +9,62 @@ lockstep, so that the agent's calls are batched:
 - `plain()`: one sampled episode per intent (the policy itself, the baseline);
 - `best_of_n(n)`: n sampled episodes, the reward model's favourite is executed;
 - `reflexion(trials, threshold)`: try; while the reward model scores the
-  attempt below `threshold`, retry with feedback in the prompt (the items that
-  failed attempts bought, marked `avoid`);
+  attempt below `threshold`, retry with feedback in the prompt
+  (`Environment.feedback` of the failed attempts; the shop: the items they
+  bought, marked `avoid`);
 - `mcts(simulations, c_uct, horizon, expand_k)`: UCT over action sequences;
   a node is expanded with k actions sampled from the agent, a simulation is
   finished by the agent, and its value is the reward model's score.
 
 The reward model is anything with `score(prompts, completions)` returning one
 float per pair (a `RewardModel`; an `EnsembleRewardModel`'s dict is read by its
-"mean"). `EnvScoreOracle` is the env's true score behind the same interface.
-`evaluate` reports mean env reward, success rate, and env steps, agent calls
-and reward-model calls per intent.
+"mean"). The shop's true score behind the same interface is
+`flywheel.world.shop_env.EnvScoreOracle`. `evaluate` reports mean env reward,
+success rate, and env steps, agent calls and reward-model calls per intent.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from flywheel.synthesis.armap import ShopAgent, reward_prompt, trajectory_text
-from flywheel.world.shop import MAX_STEPS, Intent, Item
-from flywheel.world.shop_agent import Episode, intent_words, step_seed
+from flywheel.synthesis.environment import (
+    MAX_STEPS,
+    Agent,
+    Environment,
+    Episode,
+    RewardScorer,
+    reward_prompt,
+    step_seed,
+)
+
+Scorer = RewardScorer  # the name planners used before
 
 
-class Scorer(Protocol):
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Any: ...
-
-
-def reward_scores(scorer: Scorer, episodes: Sequence[Episode]) -> list[float]:
+def reward_scores(scorer: RewardScorer, episodes: Sequence[Episode]) -> list[float]:
     """The scorer's reward for each episode's trajectory text given its intent."""
     if not episodes:
         return []
     out = scorer.score(
-        [reward_prompt(e.intent) for e in episodes], [trajectory_text(e) for e in episodes]
+        [reward_prompt(e.task_text) for e in episodes], [e.trajectory_text() for e in episodes]
     )
     if isinstance(out, dict):  # an ensemble: plan with the members' mean
         out = out["mean"]
     return [float(x) for x in out]
 
 
-_TASK = re.compile(r"task: (\w+) (\w+) (\w+) under (\d+)")
-_BOUGHT = re.compile(r"\|bought (\w+) (\w+) (\w+) (\d+)$")
-
-
-class EnvScoreOracle:
-    """The env's true reward behind the reward-model interface (an upper bound to planning).
-
-    Reads the intent from the prompt and the bought item from the trajectory
-    text, and returns `Intent.score` of that item (0 when nothing was bought).
-    """
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        out = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            task = _TASK.match(prompt)
-            if task is None:
-                raise ValueError(f"not a shop reward prompt: {prompt!r}")
-            size, color, category, price = task.groups()
-            intent = Intent(category, color, size, int(price))
-            bought = _BOUGHT.search(completion)
-            if bought is None:
-                out.append(0.0)
-                continue
-            b_size, b_color, b_category, b_price = bought.groups()
-            out.append(intent.score(Item("", b_category, b_color, b_size, int(b_price))))
-        return out
-
-
 @dataclass
 class PlanResult:
     """What a planner executed for one intent, and what it spent to choose it."""
 
-    intent: Intent
-    reward: float  # Intent.score of the bought item (the env's reward)
+    intent: Any  # the environment's task, as given
+    intent_text: str  # the task in words
+    reward: float  # the environment's score of the executed episode
     success: bool  # reward == 1.0
     env_steps: int  # every env step taken, simulations and replays included
     model_calls: int  # actions the agent generated
@@ -101,7 +76,7 @@ class PlanResult:
 
     def as_dict(self) -> dict[str, Any]:
         row = asdict(self)
-        row["intent"] = intent_words(self.intent)
+        row["intent"] = row.pop("intent_text")
         return row
 
 
@@ -115,7 +90,8 @@ def _result(
     score: float | None,
 ) -> PlanResult:
     return PlanResult(
-        intent=episode.intent,
+        intent=episode.task,
+        intent_text=episode.task_text,
         reward=episode.reward,
         success=episode.reward == 1.0,
         env_steps=env_steps,
@@ -123,7 +99,7 @@ def _result(
         rm_calls=rm_calls,
         episodes=episodes,
         actions=list(episode.actions),
-        trajectory=trajectory_text(episode),
+        trajectory=episode.trajectory_text(),
         score=score,
     )
 
@@ -143,10 +119,10 @@ class Planner(ABC):
     @abstractmethod
     def run(
         self,
-        agent: ShopAgent,
-        reward_model: Scorer | None,
-        intents: Sequence[Intent],
-        catalog: list[Item],
+        agent: Agent,
+        reward_model: RewardScorer | None,
+        intents: Sequence[Any],
+        environment: Environment,
         seed: int = 0,
     ) -> list[PlanResult]:
         """Plan and execute one fresh episode per intent; results in intent order."""
@@ -162,13 +138,13 @@ class Plain(Planner):
 
     def run(
         self,
-        agent: ShopAgent,
-        reward_model: Scorer | None,
-        intents: Sequence[Intent],
-        catalog: list[Item],
+        agent: Agent,
+        reward_model: RewardScorer | None,
+        intents: Sequence[Any],
+        environment: Environment,
         seed: int = 0,
     ) -> list[PlanResult]:
-        episodes = agent.rollout(intents, catalog, seed=seed)
+        episodes = agent.rollout(intents, environment, seed=seed)
         return [
             _result(
                 e, env_steps=e.steps, model_calls=len(e.actions), rm_calls=0, episodes=1, score=None
@@ -191,16 +167,16 @@ class BestOfN(Planner):
 
     def run(
         self,
-        agent: ShopAgent,
-        reward_model: Scorer | None,
-        intents: Sequence[Intent],
-        catalog: list[Item],
+        agent: Agent,
+        reward_model: RewardScorer | None,
+        intents: Sequence[Any],
+        environment: Environment,
         seed: int = 0,
     ) -> list[PlanResult]:
         if reward_model is None:
             raise ValueError("best_of_n needs a reward model")
         n = self.n
-        episodes = agent.rollout([i for i in intents for _ in range(n)], catalog, seed=seed)
+        episodes = agent.rollout([i for i in intents for _ in range(n)], environment, seed=seed)
         scores = reward_scores(reward_model, episodes)
         out = []
         for k in range(len(intents)):
@@ -222,8 +198,9 @@ class BestOfN(Planner):
 class Reflexion(Planner):
     """Attempt, judge with the reward model, retry with feedback while below threshold.
 
-    The feedback is the list of items that failed attempts bought: the retry's
-    prompt marks them `avoid` (the agent was trained on such prompts). When
+    The feedback is what failed attempts' `Environment.feedback` named (the
+    shop: the items they bought, which the retry's prompt marks `avoid`; the
+    shop agent was trained on such prompts). When
     every trial stays below the threshold, `final="best"` executes the attempt
     the reward model scored highest (it has scored them all already, and the
     last attempt is not better by construction); `final="last"` the last one.
@@ -244,10 +221,10 @@ class Reflexion(Planner):
 
     def run(
         self,
-        agent: ShopAgent,
-        reward_model: Scorer | None,
-        intents: Sequence[Intent],
-        catalog: list[Item],
+        agent: Agent,
+        reward_model: RewardScorer | None,
+        intents: Sequence[Any],
+        environment: Environment,
         seed: int = 0,
     ) -> list[PlanResult]:
         if reward_model is None:
@@ -260,8 +237,8 @@ class Reflexion(Planner):
                 break
             episodes = agent.rollout(
                 [intents[i] for i in pending],
-                catalog,
-                avoid=[avoid[i] for i in pending],
+                environment,
+                feedback=[avoid[i] for i in pending],
                 seed=step_seed(seed, 1000 + trial),
             )
             still = []
@@ -271,8 +248,9 @@ class Reflexion(Planner):
                 attempts[i].append((episode, score))
                 if score >= self.threshold:
                     continue
-                if episode.bought is not None and episode.bought.id not in avoid[i]:
-                    avoid[i].append(episode.bought.id)
+                feedback = episode.env.feedback()
+                if feedback is not None and feedback not in avoid[i]:
+                    avoid[i].append(feedback)
                 still.append(i)
             pending = still
         out = []
@@ -310,7 +288,7 @@ class _Node:
 
 @dataclass
 class _Tree:
-    intent: Intent
+    intent: Any
     root: _Node = field(default_factory=lambda: _Node(actions=()))
     env_steps: int = 0
     model_calls: int = 0
@@ -374,10 +352,10 @@ class MCTS(Planner):
 
     def run(
         self,
-        agent: ShopAgent,
-        reward_model: Scorer | None,
-        intents: Sequence[Intent],
-        catalog: list[Item],
+        agent: Agent,
+        reward_model: RewardScorer | None,
+        intents: Sequence[Any],
+        environment: Environment,
         seed: int = 0,
     ) -> list[PlanResult]:
         if reward_model is None:
@@ -392,7 +370,7 @@ class MCTS(Planner):
                 if leaf.expanded or leaf.terminal:
                     continue
                 state = Episode.replay(
-                    catalog, trees[k].intent, leaf.actions, max_steps=self.horizon
+                    environment, trees[k].intent, leaf.actions, max_steps=self.horizon
                 )
                 leaf.expanded = True
                 if state.done:
@@ -418,7 +396,7 @@ class MCTS(Planner):
                     known.append(k)
                 else:
                     runs[k] = Episode.replay(
-                        catalog, trees[k].intent, leaf.actions, max_steps=self.horizon
+                        environment, trees[k].intent, leaf.actions, max_steps=self.horizon
                     )
             for k, episode in runs.items():
                 if episode.done:
@@ -438,7 +416,7 @@ class MCTS(Planner):
             for k in known:
                 value, actions = leaves[k].best  # type: ignore[misc]
                 self._backup(leaves[k], value, actions)
-        return [self._execute(tree, catalog) for tree in trees]
+        return [self._execute(tree, environment) for tree in trees]
 
     @staticmethod
     def _backup(leaf: _Node, value: float, actions: tuple[str, ...]) -> None:
@@ -450,7 +428,7 @@ class MCTS(Planner):
                 node.best = (value, actions)
             node = node.parent
 
-    def _execute(self, tree: _Tree, catalog: list[Item]) -> PlanResult:
+    def _execute(self, tree: _Tree, environment: Environment) -> PlanResult:
         node = tree.root
         while node.children:
             visited = [c for c in node.children.values() if c.visits]
@@ -459,7 +437,7 @@ class MCTS(Planner):
             node = max(visited, key=lambda c: (c.visits, c.mean))
         assert node.best is not None, "every simulated path has a finished trajectory"
         score, actions = node.best
-        episode = Episode.replay(catalog, tree.intent, actions, max_steps=self.horizon)
+        episode = Episode.replay(environment, tree.intent, actions, max_steps=self.horizon)
         return _result(
             episode,
             env_steps=tree.env_steps,
@@ -493,10 +471,10 @@ def mcts(
 
 def evaluate(
     planner: Planner,
-    agent: ShopAgent,
-    reward_model: Scorer | None,
-    intents: Sequence[Intent],
-    catalog: list[Item],
+    agent: Agent,
+    reward_model: RewardScorer | None,
+    intents: Sequence[Any],
+    environment: Environment,
     *,
     seed: int = 0,
     keep_results: bool = False,
@@ -505,7 +483,7 @@ def evaluate(
     if not intents:
         raise ValueError("intents is empty: nothing to evaluate")
     started = time.monotonic()
-    results = planner.run(agent, reward_model, intents, catalog, seed=seed)
+    results = planner.run(agent, reward_model, intents, environment, seed=seed)
     n = len(results)
     figures: dict[str, Any] = {
         "planner": planner.name,
