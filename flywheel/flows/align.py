@@ -9,7 +9,6 @@ import hashlib
 import json
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -29,9 +28,8 @@ from flywheel.flows.tracking import (
     earlier_model,
     length_figures,
     model_inputs,
+    recorded_run,
     reuse_or_write,
-    summary_artifact,
-    tracked_run,
     training_key,
     write_once,
 )
@@ -277,23 +275,22 @@ GROUP_ROBUST_FLOW_DEFAULTS = GroupRobustParams()
 @flow(name="align")
 def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) -> dict:
     """Group robust preference optimisation (GR-DPO/GR-IPO) against plain DPO/IPO."""
-    started = time.monotonic()
-    with tracked_run("align/group-robust", params.model_dump(mode="json")) as run_id:
+    with recorded_run("align/group-robust", "Group robust preference optimisation", params) as run:
         data = check_inputs(params)
-        model = train(params, data, run_id)
+        model = train(params, data, run.id)
         evaluation, _ = write_once(
             params.evaluation_dataset,
             evaluation_rows(model),
             # one evaluation per model version: a re-run of the same version reuses it
             version=f"{model.name}_{model.version}".replace("-", "_"),
-            produced_by=run_id,
+            produced_by=run.id,
             inputs=[model],
         )
         metrics = model.meta["metrics"]
         held = metrics["held_out"]
         figures = {
             "model": f"{model.name}@{model.version}",
-            "reused earlier version": model.meta["produced_by"] != run_id,
+            "reused earlier version": model.meta["produced_by"] != run.id,
             "evaluation": f"{evaluation.name}@{evaluation.version}",
             "train pairs per group": json.dumps(data["reports"]["train"]["group_sizes"]),
             f"{params.method} worst group": held["worst_group"],
@@ -313,7 +310,6 @@ def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) ->
                 "steps/s ratio (robust / plain)": metrics["steps_per_second"]
                 / baseline["steps_per_second"],
             }
-        figures["seconds"] = round(time.monotonic() - started, 2)
         lines = [
             "| method | group | pairs | accuracy | loss | weight |",
             "|---|---|---|---|---|---|",
@@ -327,7 +323,5 @@ def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) ->
         extra = "## Held-out pairs per group\n\n" + "\n".join(lines)
         extra += "\n\n## Group weights and losses over training\n\n"
         extra += _history_markdown(Path(model.path))
-        summary_artifact(
-            "align-group-robust", "Group robust preference optimisation", figures, extra
-        )
+        run.summary(figures, extra)
         return {"model": model.model_dump(), "figures": figures}

@@ -9,7 +9,6 @@ next run finds the labeled file, checks it against the queue and refines the ens
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +21,7 @@ from flywheel.flows.tracking import (
     MODEL_CALLS,
     length_figures,
     model_inputs,
-    summary_artifact,
-    tracked_run,
+    recorded_run,
     write_once,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
@@ -390,8 +388,7 @@ RELABEL_DEFAULTS = RelabelParams()
 def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
     """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
     the validation set, then refine the ensemble on them."""
-    started = time.monotonic()
-    with tracked_run("reward/relabel", params.model_dump(mode="json")) as run_id:
+    with recorded_run("reward/relabel", "UGDA relabeling", params) as run:
         ensemble = check_inputs(params)
         ckpt = _workdir(params, ensemble)
         names = ["candidates", "labeled", "failed", "model"]
@@ -403,7 +400,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             path = params.labels_path()
             if not path.exists():
                 figures["status"] = f"waiting for labels of {queue.name}@{queue.version} at {path}"
-                summary_artifact("reward-relabel", "UGDA relabeling", figures)
+                run.summary(figures)
                 return {"status": "waiting", "queue": f"{queue.name}@{queue.version}"}
             labeled, not_used = read_labels(path, queue)
             failures: list[dict] = []
@@ -424,7 +421,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
                 params.candidates_dataset,
                 rows,
                 planned["candidates"],
-                run_id,
+                run.id,
                 [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)],
                 CANDIDATE_SCHEMA,
             )
@@ -444,13 +441,13 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
                     {k: r[k] for k in ("id", "prompt", "response_a", "response_b")}
                     for r in selected
                 ]
-                queued = write_queue(pairs, params.queue, produced_by=run_id, inputs=[candidates])
+                queued = write_queue(pairs, params.queue, produced_by=run.id, inputs=[candidates])
                 figures["status"] = (
                     f"queued {len(pairs)} pairs as {queued.name}@{queued.version}; label them "
                     f"(columns id, label = a or b) into {params.labels_path()} and run again"
                 )
                 _queues().put(f"{queued.version}-validation", validation)
-                summary_artifact("reward-relabel", "UGDA relabeling", figures)
+                run.summary(figures)
                 return {"status": "queued", "queue": f"{queued.name}@{queued.version}"}
             labeled, failures = label(params, selected)
             inputs = [candidates]
@@ -458,7 +455,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             params.labeled_dataset,
             [{k: r[k] for k in LABELED_SCHEMA.names} for r in labeled],
             planned["labeled"],
-            run_id,
+            run.id,
             inputs,
             LABELED_SCHEMA,
         )
@@ -466,7 +463,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             failed_name(params.labeled_dataset),
             [{k: str(f[k]) for k in FAILED_SCHEMA.names} for f in failures],
             planned["failed"],
-            run_id,
+            run.id,
             inputs,
             FAILED_SCHEMA,
         )
@@ -479,7 +476,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
         out: dict = {"status": "no labels", "figures": figures}
         if labeled:
             refined = refine_ensemble(
-                params, ensemble, labeled, validation, [labeled_ref], planned["model"], run_id
+                params, ensemble, labeled, validation, [labeled_ref], planned["model"], run.id
             )
             if queue is not None:
                 _queues().put(queue.version, True)
@@ -491,8 +488,7 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             # refinement reads pairs as the ensemble was trained to (its max_length)
             figures |= length_figures(refined.meta["metrics"].get("length", {}))
             out = {"status": "refined", "model": refined.model_dump(), "figures": figures}
-        figures["seconds"] = round(time.monotonic() - started, 2)
-        summary_artifact("reward-relabel", "UGDA relabeling", figures)
+        run.summary(figures)
         return out
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -19,9 +18,8 @@ from flywheel.flows.tracking import (
     earlier_model,
     length_figures,
     model_inputs,
+    recorded_run,
     reuse_or_write,
-    summary_artifact,
-    tracked_run,
     training_key,
 )
 from flywheel.llm import BackendSpec
@@ -276,10 +274,9 @@ TRAIN_FLOW_DEFAULTS = RewardTrainParams()
 @flow(name="reward")
 def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
     """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
-    started = time.monotonic()
-    with tracked_run("reward/train", params.model_dump(mode="json")) as run_id:
+    with recorded_run("reward/train", "Reward model training", params) as run:
         data = check_inputs(params)
-        model = train(params, data, run_id)
+        model = train(params, data, run.id)
         metrics = model.meta["metrics"]
         accuracy = metrics["eval_pairwise_accuracy"]
         dropped = {
@@ -290,7 +287,7 @@ def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
         figures = {
             "model": f"{model.name}@{model.version}",
             "kind": params.kind,
-            "reused earlier version": model.meta["produced_by"] != run_id,
+            "reused earlier version": model.meta["produced_by"] != run.id,
             "train pairs": data["reports"]["train"]["kept"],
             "train pairs trained": metrics.get("trained_pairs"),
             "eval pairs": data["reports"]["eval"]["kept"],
@@ -306,7 +303,6 @@ def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
                 accuracy["mean"] if params.kind == "ensemble" else None
             ),
             "train seconds": metrics["train_seconds"],
-            "seconds": round(time.monotonic() - started, 2),
         }
         figures = {k: v for k, v in figures.items() if v is not None}
         examples = "\n".join(
@@ -317,5 +313,5 @@ def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
         )
         extra = f"## Rows kept out of training\n\n{examples}\n\n" if examples else ""
         extra += _duplicates_markdown(data)
-        summary_artifact("reward-train", "Reward model training", figures, extra)
+        run.summary(figures, extra)
         return {"model": model.model_dump(), "figures": figures}

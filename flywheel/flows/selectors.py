@@ -11,14 +11,17 @@ import hashlib
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.flows.tracking import model_inputs, reuse_or_write, summary_artifact, tracked_run
+from flywheel.flows.tracking import (
+    model_inputs,
+    recorded_run,
+    reuse_or_write,
+)
 from flywheel.llm import BackendSpec, model_fingerprint
 from flywheel.llm import training as training_module
 from flywheel.selectors import adapters as adapters_module
@@ -741,8 +744,7 @@ KMEANS_SELECTOR_DEFAULTS = KmeansSelectorParams()
 @flow(name="selectors")
 def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> dict:
     """k-means LoRA adapter selector: per-task adapters, a selector on k-means samples."""
-    started = time.monotonic()
-    with tracked_run("selectors/kmeans", params.model_dump(mode="json")) as run_id:
+    with recorded_run("selectors/kmeans", "k-means adapter selector", params) as run:
         plan = check_inputs(params)
         tasks = None
         names = [params.add] if plan["mode"] == "add" else plan["tasks"]
@@ -750,11 +752,11 @@ def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> 
             library = plan["library"]  # removing changes the selector only
         else:
             tasks = task_data(params, plan, names)
-            library = train_adapters(params, plan, tasks, names, run_id)
-        selectors = train_selectors(params, plan, tasks, names, library, run_id)
-        figures = evaluate(params, plan, library, selectors, run_id)
-        selector = publish_selector(params, plan, library, selectors, figures, run_id)
-        shutil.rmtree(_workdir(run_id), ignore_errors=True)
+            library = train_adapters(params, plan, tasks, names, run.id)
+        selectors = train_selectors(params, plan, tasks, names, library, run.id)
+        figures = evaluate(params, plan, library, selectors, run.id)
+        selector = publish_selector(params, plan, library, selectors, figures, run.id)
+        shutil.rmtree(_workdir(run.id), ignore_errors=True)
         summary = {
             "mode": plan["mode"],
             "tasks": figures["tasks_dataset"],
@@ -774,9 +776,8 @@ def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> 
             },
             "held-out tasks": figures["eval_tasks"],
             "evaluation dataset": figures["dataset"],
-            "seconds": round(time.monotonic() - started, 2),
         }
-        summary_artifact("selectors-kmeans", "k-means adapter selector", summary)
+        run.summary(summary)
         return {
             "adapters": library.model_dump(),
             "selector": selector.model_dump(),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +16,8 @@ from pydantic import ConfigDict, Field, field_validator
 
 from flywheel.flows.tracking import (
     MODEL_CALLS,
+    recorded_run,
     reuse_or_write,
-    summary_artifact,
-    tracked_run,
     write_once,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
@@ -266,14 +264,13 @@ REFERENCE_DEFAULTS = ReferenceSynthParams()
 @flow(name="synth")
 def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
-    started = time.monotonic()
-    with tracked_run("synth/reference", params.model_dump(mode="json")) as run_id:
+    with recorded_run("synth/reference", "REFED synthesis", params) as run:
         refs = check_inputs(params)
         collect_feedback(params, refs)
         synthesize_instructions(params, refs)
         generate_responses(params, refs)
         refine_responses(params, refs)
-        out = write_outputs(params, refs, run_id)
+        out = write_outputs(params, refs, run.id)
         stats = out["stats"]
         figures = {
             "rows written": stats["rows"],
@@ -284,8 +281,7 @@ def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
             "responses changed by refinement": stats["refined_changed"],
             "dropped by diversity filter": stats["dropped_by_diversity"],
             "dropped by judge": stats["dropped_by_judge"],
-            "seconds": round(time.monotonic() - started, 2),
             **{f"dataset: {k}": v for k, v in out["datasets"].items()},
         }
-        summary_artifact("synth-reference", "REFED synthesis", figures)
+        run.summary(figures)
         return out | {"seconds": figures["seconds"]}

@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
+from pydantic import BaseModel
 
 from flywheel.llm import BackendError, BackendSpec, ModelNotFound, model_fingerprint
 from flywheel.llm.threads import set_torch_threads
@@ -304,3 +307,29 @@ def length_figures(length: dict[str, dict]) -> dict[str, int | str]:
         figures[f"{split} {unit} dropped for length"] = dropped
         figures[f"{split} longest text (tokens)"] = report["longest"]
     return figures
+
+
+@dataclass
+class FlowRun:
+    """What a flow run is to its body: its id, and the summary it ends with."""
+
+    name: str  # the deployment, e.g. "decode/hybrid"
+    title: str
+    id: str
+    started: float
+
+    def summary(self, figures: dict, extra_markdown: str = "") -> dict:
+        """The run's summary artifact (`<group>-<name>`): its figures, the seconds it took,
+        then any extra markdown. Returns the figures."""
+        figures["seconds"] = round(time.monotonic() - self.started, 2)
+        summary_artifact(self.name.replace("/", "-"), self.title, figures, extra_markdown)
+        return figures
+
+
+@contextlib.contextmanager
+def recorded_run(name: str, title: str, params: BaseModel) -> Iterator[FlowRun]:
+    """What every flow does around its work: the run recorded in the catalog
+    (`tracked_run`, with the effective parameters) and timed for its summary."""
+    started = time.monotonic()
+    with tracked_run(name, params.model_dump(mode="json")) as run_id:
+        yield FlowRun(name, title, run_id, started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flywheel.flows.tracking import summary_artifact, tracked_run
+from flywheel.flows.tracking import recorded_run
 from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models, format_report, models_root
 
 
@@ -22,7 +22,7 @@ def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
     """Train world-small, world-large and shop-agent for a fixed number of steps (kept when
     already trained so; `force` retrains); a world model below its accuracy floor is not
     published and fails the run."""
-    with tracked_run("world/bootstrap", params.model_dump()):
+    with recorded_run("world/bootstrap", "World models", params) as run:
         report = train_world_models(params)
         figures = {
             f"world-{size} accuracy (all / hard; floor)": f"{m['accuracy']['all']:.2f} / "
@@ -33,5 +33,5 @@ def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
         figures |= {
             f"world-{size} steps": m["train"]["steps"] for size, m in report["models"].items()
         }
-        summary_artifact("world-bootstrap", "World models", figures, format_report(report))
+        run.summary(figures, format_report(report))
         return report

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -53,8 +52,7 @@ from flywheel.flows.tracking import (
     earlier_model,
     length_figures,
     model_inputs,
-    summary_artifact,
-    tracked_run,
+    recorded_run,
     training_key,
     write_once,
 )
@@ -377,16 +375,15 @@ CO_LLM_FLOW_DEFAULTS = CoLLMParams()
 @flow(name="decode")
 def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
     """Co-LLM: a base model that defers tokens to an assistant, eta chosen on validation."""
-    started = time.monotonic()
-    with tracked_run("decode/co-llm", params.model_dump(mode="json")) as run_id:
+    with recorded_run("decode/co-llm", "Co-LLM decoding", params) as run:
         data = check_co_llm_inputs(params)
-        model = train_pair(params, data, run_id)
-        chosen = choose_eta(params, model, data, run_id)
-        output, reused = decode_co_llm(params, model, data, chosen["eta"], run_id)
+        model = train_pair(params, data, run.id)
+        chosen = choose_eta(params, model, data, run.id)
+        output, reused = decode_co_llm(params, model, data, chosen["eta"], run.id)
         rows = output_rows(output)
         figures = {
             "model": f"{model.name}@{model.version}",
-            "reused earlier model": model.meta["produced_by"] != run_id,
+            "reused earlier model": model.meta["produced_by"] != run.id,
             "output": f"{output.name}@{output.version}",
             "reused earlier output": reused,
             "prompts": len(rows),
@@ -399,7 +396,6 @@ def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
         if params.baselines:
             alone = {"base alone": params.base_model, "assistant alone": params.assistant_model}
             figures |= alone_figures(data["rows"], alone, params)
-        figures["seconds"] = round(time.monotonic() - started, 2)
         extra = ""
         if chosen["sweep"] is not None:
             lines = [f"| eta | {params.sweep_scorer} | share deferred |", "|---|---|---|"]
@@ -414,5 +410,5 @@ def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
                 + "\n".join(lines)
                 + f"\n\nRows: dataset {chosen['sweep'].name}@{chosen['sweep'].version}."
             )
-        summary_artifact("decode-co-llm", "Co-LLM decoding", figures, extra)
+        run.summary(figures, extra)
         return {"figures": figures, "sweep": chosen.get("results")}

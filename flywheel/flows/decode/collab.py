@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,8 +37,7 @@ from flywheel.flows.tracking import (
     MODEL_CALLS,
     length_figures,
     model_inputs,
-    summary_artifact,
-    tracked_run,
+    recorded_run,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.llm.base import call_each
@@ -235,10 +233,9 @@ COLLAB_FLOW_DEFAULTS = CollabParams()
 @flow(name="decode")
 def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
-    started = time.monotonic()
-    with tracked_run("decode/collab", params.model_dump(mode="json")) as run_id:
+    with recorded_run("decode/collab", "Collab decoding", params) as run:
         data = check_collab_inputs(params)
-        output, reused, length = decode_collab(params, data, run_id)
+        output, reused, length = decode_collab(params, data, run.id)
         rows = output_rows(output)
         scored = [r["reward"] for r in rows if r["reward"] is not None]
         figures = {
@@ -261,6 +258,5 @@ def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
                 figures[f"{name} alone: mean target reward"] = figure(alone["mean reward"])
                 figures[f"{name} alone: accuracy"] = figure(alone["accuracy"])
                 figures[f"{name} alone: failed calls"] = alone["failed calls"]
-        figures["seconds"] = round(time.monotonic() - started, 2)
-        summary_artifact("decode-collab", "Collab decoding", figures)
+        run.summary(figures)
         return {"figures": figures}

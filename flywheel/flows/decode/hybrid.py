@@ -4,7 +4,6 @@ method is `flywheel.decoders.hybrid`."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import Literal
 
 import pyarrow as pa
@@ -38,8 +37,7 @@ from flywheel.flows.decode.common import (
 from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
     model_inputs,
-    summary_artifact,
-    tracked_run,
+    recorded_run,
 )
 from flywheel.llm import BackendSpec, model_fingerprint
 from flywheel.store import (
@@ -127,10 +125,9 @@ HYBRID_FLOW_DEFAULTS = HybridParams()
 @flow(name="decode")
 def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
-    started = time.monotonic()
-    with tracked_run("decode/hybrid", params.model_dump(mode="json")) as run_id:
+    with recorded_run("decode/hybrid", "Hybrid small/large token gating", params) as run:
         data = check_hybrid_inputs(params)
-        output, reused = decode_hybrid(params, data, run_id)
+        output, reused = decode_hybrid(params, data, run.id)
         rows = output_rows(output)
         figures = {
             "output": f"{output.name}@{output.version}",
@@ -144,6 +141,5 @@ def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
         if params.baselines:
             alone = {"small alone": params.small_model, "large alone": params.large_model}
             figures |= alone_figures(data["rows"], alone, params)
-        figures["seconds"] = round(time.monotonic() - started, 2)
-        summary_artifact("decode-hybrid", "Hybrid small/large token gating", figures)
+        run.summary(figures)
         return {"figures": figures}
