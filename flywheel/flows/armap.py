@@ -8,7 +8,6 @@ implemented here (`shop`, the default, and `grid`); run parameters never name co
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flo
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     model_inputs,
-    summary_artifact,
-    tracked_run,
+    recorded_run,
     write_once,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
@@ -231,10 +229,9 @@ ARMAP_DEFAULTS = ArmapSynthParams()
 @flow(name="synth")
 def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
-    started = time.monotonic()
-    with tracked_run("synth/armap", params.model_dump(mode="json")) as run_id:
+    with recorded_run("synth/armap", "ARMAP synthesis", params) as run:
         check_armap_inputs(params)
-        out = synthesize(params, run_id)
+        out = synthesize(params, run.id)
         figures = {
             "triplets": out["figures"]["triplets"],
             "intents": out["figures"]["intents"],
@@ -266,8 +263,7 @@ def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
             out["reward_model"] = trained["model"]
             figures["reward model"] = trained["figures"]["model"]
             figures["reward model held-out accuracy"] = trained["figures"]["eval pairwise accuracy"]
-        figures["seconds"] = round(time.monotonic() - started, 2)
-        summary_artifact("synth-armap", "ARMAP synthesis", figures)
+        run.summary(figures)
         return out | {"seconds": figures["seconds"]}
 
 
@@ -361,9 +357,9 @@ def run_planner(
 
 
 def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
-    with tracked_run(f"plan/{name}", params.model_dump(mode="json")) as run_id:
+    with recorded_run(f"plan/{name}", f"Planning with {name}", params) as run:
         rm = check_plan_inputs(params)
-        out = run_planner(name, planner, params, rm, run_id)
+        out = run_planner(name, planner, params, rm, run.id)
         plain, planned = out["plain"], out["planner"]
         figures = {
             "reward model": f"{rm.name}@{rm.version}",
@@ -382,7 +378,7 @@ def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
             ),
             "dataset": out["dataset"],
         }
-        summary_artifact(f"plan-{name}", f"Planning with {name}", figures)
+        run.summary(figures)
         return out
 
 
