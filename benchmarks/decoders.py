@@ -440,7 +440,7 @@ def collab_section(
 ) -> dict:
     """Each agent alone, Collab at each alpha (and with the oracle reward), best-of-N of the
     best agent at Collab's calls per prompt (seeds: its sampling seeds)."""
-    from flywheel.decoders.collab import best_of_n, collab_decode
+    from flywheel.decoders.collab import best_of_n_decode, collab_decode
     from flywheel.llm import TransformersBackend
     from flywheel.world.tasks import check
 
@@ -508,8 +508,8 @@ def collab_section(
 
         # best-of-N from each agent (the paper's baseline: the best single agent, by mean target
         # reward) at Collab's calls per prompt (mean over the alphas) rounded down and up. One
-        # run at the larger N: its first N draws are the draws of best_of_n(..., N), as draw d
-        # is seeded seed + d.
+        # run at the larger N: its first N draws are the draws of best_of_n_decode(..., N), as
+        # draw d is seeded seed + d.
         best = max(alone, key=lambda name: alone[name]["reward"])
         calls = statistics.fmean(c["model_calls"] for c in collab.values())
         ns = sorted({math.floor(calls), math.ceil(calls)})
@@ -519,7 +519,7 @@ def collab_section(
         }
         for seed in seeds:
             for name, agent in zip(AGENTS, agents, strict=True):
-                draws = best_of_n(
+                draws = best_of_n_decode(
                     agent,
                     rm.score,
                     prompts,

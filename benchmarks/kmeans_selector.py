@@ -63,7 +63,7 @@ def one_seed(seed: int, base: Path, work: Path, args: argparse.Namespace) -> dic
         select_samples,
         train_lora,
     )
-    from flywheel.world.bootstrap import EVAL_SEED, held_out_tasks
+    from flywheel.world.bootstrap import HELD_OUT_TASK_SEED, held_out_tasks
     from flywheel.world.tasks import MAX_LEN
 
     families, added = args.families, args.add
@@ -90,7 +90,7 @@ def one_seed(seed: int, base: Path, work: Path, args: argparse.Namespace) -> dic
         train_lora(base, every, work / f"{slug}-{seed}", multi)
         out["multitask_seconds"][name] = time.perf_counter() - started
 
-    held = held_out_tasks(args.eval_tasks, seed=EVAL_SEED + seed)
+    held = held_out_tasks(args.eval_tasks, seed=HELD_OUT_TASK_SEED + seed)
     old = [t for t in held if t.family in families]
     new = [t for t in held if t.family == added]
     prompts = {f: [t.prompt for t in data[f]] for f in [*families, added]}

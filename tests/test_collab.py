@@ -14,7 +14,7 @@ import pytest
 from flywheel.decoders.collab import (
     BestOfNOutput,
     CollabConfig,
-    best_of_n,
+    best_of_n_decode,
     collab_decode,
 )
 from flywheel.llm.base import Backend, BackendError, TokenLogprob
@@ -149,7 +149,7 @@ def test_agent_switches_are_recorded(agents, tmp_path: Path) -> None:
 
 def test_best_of_n_keeps_the_best_sample_and_counts_calls(agents) -> None:
     prompts = task_prompts(3, seed=3)
-    outs = best_of_n(agents[0], oracle, prompts, 4, max_new_tokens=10, temperature=1.0)
+    outs = best_of_n_decode(agents[0], oracle, prompts, 4, max_new_tokens=10, temperature=1.0)
     for out in outs:
         assert isinstance(out, BestOfNOutput)
         assert len(out.samples) == len(out.rewards) == 4
@@ -217,11 +217,11 @@ def test_bad_inputs_name_the_field() -> None:
     with pytest.raises(ValueError, match="reward: returned 0 scores"):
         collab_decode([FakeBackend()], lambda p, c: [], ["p"])
     with pytest.raises(ValueError, match="n: must be >= 1"):
-        best_of_n(FakeBackend(), constant, ["p"], 0)
+        best_of_n_decode(FakeBackend(), constant, ["p"], 0)
     with pytest.raises(ValueError, match="temperature"):
-        best_of_n(FakeBackend(), constant, ["p"], 2, temperature=0.0)
+        best_of_n_decode(FakeBackend(), constant, ["p"], 2, temperature=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        best_of_n(FakeBackend(), constant, ["p"], 2, max_new_tokens=0)
+        best_of_n_decode(FakeBackend(), constant, ["p"], 2, max_new_tokens=0)
 
 
 def test_stop_strings_and_extra_eos_tokens_end_the_text() -> None:
@@ -263,12 +263,12 @@ def test_failed_calls_are_recorded_with_their_raw_text(agents) -> None:
     assert [(f.stage, f.raw) for f in out.failures] == [("rollout", '{"choices": [oops')]
 
     # best-of-n: a failed draw is recorded and still counted as a call
-    [out] = best_of_n(FakeBackend(fail_seeds={1}), constant, ["p"], 3)
+    [out] = best_of_n_decode(FakeBackend(fail_seeds={1}), constant, ["p"], 3)
     assert out.samples == ["xy", "xy"] and out.model_calls == 3
     assert [(f.stage, f.step, f.raw) for f in out.failures] == [
         ("generate", 1, '{"choices": [oops')
     ]
-    [out] = best_of_n(FakeBackend(fail={"generate"}), constant, ["p"], 2)
+    [out] = best_of_n_decode(FakeBackend(fail={"generate"}), constant, ["p"], 2)
     assert (out.completion, out.reward, len(out.failures)) == (None, None, 2)
 
 
@@ -316,7 +316,7 @@ def test_each_prompt_keeps_its_own_failed_call_and_no_other(http_agent) -> None:
 
 
 def test_best_of_n_keeps_each_prompts_own_failed_draws(http_agent) -> None:
-    outs = best_of_n(http_agent, constant, ["q1", "q2 bad-gen", "q3"], 2, max_new_tokens=3)
+    outs = best_of_n_decode(http_agent, constant, ["q1", "q2 bad-gen", "q3"], 2, max_new_tokens=3)
     for out in (outs[0], outs[2]):
         assert out.samples == ["xy", "xy"] and out.failures == [] and out.completion == "xy"
     bad = outs[1]

@@ -17,10 +17,10 @@ from flywheel.flows.armap import (
     BestOfNParams,
     MCTSParams,
     ReflexionParams,
-    armap,
-    best_of_n,
-    mcts,
-    reflexion,
+    armap_flow,
+    best_of_n_flow,
+    mcts_flow,
+    reflexion_flow,
 )
 from flywheel.llm import BackendSpec, ModelNotFound, make_backend
 from flywheel.store import Checkpoint, ModelNotRegistered, read_dataset, read_model, sql
@@ -40,7 +40,7 @@ def test_armap_then_planners(prefect_api, world_models, data_dir):
         trajectories_per_intent=4,
         chunk_size=8,
     )
-    out = armap(params)
+    out = armap_flow(params)
     triplets = read_dataset("armap_triplets")
     assert triplets.num_rows == out["figures"]["triplets"] > 0
     rows = triplets.to_pandas()
@@ -61,14 +61,14 @@ def test_armap_then_planners(prefect_api, world_models, data_dir):
     ]
 
     # a repeated run reuses the checkpointed work and the versions written
-    again = armap(params)
+    again = armap_flow(params)
     assert again["triplets"] == out["triplets"] and again["reused_earlier_output"]
 
     common = dict(agent=agent(world_models), intents=12)
     for flow_fn, flow_params in (
-        (best_of_n, BestOfNParams(n=3, **common)),
-        (reflexion, ReflexionParams(trials=2, **common)),
-        (mcts, MCTSParams(simulations=3, expand_k=2, **common)),
+        (best_of_n_flow, BestOfNParams(n=3, **common)),
+        (reflexion_flow, ReflexionParams(trials=2, **common)),
+        (mcts_flow, MCTSParams(simulations=3, expand_k=2, **common)),
     ):
         result = flow_fn(flow_params)
         assert result["planner"]["intents"] == 12 == result["plain"]["intents"]
@@ -82,21 +82,21 @@ def test_armap_then_planners(prefect_api, world_models, data_dir):
 
 def test_bad_inputs_fail_before_work(prefect_api, world_models, data_dir):
     with pytest.raises(ModelNotFound):
-        armap(ArmapSynthParams(agent=BackendSpec(model=str(world_models / "nope"))))
+        armap_flow(ArmapSynthParams(agent=BackendSpec(model=str(world_models / "nope"))))
     with pytest.raises(ValueError, match="proposer_backend: required"):
-        armap(ArmapSynthParams(agent=agent(world_models), proposer="llm"))
+        armap_flow(ArmapSynthParams(agent=agent(world_models), proposer="llm"))
     with pytest.raises(FileNotFoundError, match="reward_base_model: no model folder"):
-        armap(ArmapSynthParams(agent=agent(world_models), reward_base_model="/nowhere"))
+        armap_flow(ArmapSynthParams(agent=agent(world_models), reward_base_model="/nowhere"))
     with pytest.raises(ModelNotRegistered, match="no registered model 'armap-triplets-rm'"):
-        best_of_n(BestOfNParams(agent=agent(world_models), intents=2))
+        best_of_n_flow(BestOfNParams(agent=agent(world_models), intents=2))
     with pytest.raises(ValueError, match="intents"):
         ArmapSynthParams(intents=0)
 
 
 KILL_SCRIPT = """
 import json, sys
-from flywheel.flows.armap import ArmapSynthParams, armap
-armap(ArmapSynthParams.model_validate(json.loads(sys.argv[1])))
+from flywheel.flows.armap import ArmapSynthParams, armap_flow
+armap_flow(ArmapSynthParams.model_validate(json.loads(sys.argv[1])))
 """
 
 
@@ -129,7 +129,7 @@ def test_armap_killed_halfway_resumes_without_losing_or_duplicating_rows(
     stage = chunks[0].parent
     assert not (stage / "_done.json").exists(), "run finished before the kill"
 
-    out = armap(params)  # same parameters: resumes from the checkpoint
+    out = armap_flow(params)  # same parameters: resumes from the checkpoint
     rows = read_dataset("armap_triplets").to_pandas()
     assert len(rows) == out["figures"]["triplets"] == rows["id"].nunique()
 

@@ -404,7 +404,7 @@ class BestOfNOutput:
     failures: list[CallFailure] = field(default_factory=list)
 
 
-def best_of_n(
+def best_of_n_decode(
     agent: Backend,
     reward: RewardFn,
     prompts: Sequence[str],

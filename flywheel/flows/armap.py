@@ -227,7 +227,7 @@ ARMAP_DEFAULTS = ArmapSynthParams()
 
 
 @flow(name="synth")
-def armap(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
+def armap_flow(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
     with recorded_run("synth/armap", "ARMAP synthesis", params) as run:
         check_armap_inputs(params)
@@ -387,7 +387,7 @@ BEST_OF_N_DEFAULTS = BestOfNParams()
 
 
 @flow(name="plan")
-def best_of_n(params: BestOfNParams = BEST_OF_N_DEFAULTS) -> dict:
+def best_of_n_flow(params: BestOfNParams = BEST_OF_N_DEFAULTS) -> dict:
     """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
     return _plan("best-of-n", planners.best_of_n(params.n), params)
 
@@ -397,7 +397,7 @@ REFLEXION_DEFAULTS = ReflexionParams()
 
 
 @flow(name="plan")
-def reflexion(params: ReflexionParams = REFLEXION_DEFAULTS) -> dict:
+def reflexion_flow(params: ReflexionParams = REFLEXION_DEFAULTS) -> dict:
     """Reflexion (reward-model feedback for a retry) vs the plain policy."""
     return _plan("reflexion", planners.reflexion(params.trials, params.threshold), params)
 
@@ -407,7 +407,7 @@ MCTS_DEFAULTS = MCTSParams()
 
 
 @flow(name="plan")
-def mcts(params: MCTSParams = MCTS_DEFAULTS) -> dict:
+def mcts_flow(params: MCTSParams = MCTS_DEFAULTS) -> dict:
     """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
     planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
     return _plan("mcts", planner, params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flywheel.flows.align import group_robust_flow
-from flywheel.flows.armap import armap, best_of_n, mcts, reflexion
+from flywheel.flows.armap import armap_flow, best_of_n_flow, mcts_flow, reflexion_flow
 from flywheel.flows.decode import co_llm_flow, collab_flow, hybrid_flow
 from flywheel.flows.relabel import relabel
 from flywheel.flows.reward import train_flow
@@ -36,12 +36,12 @@ NIGHTLY_UTC = {
 FLOWS = {
     "world/bootstrap": bootstrap,
     "synth/reference": reference,
-    "synth/armap": armap,
+    "synth/armap": armap_flow,
     "reward/train": train_flow,
     "reward/relabel": relabel,
-    "plan/best-of-n": best_of_n,
-    "plan/reflexion": reflexion,
-    "plan/mcts": mcts,
+    "plan/best-of-n": best_of_n_flow,
+    "plan/reflexion": reflexion_flow,
+    "plan/mcts": mcts_flow,
     "align/group-robust": group_robust_flow,
     "selectors/kmeans": kmeans_selector,
     "decode/co-llm": co_llm_flow,

@@ -584,7 +584,8 @@ def train_selectors(
 
 def _eval_set(params: KmeansSelectorParams, plan: dict, known: list[str]) -> tuple[EvalSet, Scorer]:
     """The held-out rows of the known tasks and the scorer: for the world, fresh held-out
-    tasks (EVAL_SEED, a seed the task data never uses) and, for exact match, its checker."""
+    tasks (HELD_OUT_TASK_SEED, a seed the task data never uses) and, for exact match, its
+    checker."""
     if plan["dataset"] is None:
         tasks = [t for t in held_out_tasks(params.eval_tasks) if t.family in known]
         data = EvalSet(

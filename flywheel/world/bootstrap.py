@@ -26,7 +26,7 @@ from flywheel.world.training import accuracy_by_family
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 10_000  # held-out tasks are drawn from a seed the training sampler never uses
+HELD_OUT_TASK_SEED = 10_000  # held-out tasks are drawn from a seed the training sampler never uses
 HARD_MIN_LEN = 6
 SHOP_AGENT = "shop-agent"
 
@@ -115,7 +115,7 @@ def world_example(rng: random.Random) -> tuple[str, str]:
     return task.prompt, task.answer
 
 
-def held_out_tasks(n: int, seed: int = EVAL_SEED) -> list[Task]:
+def held_out_tasks(n: int, seed: int = HELD_OUT_TASK_SEED) -> list[Task]:
     return sample_tasks(n, random.Random(seed))
 
 

@@ -41,7 +41,7 @@ ACTION_LIMIT = 30
 STOP = ("\n",)
 CATALOG_SIZE = 120
 # held-out intents come from catalogs whose seeds training never draws
-EVAL_SEED = 1_000_000_007
+HELD_OUT_INTENT_SEED = 1_000_000_007
 TRAIN_CATALOG_SEEDS = 1_000_000
 
 _ALLOWED = set(ALPHABET)
@@ -387,7 +387,7 @@ def expert_examples(
 # --- 4. training and evaluation ---
 
 
-def held_out_intents(n: int, seed: int = EVAL_SEED) -> tuple[list[Item], list[Intent]]:
+def held_out_intents(n: int, seed: int = HELD_OUT_INTENT_SEED) -> tuple[list[Item], list[Intent]]:
     """A catalog and n intents that training never sees."""
     catalog = make_catalog(CATALOG_SIZE, seed=seed)
     rng = random.Random(seed)
@@ -395,7 +395,10 @@ def held_out_intents(n: int, seed: int = EVAL_SEED) -> tuple[list[Item], list[In
 
 
 def evaluate_shop_agent(
-    model_path: str | Path, intents: int = 100, seed: int = EVAL_SEED, temperature: float = 1.0
+    model_path: str | Path,
+    intents: int = 100,
+    seed: int = HELD_OUT_INTENT_SEED,
+    temperature: float = 1.0,
 ) -> dict:
     """Plain success of the agent (sampled and greedy) and of the expert on held-out intents."""
     from flywheel.llm import TransformersBackend

@@ -56,8 +56,9 @@ def _world_agents() -> list[BackendSpec]:
     ]
 
 
-class CollabParams(DecodeParams):
-    """Parameters of `decode/collab`."""
+class CollabParams(DecodeParams, CollabConfig):
+    """Parameters of `decode/collab`: Collab's own (`CollabConfig`: k, rollout_len, alpha,
+    stop, eos_tokens) and the decoders' common ones, plus the agents and the reward."""
 
     agents: list[BackendSpec] = Field(
         default_factory=_world_agents, min_length=1, description="the agent policies"
@@ -68,13 +69,10 @@ class CollabParams(DecodeParams):
         f"{WORLD_REWARD!r}: the world's checker against the answer column",
     )
     reward_version: str | None = Field(None, description="null: the latest version")
+    # the world's answers are a few tokens long: fewer candidates and a rollout as long as
+    # an answer, instead of the method's defaults (5 and 16)
     k: int = Field(3, ge=1, description="tokens each agent proposes per step")
     rollout_len: int = Field(MAX_LEN + 2, ge=0, description="greedy tokens to estimate Q")
-    alpha: float = Field(0.1, ge=0, description="KL regularisation")
-    eos_tokens: list[str] = Field(
-        default_factory=list, description="extra token texts that end a text (HTTP agents)"
-    )
-    stop: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> CollabParams:
@@ -82,14 +80,7 @@ class CollabParams(DecodeParams):
         return self
 
     def config(self) -> CollabConfig:
-        return CollabConfig(
-            k=self.k,
-            rollout_len=self.rollout_len,
-            alpha=self.alpha,
-            max_new_tokens=self.max_new_tokens,
-            stop=self.stop,
-            eos_tokens=self.eos_tokens,
-        )
+        return CollabConfig.model_validate(self.model_dump(include=set(CollabConfig.model_fields)))
 
 
 # --- decode/collab ---

@@ -45,7 +45,7 @@ from flywheel.store import (
     validate_name,
 )
 from flywheel.store.datasets import new_version
-from flywheel.world.bootstrap import EVAL_SEED, model_dir, models_root
+from flywheel.world.bootstrap import HELD_OUT_TASK_SEED, model_dir, models_root
 from flywheel.world.tasks import MAX_LEN, sample_tasks
 
 WORLD_PROMPTS = "world_decode_prompts"
@@ -129,8 +129,8 @@ def prompt_rows(
     if params.prompts == WORLD_PROMPTS and params.prompts_version is None:
         ref = reuse_or_write(
             WORLD_PROMPTS,
-            f"world:seed{EVAL_SEED}_n{params.world_prompts}",
-            lambda: world_rows(params.world_prompts, EVAL_SEED),
+            f"world:seed{HELD_OUT_TASK_SEED}_n{params.world_prompts}",
+            lambda: world_rows(params.world_prompts, HELD_OUT_TASK_SEED),
         )
     else:
         ref = read_dataset(params.prompts, params.prompts_version)
