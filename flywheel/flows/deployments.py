@@ -32,7 +32,7 @@ NIGHTLY_UTC = {
 }
 
 
-# `<flow>/<deployment>` names as in DESIGN.md
+# `<flow>/<deployment>` names: `prefect deployment run synth/reference` starts one by hand
 FLOWS = {
     "world/bootstrap": bootstrap,
     "synth/reference": reference,

@@ -21,7 +21,7 @@ ALPHABET = string.ascii_lowercase + string.digits + " :=,.?!-_>|/()[]{}'\"#+*\n"
 
 ModelSize = Literal["small", "large"]
 
-# small is about 0.1M parameters, large about 1M (DESIGN.md: the embedded world).
+# small is about 0.1M parameters, large about 1M (docs/world.md).
 SIZES: dict[str, dict[str, int]] = {
     "small": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
