@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from flywheel.decoders.stepping import (
@@ -509,6 +510,32 @@ def train_marginal(
     )
     model.eval()
     return stats
+
+
+class CoLLMTraining(BaseModel):
+    """How `train_co_llm` trains, stated once for flows and scripts (`train_kwargs()`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init_steps: int = Field(200, ge=0, description="weak-supervision steps of the head")
+    steps: int = Field(300, ge=1, description="marginal-likelihood steps, base and head")
+    train_batch_size: int = Field(32, ge=1, description="examples per training step")
+    head_lr: float = Field(1e-2, gt=0)
+    lr: float = Field(1e-4, gt=0, description="base and head, marginal likelihood")
+    prompt_format: PromptFormat = "auto"
+    max_length: int | None = Field(
+        None, ge=8, description="tokens per training example; null: the base model's context"
+    )
+    over_length: OverLength = Field(
+        "truncate", description="a longer training example: cut or leave out; counted"
+    )
+    seed: int = 0
+
+    def train_kwargs(self) -> dict:
+        """These settings as `train_co_llm` keywords."""
+        settings = self.model_dump(include=set(CoLLMTraining.model_fields))
+        settings["batch_size"] = settings.pop("train_batch_size")
+        return settings
 
 
 def train_co_llm(

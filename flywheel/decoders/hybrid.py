@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.decoders.stepping import (
     CausalLM,
@@ -63,6 +64,26 @@ def uncertain(logits: torch.Tensor, measure: Measure, threshold: float) -> torch
         entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
         return entropy > threshold
     return logp.max(-1).values.exp() < threshold
+
+
+class HybridConfig(BaseModel):
+    """The gate: which uncertainty measure, and the threshold past which the small model's
+    token goes to the large model instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    measure: Measure = "entropy"
+    threshold: float = Field(
+        0.5,
+        ge=0,
+        description="entropy: send when above it (nats); max_prob: send when the top "
+        "probability is below it (0..1)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> HybridConfig:
+        check_threshold(self.measure, self.threshold)
+        return self
 
 
 @torch.inference_mode()

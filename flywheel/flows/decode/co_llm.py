@@ -17,7 +17,13 @@ from pydantic import Field, field_validator, model_validator
 
 from flywheel.decoders import co_llm as co_llm_module
 from flywheel.decoders import stepping
-from flywheel.decoders.co_llm import CoLLM, co_llm_decode, sweep_eta, train_co_llm
+from flywheel.decoders.co_llm import (
+    CoLLM,
+    CoLLMTraining,
+    co_llm_decode,
+    sweep_eta,
+    train_co_llm,
+)
 from flywheel.decoders.stepping import (
     CausalLM,
 )
@@ -71,8 +77,9 @@ from flywheel.store.models import validate_model_name
 log = logging.getLogger(__name__)
 
 
-class CoLLMParams(DecodeParams):
-    """Parameters of `decode/co-llm`."""
+class CoLLMParams(DecodeParams, CoLLMTraining):
+    """Parameters of `decode/co-llm`: how the pair trains (`CoLLMTraining`), the decoders'
+    common ones, the models, the data and the eta sweep."""
 
     base_model: str = Field(default_factory=default_backbone, description="base model folder")
     assistant_model: str = Field(
@@ -92,11 +99,6 @@ class CoLLMParams(DecodeParams):
     )
     world_examples: int = Field(4000, ge=1)
     world_validation: int = Field(300, ge=1)
-    init_steps: int = Field(200, ge=0, description="weak-supervision steps of the head")
-    steps: int = Field(300, ge=1, description="marginal-likelihood steps, base and head")
-    train_batch_size: int = Field(32, ge=1)
-    head_lr: float = Field(1e-2, gt=0)
-    lr: float = Field(1e-4, gt=0, description="base and head, marginal likelihood")
     eta: float | None = Field(
         None, ge=0, le=1, description="defer when P(defer) > eta; null: the sweep's best"
     )
@@ -112,12 +114,6 @@ class CoLLMParams(DecodeParams):
     )
     sweep_reward_model: str | None = Field(
         None, description="registered reward model (sweep_scorer 'reward_model')"
-    )
-    max_length: int | None = Field(
-        None, ge=8, description="tokens per training example; null: the base model's context"
-    )
-    over_length: Literal["truncate", "drop"] = Field(
-        "truncate", description="a longer training example: cut or leave out; counted"
     )
 
     @field_validator("etas")
@@ -163,19 +159,7 @@ class CoLLMParams(DecodeParams):
     def training(self) -> str:
         """The fields the trained pair depends on (not eta, prompts or output)."""
         return self.model_dump_json(
-            include={
-                "base_model",
-                "assistant_model",
-                "init_steps",
-                "steps",
-                "train_batch_size",
-                "head_lr",
-                "lr",
-                "seed",
-                "prompt_format",
-                "max_length",
-                "over_length",
-            }
+            include={"base_model", "assistant_model", *CoLLMTraining.model_fields}
         )
 
 
@@ -246,15 +230,7 @@ def train_pair(params: CoLLMParams, data: dict, run_id: str) -> ModelRef:
             CausalLM.load(params.assistant_model),
             _pairs(data["examples"]),
             targets_path=targets,
-            init_steps=params.init_steps,
-            steps=params.steps,
-            batch_size=params.train_batch_size,
-            head_lr=params.head_lr,
-            lr=params.lr,
-            seed=params.seed,
-            prompt_format=params.prompt_format,
-            max_length=params.max_length,
-            over_length=params.over_length,
+            **params.train_kwargs(),
         )
         model.save(folder)
         return json.loads(json.dumps({**stats, "cache_key": key}, default=str))

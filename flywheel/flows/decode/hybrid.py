@@ -4,7 +4,6 @@ method is `flywheel.decoders.hybrid`."""
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import pyarrow as pa
 from prefect import flow, task
@@ -12,7 +11,7 @@ from pydantic import Field, model_validator
 
 from flywheel.decoders import hybrid as hybrid_module
 from flywheel.decoders import stepping
-from flywheel.decoders.hybrid import check_threshold, hybrid_decode
+from flywheel.decoders.hybrid import HybridConfig, check_threshold, hybrid_decode
 from flywheel.decoders.stepping import (
     CausalLM,
 )
@@ -47,22 +46,15 @@ from flywheel.store import (
 log = logging.getLogger(__name__)
 
 
-class HybridParams(DecodeParams):
-    """Parameters of `decode/hybrid`."""
+class HybridParams(DecodeParams, HybridConfig):
+    """Parameters of `decode/hybrid`: the gate (`HybridConfig`: measure, threshold), the
+    decoders' common ones, and the two models."""
 
     small_model: str = Field(default_factory=default_backbone, description="writes by default")
     large_model: str = Field(default_factory=large_model, description="takes uncertain tokens")
-    measure: Literal["entropy", "max_prob"] = "entropy"
-    threshold: float = Field(
-        0.5,
-        ge=0,
-        description="entropy: send when above it (nats); max_prob: send when the top "
-        "probability is below it (0..1)",
-    )
 
     @model_validator(mode="after")
-    def _check(self) -> HybridParams:
-        check_threshold(self.measure, self.threshold)
+    def _output(self) -> HybridParams:
         self.output = self.output or "decoded_hybrid"
         return self
 
