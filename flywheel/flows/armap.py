@@ -7,108 +7,42 @@ implemented here (`shop`, the default, and `grid`); run parameters never name co
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
-import pyarrow as pa
 from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flywheel.environments import grid as grid_module
+from flywheel.environments import grid
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
-from flywheel.flows.tracking import (
-    MODEL_CALLS,
-    model_inputs,
-    recorded_run,
-    write_once,
-)
+from flywheel.flows.tracking import MODEL_CALLS, model_inputs, recorded_run, write_once
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.reward_models import planners
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model
 from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import model_name_for
-from flywheel.synthesis import armap as armap_module
-from flywheel.synthesis import environment as environment_module
-from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer, synthesize_triplets
-from flywheel.synthesis.environment import Agent, Environment
-from flywheel.world import shop_agent as shop_agent_module
-from flywheel.world import shop_env as shop_env_module
+from flywheel.synthesis import armap
+from flywheel.synthesis.armap import ArmapConfig, EnvironmentEntry, LLMIntentProposer
+from flywheel.synthesis.environment import Agent
+from flywheel.world import shop_agent, shop_env
 from flywheel.world.bootstrap import models_root, shop_agent_dir
-from flywheel.world.shop_agent import held_out_intents
-from flywheel.world.shop_env import ShopEnvironment
-
-
-@dataclass(frozen=True)
-class EnvironmentEntry:
-    """How the flows build one environment: for synthesis from ARMAP's settings, and
-    with its held-out tasks for the planners."""
-
-    build: Callable[[ArmapConfig], Environment]
-    held_out: Callable[[int], tuple[Environment, list[Any]]]
-    modules: tuple[ModuleType, ...]  # their source is part of the checkpoint key
-
-
-def _shop_held_out(n: int) -> tuple[Environment, list[Any]]:
-    catalog, intents = held_out_intents(n)
-    return ShopEnvironment(catalog), list(intents)
-
-
-def _grid_held_out(n: int) -> tuple[Environment, list[Any]]:
-    environment, tasks = grid_module.held_out_tasks(n)
-    return environment, list(tasks)
-
 
 ENVIRONMENTS: dict[str, EnvironmentEntry] = {
     "shop": EnvironmentEntry(
-        build=lambda c: ShopEnvironment.from_settings(
+        build=lambda c: shop_env.ShopEnvironment.from_settings(
             c.catalog_size, c.catalog_seed, c.price_slack
         ),
-        held_out=_shop_held_out,
-        modules=(shop_env_module, shop_agent_module),
+        held_out=shop_env.held_out_tasks,
+        modules=(shop_env, shop_agent),
     ),
     "grid": EnvironmentEntry(
-        build=lambda c: grid_module.GridEnvironment(),
-        held_out=_grid_held_out,
-        modules=(grid_module,),
+        build=lambda c: grid.GridEnvironment(),
+        held_out=grid.held_out_tasks,
+        modules=(grid,),
     ),
 }
 EnvironmentName = Literal["shop", "grid"]
-
-
-def _source(name: str) -> str:
-    modules = (armap_module, environment_module, *ENVIRONMENTS[name].modules)
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
-
-
-TRIPLET_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("intent", pa.string()),
-        ("original_intent", pa.string()),
-        ("positive", pa.string()),
-        ("negative", pa.string()),
-        ("positive_score", pa.float64()),
-        ("negative_score", pa.float64()),
-        ("negative_source", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-    ]
-)
-FAILED_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("stage", pa.string()),
-        ("prompt", pa.string()),
-        ("raw", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 def _shop_agent_spec() -> BackendSpec:
@@ -168,7 +102,10 @@ def _workdir(params: ArmapSynthParams) -> Path:
     if params.proposer_backend is not None:
         models.append(model_fingerprint(params.proposer_backend))
     key = Checkpoint.key(
-        config.model_dump(mode="json"), params.environment, models, _source(params.environment)
+        config.model_dump(mode="json"),
+        params.environment,
+        models,
+        ENVIRONMENTS[params.environment].source_digest(),
     )
     return data_root() / "_work" / "armap" / key
 
@@ -188,7 +125,7 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
             proposer_backend = make_backend(params.proposer_backend)
             proposer = LLMIntentProposer(proposer_backend)
         try:
-            triplets, failures, figures = synthesize_triplets(
+            triplets, failures, figures = armap.synthesize_triplets(
                 config, proposer, agent, ckpt, environment=environment
             )
         finally:
@@ -197,22 +134,10 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
     names = {"triplets": params.output, "failed": failed_name(params.output)}
     planned = ckpt.put_once("versions", {k: new_version() for k in names})
     inputs = model_inputs(params.agent)
-    keep = [f.name for f in TRIPLET_SCHEMA]
-    written, reused = write_once(
-        names["triplets"],
-        [{k: t[k] for k in keep} for t in triplets],
-        planned["triplets"],
-        run_id,
-        inputs,
-        TRIPLET_SCHEMA,
-    )
-    failed, _ = write_once(
-        names["failed"],
-        [{k: f[k] for k in FAILED_SCHEMA.names} for f in failures],
-        planned["failed"],
-        run_id,
-        inputs,
-        FAILED_SCHEMA,
+    rows = {"triplets": armap.triplet_rows(triplets), "failed": armap.failure_rows(failures)}
+    schemas = {"triplets": armap.TRIPLET_SCHEMA, "failed": armap.FAILED_SCHEMA}
+    (written, reused), (failed, _) = (
+        write_once(names[k], rows[k], planned[k], run_id, inputs, schemas[k]) for k in names
     )
     return {
         "figures": figures,
@@ -232,16 +157,8 @@ def armap_flow(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
     with recorded_run("synth/armap", "ARMAP synthesis", params) as run:
         check_armap_inputs(params)
         out = synthesize(params, run.id)
-        figures = {
-            "triplets": out["figures"]["triplets"],
-            "intents": out["figures"]["intents"],
-            "intent proposals that did not parse": out["figures"]["intent_failures"],
-            "episodes": out["figures"]["episodes"],
-            "agent success rate (plain sampling)": out["figures"]["agent_success"],
-            "agent mean reward": out["figures"]["agent_mean_reward"],
-            "dataset: triplets": out["triplets"],
-            "dataset: failed": out["failed"],
-        }
+        figures = armap.summary_figures(out["figures"])
+        figures |= {"dataset: triplets": out["triplets"], "dataset: failed": out["failed"]}
         figures["environment"] = params.environment
         if params.train_reward_model and not out["figures"]["triplets"]:
             # nothing to learn from: say so instead of failing inside the trainer
@@ -312,22 +229,6 @@ class MCTSParams(PlanParams):
     expand_k: int = Field(3, ge=1, description="actions sampled per expansion")
 
 
-PLAN_SCHEMA = pa.schema(
-    [
-        ("intent", pa.string()),
-        ("reward", pa.float64()),
-        ("success", pa.bool_()),
-        ("env_steps", pa.int64()),
-        ("model_calls", pa.int64()),
-        ("rm_calls", pa.int64()),
-        ("episodes", pa.int64()),
-        ("actions", pa.list_(pa.string())),
-        ("trajectory", pa.string()),
-        ("score", pa.float64()),
-    ]
-)
-
-
 @task(name="check-inputs")
 def check_plan_inputs(params: PlanParams) -> ModelRef:
     params.agent.check()
@@ -340,19 +241,14 @@ def run_planner(
 ) -> dict:
     """The planner and the plain policy on the same held-out intents, same run."""
     environment, intents = ENVIRONMENTS[params.environment].held_out(params.intents)
-    reward_model = RewardModel(rm.path)
     with make_backend(params.agent) as backend:
         agent = Agent(backend, temperature=params.temperature, seed=params.seed)
-        baseline = planners.evaluate(
-            planners.plain(), agent, reward_model, intents, environment, seed=params.seed
-        )
-        planned = planners.evaluate(
-            planner, agent, reward_model, intents, environment, seed=params.seed, keep_results=True
+        baseline, planned, rows = planners.compare(
+            planner, agent, RewardModel(rm.path), intents, environment, seed=params.seed
         )
     output = params.output or f"plan_{name.replace('-', '_')}"
     inputs: list[Any] = [rm, *model_inputs(params.agent)]
-    rows = [{k: r[k] for k in PLAN_SCHEMA.names} for r in planned.pop("results")]
-    ref, _ = write_once(output, rows, new_version(), run_id, inputs, PLAN_SCHEMA)
+    ref, _ = write_once(output, rows, new_version(), run_id, inputs, planners.PLAN_SCHEMA)
     return {"plain": baseline, "planner": planned, "dataset": f"{ref.name}@{ref.version}"}
 
 
@@ -360,22 +256,10 @@ def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
     with recorded_run(f"plan/{name}", f"Planning with {name}", params) as run:
         rm = check_plan_inputs(params)
         out = run_planner(name, planner, params, rm, run.id)
-        plain, planned = out["plain"], out["planner"]
         figures = {
             "reward model": f"{rm.name}@{rm.version}",
             "environment": params.environment,
-            "intents": planned["intents"],
-            "budget": str(planned["budget"]),
-            "success rate: plain policy": plain["success_rate"],
-            f"success rate: {name}": planned["success_rate"],
-            "mean reward: plain policy": plain["mean_reward"],
-            f"mean reward: {name}": planned["mean_reward"],
-            "env steps per intent: plain / planner": (
-                f"{plain['mean_env_steps']:.1f} / {planned['mean_env_steps']:.1f}"
-            ),
-            "agent calls per intent: plain / planner": (
-                f"{plain['mean_model_calls']:.1f} / {planned['mean_model_calls']:.1f}"
-            ),
+            **planners.comparison_figures(name, out["plain"], out["planner"]),
             "dataset": out["dataset"],
         }
         run.summary(figures)

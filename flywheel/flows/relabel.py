@@ -12,9 +12,8 @@ import random
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
 from prefect import flow, task
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
@@ -25,26 +24,18 @@ from flywheel.flows.tracking import (
     write_once,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
-from flywheel.reward_models.ensemble import EnsembleRewardModel, pairwise_accuracy
-from flywheel.reward_models.labelers import LLMJudgeLabeler, read_labels, write_queue
-from flywheel.reward_models.ugda import (
-    UgdaConfig,
-    policy_pairs,
-    refine,
-    score_candidates,
-    select,
-)
+from flywheel.reward_models import relabeling
+from flywheel.reward_models.labelers import LLMJudgeLabeler
+from flywheel.reward_models.relabeling import CANDIDATE_SCHEMA, QueueBook
+from flywheel.reward_models.ugda import UgdaConfig
 from flywheel.store import (
     Checkpoint,
     DatasetRef,
     ModelNotRegistered,
     ModelRef,
     data_root,
-    failed_name,
-    list_versions,
     read_dataset,
     read_model,
-    save_model_version,
     validate_name,
 )
 from flywheel.store.datasets import new_version, validate_output_name
@@ -53,34 +44,6 @@ from flywheel.world.labelers import WorldOracleLabeler
 from flywheel.world.tasks import MAX_LEN, sample_tasks
 
 DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"
-CANDIDATE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("response_a", pa.string()),
-        ("response_b", pa.string()),
-        ("p_mean", pa.float64()),
-        ("variance", pa.float64()),
-        ("influence", pa.float64()),
-        ("selected", pa.bool_()),
-    ]
-)
-FAILED_SCHEMA = pa.schema(
-    [
-        (c, pa.string())
-        for c in ("id", "prompt", "response_a", "response_b", "raw", "error", "labeler")
-    ]
-)
-LABELED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("label", pa.string()),
-        ("labeler", pa.string()),
-    ]
-)
 
 
 def _policy_spec() -> BackendSpec:
@@ -147,15 +110,12 @@ class RelabelParams(UgdaConfig):
     def _dataset_name(cls, name: str | None) -> str | None:
         return None if name is None else validate_name(name)
 
-    @field_validator("candidates_dataset")
+    @field_validator("candidates_dataset", "labeled_dataset")
     @classmethod
-    def _candidates_name(cls, name: str) -> str:
-        return validate_output_name(name, field="candidates_dataset")
-
-    @field_validator("labeled_dataset")
-    @classmethod
-    def _labeled_name(cls, name: str) -> str:
-        return validate_output_name(name, field="labeled_dataset", failed=True)
+    def _output_name(cls, name: str, info: ValidationInfo) -> str:
+        # the labeled pairs come with <name>__failed
+        failed = info.field_name == "labeled_dataset"
+        return validate_output_name(name, field=info.field_name, failed=failed)
 
     @field_validator("ensemble")
     @classmethod
@@ -180,20 +140,7 @@ def check_inputs(params: RelabelParams) -> ModelRef:
         if params.judge is None:
             raise ValueError("judge: required when labeler is 'llm' (a BackendSpec)")
         params.judge.check()
-    if params.prompts_dataset:
-        columns = read_dataset(params.prompts_dataset).meta["columns"]
-        if "prompt" not in columns:
-            raise ValueError(
-                f"prompts_dataset: {params.prompts_dataset} has no `prompt` column "
-                f"(columns: {sorted(columns)})"
-            )
-        if params.validation_dataset is None:
-            raise ValueError(
-                "validation_dataset: required with prompts_dataset (the world oracle can "
-                "only label world tasks); give labelled prompt/chosen/rejected pairs"
-            )
-    if params.validation_dataset:
-        read_dataset(params.validation_dataset)
+    relabeling.check_datasets(params.prompts_dataset, params.validation_dataset)
     try:
         ensemble = read_model(params.ensemble)
     except ModelNotRegistered:
@@ -202,12 +149,7 @@ def check_inputs(params: RelabelParams) -> ModelRef:
         # the nightly default bootstraps itself from the world's pairs
         train_flow(RewardTrainParams(kind="ensemble", members=3, seed=params.seed))
         ensemble = read_model(params.ensemble)
-    if ensemble.meta.get("kind") != "ensemble":
-        raise ValueError(
-            f"ensemble: {params.ensemble} is a {ensemble.meta.get('kind')!r} model; UGDA needs "
-            "an ensemble (train one with reward/train kind='ensemble')"
-        )
-    return ensemble
+    return relabeling.check_ensemble(ensemble)
 
 
 def _workdir(params: RelabelParams, ensemble: ModelRef) -> Checkpoint:
@@ -217,47 +159,6 @@ def _workdir(params: RelabelParams, ensemble: ModelRef) -> Checkpoint:
         model_fingerprint(params.policy),
     )
     return Checkpoint(data_root() / "_work" / "relabel" / key)
-
-
-def _prompts(params: RelabelParams) -> tuple[list[str], list[str]]:
-    """(candidate prompts, validation prompts): disjoint world tasks, or the dataset's."""
-    if params.prompts_dataset:
-        prompts = read_dataset(params.prompts_dataset).to_pandas()["prompt"].tolist()
-        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
-        if bad:
-            # chat-message prompts too: UGDA's pairs are keyed and judged on prompt text
-            raise ValueError(
-                f"prompts_dataset: {params.prompts_dataset} has {len(bad)} prompt(s) that are "
-                f"not non-empty text, first at row {bad[0]} ({type(prompts[bad[0]]).__name__}); "
-                "reward/relabel takes text prompts (chat messages are not supported here yet)"
-            )
-        return prompts, []
-    rng = random.Random(f"relabel-{params.seed}")
-    tasks = sample_tasks(params.n_prompts + params.n_validation_prompts, rng)
-    prompts = [t.prompt for t in tasks]
-    return prompts[: params.n_prompts], prompts[params.n_prompts :]
-
-
-@task(name="sample-policy", **MODEL_CALLS)
-def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
-    """Two responses per prompt from the current policy; oracle-labelled validation pairs.
-    Kept in the run's checkpoint, so a re-run samples nothing again."""
-    ckpt = _workdir(params, ensemble)
-    if cached := ckpt.get("policy"):
-        return cached
-    prompts, validation_prompts = _prompts(params)
-    with make_backend(params.policy) as policy:
-        candidates, report = policy_pairs(policy, prompts, **_sampling(params))
-        if params.validation_dataset:
-            validation = read_dataset(params.validation_dataset).to_pandas().to_dict("records")
-        else:
-            sampling = _sampling(params) | {"seed": params.seed + 1}
-            pairs, _ = policy_pairs(policy, validation_prompts, **sampling)
-            validation, _ = WorldOracleLabeler().label(pairs)
-    params.ugda().check_candidates(len(candidates))
-    out = {"candidates": candidates, "validation": validation, "report": report}
-    ckpt.put("policy", out)
-    return out
 
 
 def _sampling(params: RelabelParams) -> dict:
@@ -274,26 +175,45 @@ def _sampling(params: RelabelParams) -> dict:
     }
 
 
+@task(name="sample-policy", **MODEL_CALLS)
+def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
+    """Two responses per prompt from the current policy; validation pairs: the given ones,
+    or world oracle labels of policy pairs on separate world tasks. Kept in the run's
+    checkpoint, so a re-run samples nothing again."""
+    ckpt = _workdir(params, ensemble)
+    if cached := ckpt.get("policy"):
+        return cached
+    if params.prompts_dataset:
+        prompts, more = relabeling.read_text_prompts(params.prompts_dataset), []
+    else:
+        rng = random.Random(f"relabel-{params.seed}")
+        tasks = sample_tasks(params.n_prompts + params.n_validation_prompts, rng)
+        texts = [t.prompt for t in tasks]
+        prompts, more = texts[: params.n_prompts], texts[params.n_prompts :]
+    given = params.validation_dataset
+    with make_backend(params.policy) as policy:
+        out = relabeling.sample_round(
+            policy,
+            prompts,
+            _sampling(params),
+            params.ugda(),
+            validation=relabeling.read_pairs(given) if given else None,
+            validation_prompts=more,
+            oracle=WorldOracleLabeler(),
+        )
+    ckpt.put("policy", out)
+    return out
+
+
 @task(name="score-and-select")
 def score_and_select(params: RelabelParams, ensemble: ModelRef, sampled: dict) -> dict:
     ckpt = _workdir(params, ensemble)
     if cached := ckpt.get("selection"):
         return cached
     config = params.ugda()
-    scores = score_candidates(ensemble.path, sampled["candidates"], sampled["validation"], config)
-    chosen = set(select(scores["variance"], scores["influence"], config))
-    # influence exists only for the uncertain pool, and only for arm uncertainty+influence
-    influence = scores["influence"] or [None] * len(sampled["candidates"])
-    rows = [
-        {
-            **pair,
-            "p_mean": scores["p_mean"][i],
-            "variance": scores["variance"][i],
-            "influence": influence[i],
-            "selected": i in chosen,
-        }
-        for i, pair in enumerate(sampled["candidates"])
-    ]
+    rows = relabeling.scored_rows(
+        ensemble.path, sampled["candidates"], sampled["validation"], config
+    )
     ckpt.put("selection", rows)
     return rows
 
@@ -310,14 +230,8 @@ def label(params: RelabelParams, selected: list[dict]) -> tuple[list[dict], list
         return labeler.label(selected)
 
 
-def _original_rows(ensemble: ModelRef) -> tuple[list[dict], list[DatasetRef]]:
-    """The pairs the ensemble was trained on (its first dataset input), for replay, and
-    that dataset for the refined ensemble's lineage."""
-    for i in ensemble.meta.get("inputs", []):
-        if i.get("kind") == "dataset":
-            ref = read_dataset(i["name"], i["version"])
-            return ref.to_pandas().to_dict("records"), [ref]
-    return [], []
+# a planned version: a re-run reuses it
+refine_ensemble = task(name="refine-ensemble")(relabeling.refine_version)
 
 
 def _prompt_inputs(params: RelabelParams) -> list[DatasetRef]:
@@ -326,58 +240,14 @@ def _prompt_inputs(params: RelabelParams) -> list[DatasetRef]:
     return [read_dataset(name) for name in names if name]
 
 
-@task(name="refine-ensemble")
-def refine_ensemble(
-    params: RelabelParams,
-    ensemble: ModelRef,
-    labeled: list[dict],
-    validation: list[dict],
-    inputs: list,
-    version: str,
-    run_id: str,
-) -> ModelRef:
-    """Continue training the ensemble on the relabeled pairs (plus a replay of its original
-    pairs); a new version of the same model name. A planned version: a re-run reuses it."""
-    try:
-        return read_model(ensemble.name, version)
-    except ModelNotRegistered:
-        pass
-    config = params.ugda()
-    original, replayed = _original_rows(ensemble)
-
-    def build(folder: Path) -> dict:
-        return refine(ensemble.path, labeled, original, validation, config, folder)
-
-    return save_model_version(
-        ensemble.name,
-        build,
-        kind="ensemble",
-        produced_by=run_id,
-        inputs=[ensemble, *inputs, *replayed, *_prompt_inputs(params)],
-        version=version,
-    )
+def _at(ref: DatasetRef | ModelRef) -> str:
+    return f"{ref.name}@{ref.version}"
 
 
-def _accuracy(model: ModelRef, rows: list[dict]) -> float | None:
-    if not rows:
-        return None
-    loaded = EnsembleRewardModel(model.path)
-    return pairwise_accuracy(loaded.model, loaded.tok, rows)["mean"]
-
-
-def _queues() -> Checkpoint:
-    """Which queue versions were consumed, and each queue's validation pairs."""
-    return Checkpoint(data_root() / "_work" / "relabel-queues")
-
-
-def _pending_queue(params: RelabelParams) -> DatasetRef | None:
-    """The latest queue version that no refined ensemble has consumed yet."""
-    versions = list_versions(params.queue)
-    if not versions:
-        return None
-    queue = read_dataset(params.queue, versions[-1])
-    consumed = _queues().get(queue.version)
-    return None if consumed else queue
+def _stop(run, figures: dict, status: str, queue: DatasetRef, text: str) -> dict:
+    """End a human-path run that has no labels to train on (yet)."""
+    run.summary(figures | {"status": text})
+    return {"status": status, "queue": _at(queue)}
 
 
 # defaults in the signature: the UI shows and pre-fills them
@@ -390,108 +260,67 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
     the validation set, then refine the ensemble on them."""
     with recorded_run("reward/relabel", "UGDA relabeling", params) as run:
         ensemble = check_inputs(params)
-        ckpt = _workdir(params, ensemble)
         names = ["candidates", "labeled", "failed", "model"]
-        planned = ckpt.put_once("versions", {k: new_version() for k in names})
-        figures: dict = {"ensemble": f"{ensemble.name}@{ensemble.version}", "arm": params.arm}
-        queue = _pending_queue(params) if params.labeler == "human" else None
-        if queue is not None:
+        planned = _workdir(params, ensemble).put_once("versions", {k: new_version() for k in names})
+        figures: dict = {"ensemble": _at(ensemble), "arm": params.arm}
+        book = (
+            QueueBook(data_root() / "_work" / "relabel-queues")
+            if params.labeler == "human"
+            else None
+        )
+        queue = book.pending(params.queue) if book else None
+        if book and queue is not None:
             # the human path, second half: labels for the queue written by an earlier run
             path = params.labels_path()
             if not path.exists():
-                figures["status"] = f"waiting for labels of {queue.name}@{queue.version} at {path}"
-                run.summary(figures)
-                return {"status": "waiting", "queue": f"{queue.name}@{queue.version}"}
-            labeled, not_used = read_labels(path, queue)
-            failures: list[dict] = []
-            inputs: list = [queue]
-            validation = _queues().get(f"{queue.version}-validation") or []
-            figures["labels file"] = str(path)
-            figures["queue pairs left unlabeled"] = sum(
-                p["reason"] == "unlabeled" for p in not_used
-            )
-            figures["queue pairs kept out (label not a or b)"] = sum(
-                p["reason"] != "unlabeled" for p in not_used
-            )
+                text = f"waiting for labels of {_at(queue)} at {path}"
+                return _stop(run, figures, "waiting", queue, text)
+            labeled, validation, read = book.labels(path, queue)
+            figures, failures, inputs = figures | read, [], [queue]
         else:
             sampled = sample_policy(params, ensemble)
             validation = sampled["validation"]
             rows = score_and_select(params, ensemble, sampled)
-            candidates, _ = write_once(
-                params.candidates_dataset,
-                rows,
-                planned["candidates"],
-                run.id,
-                [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)],
-                CANDIDATE_SCHEMA,
-            )
+            lineage = [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)]
+            dataset, version = params.candidates_dataset, planned["candidates"]
+            candidates, _ = write_once(dataset, rows, version, run.id, lineage, CANDIDATE_SCHEMA)
             selected = [r for r in rows if r["selected"]]
-            figures |= {
-                "policy pairs (candidates)": len(rows),
-                "identical response pairs skipped": sampled["report"]["identical"],
-                "selected for labeling": len(selected),
-                "mean variance: selected / all": (
-                    f"{_mean(r['variance'] for r in selected):.4g} / "
-                    f"{_mean(r['variance'] for r in rows):.4g}"
-                ),
-                "dataset: candidates": f"{candidates.name}@{candidates.version}",
-            }
-            if params.labeler == "human":
-                pairs = [
-                    {k: r[k] for k in ("id", "prompt", "response_a", "response_b")}
-                    for r in selected
-                ]
-                queued = write_queue(pairs, params.queue, produced_by=run.id, inputs=[candidates])
-                figures["status"] = (
-                    f"queued {len(pairs)} pairs as {queued.name}@{queued.version}; label them "
+            figures |= relabeling.selection_figures(rows, sampled["report"])
+            figures["dataset: candidates"] = _at(candidates)
+            if book:
+                queued = book.enqueue(
+                    selected, params.queue, validation, produced_by=run.id, inputs=[candidates]
+                )
+                text = (
+                    f"queued {len(selected)} pairs as {_at(queued)}; label them "
                     f"(columns id, label = a or b) into {params.labels_path()} and run again"
                 )
-                _queues().put(f"{queued.version}-validation", validation)
-                run.summary(figures)
-                return {"status": "queued", "queue": f"{queued.name}@{queued.version}"}
+                return _stop(run, figures, "queued", queued, text)
             labeled, failures = label(params, selected)
             inputs = [candidates]
-        labeled_ref, _ = write_once(
-            params.labeled_dataset,
-            [{k: r[k] for k in LABELED_SCHEMA.names} for r in labeled],
-            planned["labeled"],
-            run.id,
-            inputs,
-            LABELED_SCHEMA,
-        )
-        failed_ref, _ = write_once(
-            failed_name(params.labeled_dataset),
-            [{k: str(f[k]) for k in FAILED_SCHEMA.names} for f in failures],
-            planned["failed"],
-            run.id,
-            inputs,
-            FAILED_SCHEMA,
-        )
-        figures |= {
-            "labeled pairs": len(labeled),
-            "labeler failures (ties, unparsed answers)": len(failures),
-            "dataset: labeled": f"{labeled_ref.name}@{labeled_ref.version}",
-            "dataset: failed": f"{failed_ref.name}@{failed_ref.version}",
+        tables = relabeling.label_tables(params.labeled_dataset, labeled, failures)
+        written = {
+            k: write_once(name, rows, planned[k], run.id, inputs, schema)[0]
+            for k, name, rows, schema in tables
         }
-        out: dict = {"status": "no labels", "figures": figures}
-        if labeled:
-            refined = refine_ensemble(
-                params, ensemble, labeled, validation, [labeled_ref], planned["model"], run.id
-            )
-            if queue is not None:
-                _queues().put(queue.version, True)
-            figures["refined ensemble"] = f"{refined.name}@{refined.version}"
-            figures["validation accuracy before"] = _accuracy(ensemble, validation)
-            # refine() evaluates on the validation pairs it is given: read, do not recompute
-            after = refined.meta["metrics"]["eval_pairwise_accuracy"]["mean"]
-            figures["validation accuracy after"] = after
-            # refinement reads pairs as the ensemble was trained to (its max_length)
-            figures |= length_figures(refined.meta["metrics"].get("length", {}))
-            out = {"status": "refined", "model": refined.model_dump(), "figures": figures}
+        figures |= relabeling.label_figures(labeled, failures, written)
+        if not labeled:
+            run.summary(figures)
+            return {"status": "no labels", "figures": figures}
+        refined = refine_ensemble(
+            ensemble,
+            labeled,
+            validation,
+            params.ugda(),
+            inputs=[written["labeled"]],
+            prompt_inputs=_prompt_inputs(params),
+            version=planned["model"],
+            produced_by=run.id,
+        )
+        if book and queue is not None:
+            book.consumed(queue.version)
+        figures |= relabeling.refine_figures(ensemble, refined, validation)
+        # refinement reads pairs as the ensemble was trained to (its max_length)
+        figures |= length_figures(refined.meta["metrics"].get("length", {}))
         run.summary(figures)
-        return out
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+        return {"status": "refined", "model": refined.model_dump(), "figures": figures}

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from flywheel.synthesis.environment import (
     MAX_STEPS,
     Agent,
@@ -501,3 +503,58 @@ def evaluate(
     if keep_results:
         figures["results"] = [r.as_dict() for r in results]
     return figures
+
+
+# --- for the flows: a planner against the plain policy, and the plans as rows ---
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("intent", pa.string()),
+        ("reward", pa.float64()),
+        ("success", pa.bool_()),
+        ("env_steps", pa.int64()),
+        ("model_calls", pa.int64()),
+        ("rm_calls", pa.int64()),
+        ("episodes", pa.int64()),
+        ("actions", pa.list_(pa.string())),
+        ("trajectory", pa.string()),
+        ("score", pa.float64()),
+    ]
+)
+
+
+def compare(
+    planner: Planner,
+    agent: Agent,
+    reward_model: RewardScorer,
+    intents: Sequence[Any],
+    environment: Environment,
+    *,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
+    """The plain policy and `planner` on the same intents: (plain figures, planner
+    figures, the planner's executed plans as rows of PLAN_SCHEMA)."""
+    plain_figures = evaluate(plain(), agent, reward_model, intents, environment, seed=seed)
+    planned = evaluate(
+        planner, agent, reward_model, intents, environment, seed=seed, keep_results=True
+    )
+    rows = [{k: r[k] for k in PLAN_SCHEMA.names} for r in planned.pop("results")]
+    return plain_figures, planned, rows
+
+
+def comparison_figures(name: str, plain: dict[str, Any], planned: dict[str, Any]) -> dict:
+    """`compare`'s figures as a run summary shows them."""
+    return {
+        "intents": planned["intents"],
+        "budget": str(planned["budget"]),
+        "success rate: plain policy": plain["success_rate"],
+        f"success rate: {name}": planned["success_rate"],
+        "mean reward: plain policy": plain["mean_reward"],
+        f"mean reward: {name}": planned["mean_reward"],
+        "env steps per intent: plain / planner": (
+            f"{plain['mean_env_steps']:.1f} / {planned['mean_env_steps']:.1f}"
+        ),
+        "agent calls per intent: plain / planner": (
+            f"{plain['mean_model_calls']:.1f} / {planned['mean_model_calls']:.1f}"
+        ),
+    }

@@ -28,16 +28,22 @@ a killed run, re-run with the same folder, gives the same rows, once each.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal, Protocol
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.llm import Backend
 from flywheel.store import Checkpoint
+from flywheel.synthesis import environment as environment_module
 from flywheel.synthesis.environment import (
     MAX_STEPS,
     Agent,
@@ -375,3 +381,68 @@ def synthesize_triplets(
         figures["agent_success"],
     )
     return triplets, failures, figures
+
+
+# --- for the flows: environments by name, the datasets a run writes ---
+
+
+@dataclass(frozen=True)
+class EnvironmentEntry:
+    """How a flow builds one environment: for synthesis from ARMAP's settings, and
+    with its held-out tasks for the planners."""
+
+    build: Callable[[ArmapConfig], Environment]
+    held_out: Callable[[int], tuple[Environment, list[Any]]]
+    modules: tuple[ModuleType, ...]  # their source is part of the checkpoint key
+
+    def source_digest(self) -> str:
+        """A digest of ARMAP's, the environment protocol's and this environment's source:
+        a checkpoint made by other code is not reused."""
+        files = (__file__, environment_module.__file__, *(m.__file__ for m in self.modules))
+        return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
+
+
+TRIPLET_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("intent", pa.string()),
+        ("original_intent", pa.string()),
+        ("positive", pa.string()),
+        ("negative", pa.string()),
+        ("positive_score", pa.float64()),
+        ("negative_score", pa.float64()),
+        ("negative_source", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+    ]
+)
+FAILED_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("stage", pa.string()),
+        ("prompt", pa.string()),
+        ("raw", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def triplet_rows(triplets: Sequence[dict]) -> list[dict]:
+    return [{k: t[k] for k in TRIPLET_SCHEMA.names} for t in triplets]
+
+
+def failure_rows(failures: Sequence[dict]) -> list[dict]:
+    return [{k: f[k] for k in FAILED_SCHEMA.names} for f in failures]
+
+
+def summary_figures(figures: dict[str, Any]) -> dict[str, Any]:
+    """`synthesize_triplets`' figures as a run summary shows them."""
+    return {
+        "triplets": figures["triplets"],
+        "intents": figures["intents"],
+        "intent proposals that did not parse": figures["intent_failures"],
+        "episodes": figures["episodes"],
+        "agent success rate (plain sampling)": figures["agent_success"],
+        "agent mean reward": figures["agent_mean_reward"],
+    }

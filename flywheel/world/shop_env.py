@@ -27,7 +27,13 @@ from flywheel.world.shop import (
     make_catalog,
     sample_intent,
 )
-from flywheel.world.shop_agent import Episode, clean_text, intent_words, parse_listing
+from flywheel.world.shop_agent import (
+    Episode,
+    clean_text,
+    held_out_intents,
+    intent_words,
+    parse_listing,
+)
 
 TRAJECTORY_LIMIT = 170  # with the reward prompt (<= 36) well inside 256 positions
 
@@ -177,6 +183,12 @@ class ShopEnvironment:
 
     def trajectory_text(self) -> str:
         return trajectory_text(self._current())
+
+
+def held_out_tasks(n: int) -> tuple[ShopEnvironment, list[Intent]]:
+    """The shop over the held-out catalog and n held-out intents (the planners' tasks)."""
+    catalog, intents = held_out_intents(n)
+    return ShopEnvironment(catalog), list(intents)
 
 
 _TASK = re.compile(r"task: (\w+) (\w+) (\w+) under (\d+)")
