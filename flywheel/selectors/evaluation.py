@@ -4,16 +4,22 @@ baseline) per task and overall, with one row per (system, input).
 
 A scorer takes (prompts, outputs, answers) and returns one score per output in [0, 1]
 for the built-in ones: exact match (surrounding whitespace aside) or ROUGE-L F1; a
-caller may pass any other, e.g. a reward model's score or a task checker.
+caller may pass any other, e.g. a registered reward model's score or a task checker.
+`evaluate_run` adds, after an add, the old tasks routed before and after it, and
+`run_summary` the figures a run reports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from flywheel.selectors.adapters import SelectorInputError
-from flywheel.selectors.kmeans import AdaptersSelector, routing_accuracy
+from flywheel.selectors.adapters import AdapterLibrary, SelectorInputError, load_base
+from flywheel.selectors.kmeans import AdaptersSelector, generate_greedy, routing_accuracy
+from flywheel.selectors.library_version import MULTITASK
+from flywheel.store import ModelNotRegistered, ModelRef, read_model
 from flywheel.synthesis.rouge import rouge_l
 
 Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
@@ -142,12 +148,163 @@ def evaluate_selectors(
     return out
 
 
+def reward_model(name: str) -> ModelRef:
+    """A registered reward model (Bradley-Terry or ensemble), or an error with the fix."""
+    try:
+        reward = read_model(name)
+    except ModelNotRegistered as e:
+        raise ValueError(
+            f"scorer_reward_model: {e}; train one with reward/train or pick another scorer"
+        ) from e
+    if reward.meta["kind"] not in ("bradley-terry", "ensemble"):
+        raise ValueError(
+            f"scorer_reward_model: {reward.name}@{reward.version} is a {reward.meta['kind']!r} "
+            "model, not a reward model; train one with reward/train"
+        )
+    return reward
+
+
+def check_scorer(scorer: str, scorer_reward_model: str | None) -> None:
+    """A reward model is named exactly when the scorer is 'reward_model', and registered."""
+    if (scorer == "reward_model") != (scorer_reward_model is not None):
+        raise ValueError(
+            "scorer_reward_model: give it exactly when scorer is 'reward_model' (scorer is "
+            f"{scorer!r})"
+        )
+    if scorer_reward_model is not None:
+        reward_model(scorer_reward_model)
+
+
+def reward_scorer(reward: ModelRef) -> Scorer:
+    """A registered reward model's score of each (prompt, output)."""
+    from flywheel.reward_models.bradley_terry import RewardModel
+    from flywheel.reward_models.ensemble import EnsembleRewardModel
+
+    model = (EnsembleRewardModel if reward.meta["kind"] == "ensemble" else RewardModel)(reward.path)
+
+    def score(prompts, outputs, answers) -> list[float]:
+        scores = model.score(list(prompts), list(outputs))
+        return scores["mean"] if isinstance(scores, dict) else list(scores)
+
+    return score
+
+
+def named_scorer(scorer: str, scorer_reward_model: str | None = None) -> Scorer:
+    """A built-in scorer by name, or 'reward_model': the registered reward model's score."""
+    if scorer == "reward_model":
+        return reward_scorer(reward_model(scorer_reward_model))  # type: ignore[arg-type]
+    return SCORERS[scorer]
+
+
+def answer_tokens(base_model: str, answers: Sequence[str]) -> int:
+    """The longest answer's length in the base model's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    return max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+
+
+def adapter_baseline(base_model: str, adapter: Path, max_new_tokens: int) -> Generate:
+    """Greedy generation with one adapter on the base model (the multi-task baseline)."""
+
+    def generate(prompts: list[str]) -> list[str]:
+        from peft import PeftModel
+
+        base, tok = load_base(base_model)
+        model = PeftModel.from_pretrained(base, str(adapter))
+        return generate_greedy(model.eval(), tok, prompts, max_new_tokens)
+
+    return generate
+
+
+def evaluate_run(
+    systems: Mapping[str, AdaptersSelector],
+    data: EvalSet,
+    scorer: Scorer,
+    max_new_tokens: int,
+    label: Callable[[str], dict[str, str]],
+    *,
+    before: tuple[str | Path, str | Path, Sequence[str]] | None = None,
+    added: str | None = None,
+) -> tuple[dict[str, Any], list[dict]]:
+    """`evaluate_selectors` on `data`, with the library's multi-task adapter as a baseline
+    where it has one; after an add of `added`, also the old tasks routed by the selectors
+    before it (`before`: the previous selector's folder, its library's folder and kinds)
+    against the updated ones. Returns (figures, rows), each row with `label(task)`."""
+    library = next(iter(systems.values())).library
+    baselines = {}
+    if (multitask := library.folder / MULTITASK).is_dir():
+        baselines["multi-task adapter"] = adapter_baseline(
+            library.base_model, multitask, max_new_tokens
+        )
+    result = evaluate_selectors(
+        systems, data, scorer, max_new_tokens=max_new_tokens, baselines=baselines
+    )
+    rows = [{**r, **label(r["task"])} for r in result.pop("rows")]
+    figures: dict[str, Any] = dict(result)
+    if before is not None:
+        folder, library_folder, kinds = before
+        old = data.subset(lambda t: t != added)
+        previous_library = AdapterLibrary(library_folder)
+        for kind in kinds:
+            previous = AdaptersSelector.load(Path(folder) / kind, previous_library)
+            got = evaluate_selectors(
+                {kind: previous},
+                old,
+                scorer,
+                max_new_tokens=max_new_tokens,
+                oracle=False,
+                base=False,
+            )
+            after = [
+                r["score"]
+                for r in rows
+                if r["system"] == f"routed {kind}/updated" and r["task"] != added
+            ]
+            figures[f"old tasks routed accuracy {kind}"] = {
+                "before": got["task_accuracy"][f"routed {kind}"],
+                "after": sum(after) / max(1, len(after)),
+            }
+    return figures, rows
+
+
+def run_summary(figures: Mapping[str, Any], *, mode: str, adapters: str, selector: str) -> dict:
+    """A run's summary: what it did and on which tasks, the versions it published, routing
+    and task accuracy per system, the old tasks before and after an add, the held-out
+    count and the evaluation dataset."""
+    return {
+        "mode": mode,
+        "tasks": figures["tasks_dataset"],
+        "scorer": figures["scorer"],
+        "adapters": adapters,
+        "selector": selector,
+        **{f"routing accuracy {k}": acc["all"] for k, acc in figures["routing_accuracy"].items()},
+        **{f"task accuracy {k}": acc for k, acc in figures["task_accuracy"].items()},
+        **{
+            f"{key}: {when}": value
+            for key, entry in figures.items()
+            if key.startswith("old tasks")
+            for when, value in entry.items()
+        },
+        "held-out tasks": figures["eval_tasks"],
+        "evaluation dataset": figures["dataset"],
+    }
+
+
 __all__ = [
     "SCORERS",
     "EvalSet",
     "Generate",
     "Scorer",
+    "adapter_baseline",
+    "answer_tokens",
+    "check_scorer",
+    "evaluate_run",
     "evaluate_selectors",
     "exact_match",
+    "named_scorer",
+    "reward_model",
+    "reward_scorer",
     "rouge_l_f",
+    "run_summary",
 ]
