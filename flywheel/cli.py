@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -158,7 +159,6 @@ def shell(ctx: typer.Context) -> None:
     import subprocess
     import sys
     import tempfile
-    from datetime import datetime
     from pathlib import Path
 
     import duckdb
@@ -349,10 +349,13 @@ def up(wait_s: float = typer.Option(60, help="seconds to wait for the deployment
     except RuntimeError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from e
+    # a serve process started now re-registers every deployment with today's parameter
+    # schemas; until it has, the server still holds the ones an earlier process registered
+    fresh_since = None if services.running("serve") else datetime.now(UTC)
     typer.echo(services.start_serve())
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if _deployments_registered():
+        if _deployments_registered(fresh_since):
             typer.echo("deployments registered: " + ", ".join(_deployment_names()))
             typer.echo(
                 f"the server needs its auth string (UI login, API clients): see "
@@ -380,14 +383,18 @@ def _deployment_names() -> list[str]:
     return list(NIGHTLY_UTC)
 
 
-def _deployments_registered() -> bool:
+def _deployments_registered(since: datetime | None = None) -> bool:
+    """Whether every deployment exists and, with `since`, was registered (created or
+    updated) at `since` or later."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     with _local_server(), get_client(sync_client=True) as client:
         try:
             for name in _deployment_names():
-                client.read_deployment_by_name(name)
+                deployment = client.read_deployment_by_name(name)
+                if since is not None and (deployment.updated is None or deployment.updated < since):
+                    return False
         except ObjectNotFound:
             return False
     return True

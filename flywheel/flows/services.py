@@ -126,6 +126,10 @@ def _pid(name: str) -> int | None:
     return pid
 
 
+def running(name: str) -> bool:
+    return _pid(name) is not None
+
+
 def status(name: str) -> str:
     pid = _pid(name)
     return f"{name}: running (pid {pid})" if pid else f"{name}: stopped"
