@@ -56,7 +56,9 @@ def one_seed(
         RewardTrainingConfig,
         train_reward_model,
     )
-    from flywheel.reward_models.planners import (
+    from flywheel.store import Checkpoint
+    from flywheel.synthesis.armap import ArmapConfig, synthesize_triplets
+    from flywheel.synthesis.planners import (
         best_of_n,
         evaluate,
         mcts,
@@ -64,8 +66,6 @@ def one_seed(
         reflexion,
         reward_scores,
     )
-    from flywheel.store import Checkpoint
-    from flywheel.synthesis.armap import ArmapConfig, synthesize_triplets
     from flywheel.world.shop_agent import held_out_intents
     from flywheel.world.shop_env import EnvScoreOracle, ShopAgent, ShopEnvironment
 

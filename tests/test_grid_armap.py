@@ -20,7 +20,6 @@ from flywheel.environments.grid import (
     train_grid_agent,
 )
 from flywheel.llm import Backend, TokenLogprob
-from flywheel.reward_models.planners import best_of_n, evaluate, mcts, plain, reflexion
 from flywheel.synthesis.armap import (
     ArmapConfig,
     LLMIntentProposer,
@@ -28,6 +27,7 @@ from flywheel.synthesis.armap import (
     synthesize_triplets,
 )
 from flywheel.synthesis.environment import Agent, Episode, TaskParseError, reward_prompt
+from flywheel.synthesis.planners import best_of_n, evaluate, mcts, plain, reflexion
 from flywheel.world.models import ALPHABET
 
 GRID = GridEnvironment()

@@ -3,7 +3,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from flywheel.reward_models.planners import (
+from flywheel.synthesis.environment import Episode as EnvEpisode
+from flywheel.synthesis.planners import (
     PlanResult,
     best_of_n,
     evaluate,
@@ -12,7 +13,6 @@ from flywheel.reward_models.planners import (
     reflexion,
     reward_scores,
 )
-from flywheel.synthesis.environment import Episode as EnvEpisode
 from flywheel.world.shop import MAX_STEPS, Intent, make_catalog, sample_intent
 from flywheel.world.shop_agent import Episode, parse_listing
 from flywheel.world.shop_env import (

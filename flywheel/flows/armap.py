@@ -1,6 +1,6 @@
 """`synth/armap` (ARMAP triplets, then a reward model trained on them) and the planner
 deployments `plan/best-of-n`, `plan/reflexion`, `plan/mcts`. Wiring only; the methods
-are `flywheel.synthesis.armap` and `flywheel.reward_models.planners`.
+are `flywheel.synthesis.armap` and `flywheel.synthesis.planners`.
 
 `environment` picks one of `ENVIRONMENTS`, a fixed registry of the environments
 implemented here (`shop`, the default, and `grid`); run parameters never name code."""
@@ -17,12 +17,11 @@ from flywheel.environments import grid
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import MODEL_CALLS, model_inputs, recorded_run, write_once
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
-from flywheel.reward_models import planners
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model
 from flywheel.store.datasets import new_version, validate_output_name
 from flywheel.store.models import model_name_for
-from flywheel.synthesis import armap
+from flywheel.synthesis import armap, planners
 from flywheel.synthesis.armap import ArmapConfig, EnvironmentEntry, LLMIntentProposer
 from flywheel.synthesis.environment import Agent
 from flywheel.world import shop_agent, shop_env
