@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flywheel.alignment import group_robust
 from flywheel.alignment.group_robust import (
@@ -23,7 +23,7 @@ from flywheel.alignment.group_robust import (
     plot_history,
     train_group_robust,
 )
-from flywheel.flows.reward import default_backbone, split_pairs
+from flywheel.flows.reward import PairDataParams, default_backbone, split_pairs
 from flywheel.flows.tracking import (
     earlier_model,
     length_figures,
@@ -34,8 +34,7 @@ from flywheel.flows.tracking import (
     write_once,
 )
 from flywheel.llm import BackendSpec
-from flywheel.llm.chat import PromptFormat
-from flywheel.store import ModelRef, read_dataset, save_model_version, validate_name
+from flywheel.store import ModelRef, read_dataset, save_model_version
 from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
 from flywheel.world.tasks import group_preference_pairs
@@ -46,19 +45,13 @@ SOURCE = hashlib.sha256(Path(group_robust.__file__).read_bytes()).hexdigest()
 PLOT = "group_weights.png"
 
 
-class GroupRobustParams(BaseModel):
+class GroupRobustParams(PairDataParams):
     """Parameters of `align/group-robust`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
         WORLD_GROUP_PAIRS,
         description=f"store dataset with text columns prompt, chosen, rejected and a group "
         f"column; {WORLD_GROUP_PAIRS!r} is generated from the world when absent",
-    )
-    dataset_version: str | None = Field(None, description="null: the latest version")
-    eval_dataset: str | None = Field(
-        None, description="held-out pairs; null: hold out eval_fraction of `dataset`"
     )
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     group_column: str = Field("group", description="the column naming each pair's group")
@@ -67,7 +60,6 @@ class GroupRobustParams(BaseModel):
     )
     method: Literal["gr-dpo", "gr-ipo"] = "gr-dpo"
     baseline: bool = Field(True, description="also train plain DPO/IPO on the same data")
-    model_name: str | None = Field(None, description="registered model name; null: derived")
     evaluation_dataset: str = Field(
         DEFAULT_EVALUATION,
         description="output: per-method, per-group held-out figures (a version per model)",
@@ -77,14 +69,6 @@ class GroupRobustParams(BaseModel):
     max_length: int = Field(
         128, ge=8, description="tokens per prompt + answer, in training and evaluation"
     )
-    over_length: Literal["truncate", "drop"] = Field(
-        "truncate", description="a longer pair: cut (the prompt's start first) or leave out"
-    )
-    prompt_format: PromptFormat = Field(
-        "auto",
-        description="'chat': render pairs with the policy's chat template; 'raw': text as it "
-        "is; 'auto': chat when the policy has a template",
-    )
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)
     epochs: float = Field(1.0, gt=0)
@@ -92,12 +76,6 @@ class GroupRobustParams(BaseModel):
     size_adjustment: float = Field(0.0, ge=0, description="C in l_g + C/sqrt(n_g)")
     chi: float = Field(1.0, ge=0, le=1, description="1: worst group only, 0: plain average")
     world_pairs: int = Field(1250, ge=20, description=f"size of a generated {WORLD_GROUP_PAIRS}")
-    seed: int = 0
-
-    @field_validator("dataset", "eval_dataset")
-    @classmethod
-    def _dataset_name(cls, name: str | None) -> str | None:
-        return None if name is None else validate_name(name)
 
     @field_validator("evaluation_dataset")
     @classmethod

@@ -55,24 +55,46 @@ def default_backbone() -> str:
     return str(model_dir(models_root(), "small"))
 
 
-class RewardTrainParams(BaseModel):
-    """Parameters of `reward/train`."""
+class PairDataParams(BaseModel):
+    """What the flows that train on preference pairs (`reward/train`,
+    `align/group-robust`) share: which pairs, the hold-out, and how pairs are tokenized.
+    Each flow states its own `dataset`, `eval_fraction` and `max_length` defaults."""
 
     model_config = ConfigDict(extra="forbid")
+
+    dataset_version: str | None = Field(None, description="null: the latest version")
+    eval_dataset: str | None = Field(
+        None, description="held-out pairs; null: hold out eval_fraction of `dataset`"
+    )
+    model_name: str | None = Field(None, description="registered model name; null: derived")
+    over_length: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="a longer pair: cut (the prompt's start first) or leave out; counted",
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="'chat': render pairs with the model's chat template; 'raw': text as "
+        "it is; 'auto': chat when the model has a template",
+    )
+    seed: int = 0
+
+    @field_validator("dataset", "eval_dataset", check_fields=False)
+    @classmethod
+    def _dataset_name(cls, name: str | None) -> str | None:
+        return None if name is None else validate_name(name)
+
+
+class RewardTrainParams(PairDataParams):
+    """Parameters of `reward/train`."""
 
     dataset: str = Field(
         WORLD_PAIRS,
         description=f"store dataset with text columns prompt, chosen, rejected (optional "
         f"margin); {WORLD_PAIRS!r} is generated from the world when absent",
     )
-    dataset_version: str | None = Field(None, description="null: the latest version")
-    eval_dataset: str | None = Field(
-        None, description="held-out pairs; null: hold out eval_fraction of `dataset`"
-    )
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     kind: Literal["bradley-terry", "ensemble"] = "bradley-terry"
     members: int = Field(3, ge=2, le=32, description="ensemble members (kind=ensemble)")
-    model_name: str | None = Field(None, description="registered model name; null: derived")
     base_model: str = Field(default_factory=default_backbone, description="backbone folder")
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
@@ -80,22 +102,7 @@ class RewardTrainParams(BaseModel):
     max_length: int = Field(
         256, ge=8, description="tokens per prompt + answer, in training, evaluation and scoring"
     )
-    over_length: Literal["truncate", "drop"] = Field(
-        "truncate",
-        description="a longer pair: cut (the prompt's start first) or leave out; counted",
-    )
-    prompt_format: PromptFormat = Field(
-        "auto",
-        description="'chat': render pairs with the backbone's chat template; 'raw': text as "
-        "it is; 'auto': chat when the backbone has a template",
-    )
     world_pairs: int = Field(2000, ge=10, description=f"size of a generated {WORLD_PAIRS}")
-    seed: int = 0
-
-    @field_validator("dataset", "eval_dataset")
-    @classmethod
-    def _dataset_name(cls, name: str | None) -> str | None:
-        return None if name is None else validate_name(name)
 
     @model_validator(mode="after")
     def _name(self) -> RewardTrainParams:
