@@ -67,14 +67,6 @@ def to_messages(prompt: Prompt) -> list[Message]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def plain_text(value: Prompt) -> str:
-    """Text for places that need a string without a template (ids, keys, logs): messages
-    as `role: content` lines."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
-
-
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -102,7 +94,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, prompt_format: Literal["raw", 
         )
     if isinstance(prompt, str):
         return prompt
-    return plain_text(prompt) + "\nassistant:"
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
 
 
 def render_conversation(

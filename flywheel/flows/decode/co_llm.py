@@ -33,6 +33,7 @@ from flywheel.flows.decode.common import (
     WORLD_PROMPTS,
     WORLD_VALIDATION,
     DecodeParams,
+    TargetReward,
     accuracy,
     alone_figures,
     check_fits,
@@ -45,7 +46,6 @@ from flywheel.flows.decode.common import (
     output_rows,
     prompt_rows,
     read_reward_model,
-    reward_fn,
     same_tokenizer,
     share,
     token_rows,
@@ -304,7 +304,7 @@ def _sweep_scorer(params: CoLLMParams) -> co_llm_module.Scorer:
     if params.sweep_scorer != "reward_model":
         return co_llm_module.SCORERS[params.sweep_scorer]
     reward = read_model(params.sweep_reward_model)  # type: ignore[arg-type]
-    score = reward_fn(reward, [])
+    score = TargetReward(reward, [])
 
     def by_reward(prompts, completions, answers) -> list[float]:
         return list(score(list(prompts), list(completions)))

@@ -16,6 +16,7 @@ from flywheel.decoders.collab import CollabConfig, collab_decode
 from flywheel.flows.decode.common import (
     WORLD_REWARD,
     DecodeParams,
+    TargetReward,
     accuracy,
     check_fits,
     code_hash,
@@ -27,7 +28,6 @@ from flywheel.flows.decode.common import (
     output_rows,
     prompt_rows,
     read_reward_model,
-    reward_fn,
     share,
     work_key,
     write_output,
@@ -138,7 +138,7 @@ def check_collab_inputs(params: CollabParams) -> dict:
 @task(name="decode-collab", **MODEL_CALLS)
 def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[DatasetRef, bool, dict]:
     names = _agent_names(params.agents)
-    reward = reward_fn(data["reward"], data["rows"])
+    reward = TargetReward(data["reward"], data["rows"])
     agents = [make_backend(spec) for spec in params.agents]
 
     def decode_chunk(chunk: list[dict]) -> list[dict]:
@@ -191,7 +191,7 @@ def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
     """Each agent's greedy completion, scored by the same target reward. A malformed
     answer counts as wrong, is left out of the mean reward, and is counted and logged
     with its raw text."""
-    reward = reward_fn(data["reward"], data["rows"])
+    reward = TargetReward(data["reward"], data["rows"])
     prompts = [r["prompt"] for r in data["rows"]]
     # each agent alone reads the prompts as given, in its own prompt format
     given = [r.get("source", r["prompt"]) for r in data["rows"]]

@@ -206,7 +206,7 @@ def renderer(prompt_format: PromptFormat, tokenizer_path: str | None) -> Callabl
                 "no agent is a local folder, so use 'raw'"
             )
         return lambda value: render_prompt(None, as_text_value(value), "raw")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
     fmt = resolve_format(prompt_format, tokenizer)
     return lambda value: render_prompt(tokenizer, as_text_value(value), fmt)
 
@@ -392,7 +392,3 @@ class TargetReward:
         """{"reward model": LengthReport dict} of this run's scoring; empty for the world."""
         report = getattr(self.model, "length", None)
         return {} if report is None else {"reward model (scored in this run)": report.as_dict()}
-
-
-def reward_fn(reward: ModelRef | None, rows: list[dict]) -> TargetReward:
-    return TargetReward(reward, rows)
