@@ -341,6 +341,9 @@ def test_relabel_with_an_llm_judge_and_with_the_human_queue(own, chat_server):
         )
     )
     figures = judged["figures"]
+    # every policy pair left out before scoring is counted in the summary
+    skipped = ("identical response pairs skipped", "pairs with an empty response skipped")
+    assert all(isinstance(figures[k], int) for k in (*skipped, "repeated pairs skipped"))
     assert figures["labeled pairs"] + figures["labeler failures (ties, unparsed answers)"] == 2
     assert ("dataset", "own_prompts") in _lineage_inputs("own_judge_candidates")
 

@@ -195,6 +195,9 @@ def selection_figures(rows: Sequence[dict], report: dict) -> dict:
     return {
         "policy pairs (candidates)": len(rows),
         "identical response pairs skipped": report["identical"],
+        # reward training keeps empty text out, so labeling such a pair would waste budget
+        "pairs with an empty response skipped": report.get("empty_response", 0),
+        "repeated pairs skipped": report.get("repeated", 0),
         "selected for labeling": len(selected),
         "mean variance: selected / all": (
             f"{_mean(r['variance'] for r in selected):.4g} / "
