@@ -321,7 +321,7 @@ def status() -> None:
 
     if not catalog_path().exists():
         return
-    from flywheel.flows.tracking import reconcile_runs
+    from flywheel.flows.reconcile import reconcile_runs
 
     with _local_server():
         changed = reconcile_runs()

@@ -84,3 +84,15 @@ def test_every_flow_refuses_unknown_parameters_by_name(name) -> None:
             data = nested.model_dump() | {"not_a_field": 1}
             with pytest.raises(ValidationError, match="not_a_field"):
                 type(nested).model_validate(data)
+
+
+def test_each_deployment_is_declared_once_and_the_nightly_order_follows_the_list() -> None:
+    from flywheel.flows.deployments import DEPLOYMENTS as DECLARED
+
+    names = [d.name for d in DECLARED]
+    assert len(set(names)) == len(names) == len(DEPLOYMENTS)
+    # "M H * * *": each deployment runs after the one before it in the list
+    minutes = [int(h) * 60 + int(m) for m, h, *_ in (d.nightly_utc.split() for d in DECLARED)]
+    assert minutes == sorted(minutes) and len(set(minutes)) == len(minutes)
+    for declared, served in zip(DECLARED, DEPLOYMENTS, strict=True):
+        assert (declared.entry.name, served.name) == tuple(declared.name.split("/"))

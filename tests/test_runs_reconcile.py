@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
-from flywheel.flows.tracking import reconcile_runs
+from flywheel.flows.reconcile import reconcile_runs
 from flywheel.store import record_run, sql
 from tests.conftest import free_port
 
@@ -245,7 +245,7 @@ def test_prefect_unreachable_leaves_its_runs_unchanged(data_dir, caplog):
     record_run("local-2", "test/x", {}, "running", pid=dead_pid, host="another-host")
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
-        with caplog.at_level(logging.DEBUG, logger="flywheel.flows.tracking"):
+        with caplog.at_level(logging.DEBUG, logger="flywheel.flows.reconcile"):
             assert reconcile_runs() == {"local-1": "crashed"}
         assert "Prefect unreachable, 1 run(s) left as they are" in caplog.text
         assert row(prefect_id)["status"] == "running"

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
+from prefect import task
 from pydantic import Field, field_validator, model_validator
 
 from flywheel.alignment import group_robust
@@ -25,10 +25,10 @@ from flywheel.alignment.group_robust import (
 )
 from flywheel.flows.reward import PairDataParams, default_backbone, split_pairs
 from flywheel.flows.tracking import (
+    Deployment,
     earlier_model,
     length_figures,
     model_inputs,
-    recorded_run,
     reuse_or_write,
     training_key,
     write_once,
@@ -246,14 +246,16 @@ def evaluation_rows(model: ModelRef) -> list[dict]:
     return rows
 
 
-# defaults in the signature: the UI shows and pre-fills them
 GROUP_ROBUST_FLOW_DEFAULTS = GroupRobustParams()
+GROUP_ROBUST = Deployment(
+    "align/group-robust", "Group robust preference optimisation", nightly_utc="0 5 * * *"
+)
 
 
-@flow(name="align")
+@GROUP_ROBUST.flow
 def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) -> dict:
     """Group robust preference optimisation (GR-DPO/GR-IPO) against plain DPO/IPO."""
-    with recorded_run("align/group-robust", "Group robust preference optimisation", params) as run:
+    with GROUP_ROBUST.run(params) as run:
         data = check_inputs(params)
         model = train(params, data, run.id)
         evaluation, _ = write_once(

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flywheel.environments import grid
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
-from flywheel.flows.tracking import MODEL_CALLS, model_inputs, recorded_run, write_once
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs, write_once
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import Checkpoint, ModelRef, data_root, failed_name, read_model
@@ -146,14 +146,14 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> dict:
     }
 
 
-# defaults in the signature: the UI shows and pre-fills them
 ARMAP_DEFAULTS = ArmapSynthParams()
+ARMAP = Deployment("synth/armap", "ARMAP synthesis", nightly_utc="30 2 * * *")
 
 
-@flow(name="synth")
+@ARMAP.flow
 def armap_flow(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
-    with recorded_run("synth/armap", "ARMAP synthesis", params) as run:
+    with ARMAP.run(params) as run:
         check_armap_inputs(params)
         out = synthesize(params, run.id)
         figures = armap.summary_figures(out["figures"])
@@ -251,8 +251,9 @@ def run_planner(
     return {"plain": baseline, "planner": planned, "dataset": f"{ref.name}@{ref.version}"}
 
 
-def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
-    with recorded_run(f"plan/{name}", f"Planning with {name}", params) as run:
+def _plan(deployment: Deployment, planner: planners.Planner, params: PlanParams) -> dict:
+    name = deployment.name.split("/", 1)[1]
+    with deployment.run(params) as run:
         rm = check_plan_inputs(params)
         out = run_planner(name, planner, params, rm, run.id)
         figures = {
@@ -265,32 +266,32 @@ def _plan(name: str, planner: planners.Planner, params: PlanParams) -> dict:
         return out
 
 
-# defaults in the signature: the UI shows and pre-fills them
 BEST_OF_N_DEFAULTS = BestOfNParams()
+BEST_OF_N = Deployment("plan/best-of-n", "Planning with best-of-n", nightly_utc="0 4 * * *")
 
 
-@flow(name="plan")
+@BEST_OF_N.flow
 def best_of_n_flow(params: BestOfNParams = BEST_OF_N_DEFAULTS) -> dict:
     """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
-    return _plan("best-of-n", planners.best_of_n(params.n), params)
+    return _plan(BEST_OF_N, planners.best_of_n(params.n), params)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 REFLEXION_DEFAULTS = ReflexionParams()
+REFLEXION = Deployment("plan/reflexion", "Planning with reflexion", nightly_utc="15 4 * * *")
 
 
-@flow(name="plan")
+@REFLEXION.flow
 def reflexion_flow(params: ReflexionParams = REFLEXION_DEFAULTS) -> dict:
     """Reflexion (reward-model feedback for a retry) vs the plain policy."""
-    return _plan("reflexion", planners.reflexion(params.trials, params.threshold), params)
+    return _plan(REFLEXION, planners.reflexion(params.trials, params.threshold), params)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 MCTS_DEFAULTS = MCTSParams()
+MCTS = Deployment("plan/mcts", "Planning with mcts", nightly_utc="30 4 * * *")
 
 
-@flow(name="plan")
+@MCTS.flow
 def mcts_flow(params: MCTSParams = MCTS_DEFAULTS) -> dict:
     """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
     planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
-    return _plan("mcts", planner, params)
+    return _plan(MCTS, planner, params)

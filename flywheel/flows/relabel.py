@@ -12,15 +12,15 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
+from prefect import task
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
+    Deployment,
     length_figures,
     model_inputs,
-    recorded_run,
     write_once,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
@@ -250,15 +250,15 @@ def _stop(run, figures: dict, status: str, queue: DatasetRef, text: str) -> dict
     return {"status": status, "queue": _at(queue)}
 
 
-# defaults in the signature: the UI shows and pre-fills them
 RELABEL_DEFAULTS = RelabelParams()
+RELABEL = Deployment("reward/relabel", "UGDA relabeling", nightly_utc="30 3 * * *")
 
 
-@flow(name="reward")
+@RELABEL.flow
 def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
     """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
     the validation set, then refine the ensemble on them."""
-    with recorded_run("reward/relabel", "UGDA relabeling", params) as run:
+    with RELABEL.run(params) as run:
         ensemble = check_inputs(params)
         names = ["candidates", "labeled", "failed", "model"]
         planned = _workdir(params, ensemble).put_once("versions", {k: new_version() for k in names})

@@ -11,14 +11,14 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel.flows.tracking import (
+    Deployment,
     earlier_model,
     length_figures,
     model_inputs,
-    recorded_run,
     reuse_or_write,
     training_key,
 )
@@ -274,14 +274,14 @@ def _duplicates_markdown(data: dict) -> str:
     return "## Duplicate pairs\n\n" + "\n".join(lines) if lines else ""
 
 
-# defaults in the signature: the UI shows and pre-fills them
 TRAIN_FLOW_DEFAULTS = RewardTrainParams()
+TRAIN = Deployment("reward/train", "Reward model training", nightly_utc="0 3 * * *")
 
 
-@flow(name="reward")
+@TRAIN.flow
 def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
     """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
-    with recorded_run("reward/train", "Reward model training", params) as run:
+    with TRAIN.run(params) as run:
         data = check_inputs(params)
         model = train(params, data, run.id)
         metrics = model.meta["metrics"]

@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.flows.tracking import model_inputs, recorded_run, reuse_or_write
+from flywheel.flows.tracking import Deployment, model_inputs, reuse_or_write
 from flywheel.llm import BackendSpec
 from flywheel.selectors import AdapterLibrary, AdaptersSelector, LoraTraining, SelectorConfig
 from flywheel.selectors import evaluation as ev
@@ -260,14 +260,16 @@ def publish_selector(
     return save_model_version(SELECTOR_MODEL, build, kind=kind, produced_by=run, inputs=inputs)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 KMEANS_SELECTOR_DEFAULTS = KmeansSelectorParams()
+KMEANS_SELECTOR = Deployment(
+    "selectors/kmeans", "k-means adapter selector", nightly_utc="30 5 * * *"
+)
 
 
-@flow(name="selectors")
+@KMEANS_SELECTOR.flow
 def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> dict:
     """k-means LoRA adapter selector: per-task adapters, a selector on k-means samples."""
-    with recorded_run("selectors/kmeans", "k-means adapter selector", params) as run:
+    with KMEANS_SELECTOR.run(params) as run:
         plan = check_inputs(params)
         tasks = None
         if plan["mode"] == "remove":

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from prefect import flow, task
+from prefect import task
 from pydantic import ConfigDict, Field, field_validator
 
 from flywheel.flows.tracking import (
     MODEL_CALLS,
-    recorded_run,
+    Deployment,
     reuse_or_write,
     write_once,
 )
@@ -257,14 +257,14 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     }
 
 
-# defaults in the signature: the UI shows and pre-fills them
 REFERENCE_DEFAULTS = ReferenceSynthParams()
+REFERENCE = Deployment("synth/reference", "REFED synthesis", nightly_utc="0 2 * * *")
 
 
-@flow(name="synth")
+@REFERENCE.flow
 def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
-    with recorded_run("synth/reference", "REFED synthesis", params) as run:
+    with REFERENCE.run(params) as run:
         refs = check_inputs(params)
         collect_feedback(params, refs)
         synthesize_instructions(params, refs)

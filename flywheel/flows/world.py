@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import task
 
-from flywheel.flows.tracking import recorded_run
+from flywheel.flows.tracking import Deployment
 from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models, format_report, models_root
 
 
@@ -13,16 +13,16 @@ def train_world_models(config: BootstrapConfig) -> dict:
     return bootstrap_models(models_root(), config)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 BOOTSTRAP_DEFAULTS = BootstrapConfig()
+BOOTSTRAP = Deployment("world/bootstrap", "World models", nightly_utc="0 1 * * *")
 
 
-@flow(name="world")
+@BOOTSTRAP.flow
 def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
     """Train world-small, world-large and shop-agent for a fixed number of steps (kept when
     already trained so; `force` retrains); a world model below its accuracy floor is not
     published and fails the run."""
-    with recorded_run("world/bootstrap", "World models", params) as run:
+    with BOOTSTRAP.run(params) as run:
         report = train_world_models(params)
         figures = {
             f"world-{size} accuracy (all / hard; floor)": f"{m['accuracy']['all']:.2f} / "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from prefect import flow, task
+from prefect import task
 from pydantic import Field, field_validator, model_validator
 
 from flywheel.decoders import co_llm as co_llm_module
@@ -55,10 +55,10 @@ from flywheel.flows.decode.common import (
 from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
     MODEL_CALLS,
+    Deployment,
     earlier_model,
     length_figures,
     model_inputs,
-    recorded_run,
     training_key,
     write_once,
 )
@@ -344,14 +344,14 @@ def decode_co_llm(
     return write_output(params, ckpt, rows, CO_LLM_SCHEMA, run_id, inputs)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 CO_LLM_FLOW_DEFAULTS = CoLLMParams()
+CO_LLM = Deployment("decode/co-llm", "Co-LLM decoding", nightly_utc="0 6 * * *")
 
 
-@flow(name="decode")
+@CO_LLM.flow
 def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
     """Co-LLM: a base model that defers tokens to an assistant, eta chosen on validation."""
-    with recorded_run("decode/co-llm", "Co-LLM decoding", params) as run:
+    with CO_LLM.run(params) as run:
         data = check_co_llm_inputs(params)
         model = train_pair(params, data, run.id)
         chosen = choose_eta(params, model, data, run.id)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import flow, task
+from prefect import task
 from pydantic import Field, model_validator
 
 from flywheel.decoders import collab as collab_module
@@ -35,9 +35,9 @@ from flywheel.flows.decode.common import (
 from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
     MODEL_CALLS,
+    Deployment,
     length_figures,
     model_inputs,
-    recorded_run,
 )
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.llm.base import call_each
@@ -217,14 +217,14 @@ def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
     return out
 
 
-# defaults in the signature: the UI shows and pre-fills them
 COLLAB_FLOW_DEFAULTS = CollabParams()
+COLLAB = Deployment("decode/collab", "Collab decoding", nightly_utc="30 6 * * *")
 
 
-@flow(name="decode")
+@COLLAB.flow
 def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
-    with recorded_run("decode/collab", "Collab decoding", params) as run:
+    with COLLAB.run(params) as run:
         data = check_collab_inputs(params)
         output, reused, length = decode_collab(params, data, run.id)
         rows = output_rows(output)

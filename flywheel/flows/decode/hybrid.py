@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-from prefect import flow, task
+from prefect import task
 from pydantic import Field, model_validator
 
 from flywheel.decoders import hybrid as hybrid_module
@@ -35,8 +35,8 @@ from flywheel.flows.decode.common import (
 )
 from flywheel.flows.reward import default_backbone
 from flywheel.flows.tracking import (
+    Deployment,
     model_inputs,
-    recorded_run,
 )
 from flywheel.llm import BackendSpec, model_fingerprint
 from flywheel.store import (
@@ -110,14 +110,14 @@ def decode_hybrid(params: HybridParams, data: dict, run_id: str) -> tuple[Datase
     return write_output(params, ckpt, rows, HYBRID_SCHEMA, run_id, inputs)
 
 
-# defaults in the signature: the UI shows and pre-fills them
 HYBRID_FLOW_DEFAULTS = HybridParams()
+HYBRID = Deployment("decode/hybrid", "Hybrid small/large token gating", nightly_utc="0 7 * * *")
 
 
-@flow(name="decode")
+@HYBRID.flow
 def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
-    with recorded_run("decode/hybrid", "Hybrid small/large token gating", params) as run:
+    with HYBRID.run(params) as run:
         data = check_hybrid_inputs(params)
         output, reused = decode_hybrid(params, data, run.id)
         rows = output_rows(output)
