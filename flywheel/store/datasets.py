@@ -12,10 +12,10 @@ import re
 import secrets
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -218,28 +218,32 @@ class DatasetRef(BaseModel):
         return int(self.meta["num_rows"])
 
 
+def subfolders(folder: Path, keep: Callable[[Path], object]) -> list[str]:
+    """Sorted names of the folders in ``folder`` for which ``keep`` is true (none if
+    ``folder`` does not exist)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and keep(p))
+
+
 def list_datasets(root: Path | None = None) -> list[str]:
     """Names of the datasets that have at least one version, sorted."""
     base = data_root(root)
-    if not base.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in base.iterdir()
-        if p.is_dir()
-        and NAME_RE.fullmatch(p.name)
-        and p.name not in RESERVED_NAMES
-        and list_versions(p.name, root=base)
-    )
+
+    def is_dataset(p: Path) -> bool:
+        return (
+            NAME_RE.fullmatch(p.name) is not None
+            and p.name not in RESERVED_NAMES
+            and bool(list_versions(p.name, root=base))
+        )
+
+    return subfolders(base, is_dataset)
 
 
 def list_versions(name: str, root: Path | None = None) -> list[str]:
     """Versions of a dataset, sorted (the last one is the latest)."""
-    folder = data_root(root) / validate_name(name)
-    if not folder.is_dir():
-        return []
     # Leftover ".tmp-*" folders from a crashed write never match VERSION_RE.
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))
+    return subfolders(data_root(root) / validate_name(name), lambda p: VERSION_RE.fullmatch(p.name))
 
 
 def read_dataset(name: str, version: str | None = None, root: Path | None = None) -> DatasetRef:
@@ -392,6 +396,57 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def publish_version(
+    target: Path, build: Callable[[Path], dict[str, Any]], *, meta_file: str, exists: StoreError
+) -> None:
+    """Publish the version folder ``target`` whole or not at all.
+
+    ``build(tmp)`` fills a fresh temporary folder beside ``target`` and returns the meta
+    written as ``meta_file``; the folder is then synced and renamed into place. On any
+    failure the temporary folder is removed. ``exists`` is raised when another writer
+    published ``target`` first.
+    """
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        meta = build(tmp)
+        with open(tmp / meta_file, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if target.exists():
+                raise exists from e
+            raise
+        _fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+RefT = TypeVar("RefT", bound=BaseModel)
+
+
+def register_published(
+    register: Callable[..., None], ref: RefT, root: Path | None, what: str
+) -> RefT:
+    """``register(ref, root=root)`` in the catalog; if the catalog stays busy, say that the
+    ``what`` (data, model) is safely on disk all the same."""
+    try:
+        register(ref, root=root)
+    except CatalogBusy as e:
+        raise CatalogBusy(
+            f"{e}; the {what} itself is safely written at {ref.path} and the next "
+            "refresh_catalog() registers it"
+        ) from e
+    return ref
+
+
 def write_dataset(
     name: str,
     rows: Iterable[dict[str, Any]] | pa.Table | Any,
@@ -409,26 +464,23 @@ def write_dataset(
     validate_name(name)
     version = new_version() if version is None else validate_version(version)
     base = data_root(root)
-    folder = base / name
-    target = folder / version
-    if target.exists():
-        raise DatasetVersionExists(f"{name} version {version} already exists at {target}")
+    target = base / name / version
+    exists = DatasetVersionExists(f"{name} version {version} already exists at {target}")
+    if target.exists():  # before converting rows that would not be written
+        raise exists
 
     table = _to_table(rows, schema)
     if table.num_columns == 0:
         raise ValueError("rows have no columns: pass schema= so the dataset knows its columns")
     _check_text(table)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    def write_parts(tmp: Path) -> dict[str, Any]:
         offsets = range(0, max(table.num_rows, 1), ROWS_PER_PART)
         for part, offset in enumerate(offsets):
             path = tmp / f"part-{part:05d}.parquet"
             pq.write_table(table.slice(offset, ROWS_PER_PART), path)
             _fsync(path)
-        meta = {
+        return {
             "name": name,
             "version": version,
             "created": datetime.now(UTC).isoformat(),
@@ -438,33 +490,10 @@ def write_dataset(
             "num_rows": table.num_rows,
             "columns": {f.name: str(f.type) for f in table.schema},
         }
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError as e:
-            if target.exists():
-                raise DatasetVersionExists(
-                    f"{name} version {version} already exists at {target}"
-                ) from e
-            raise
-        _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-    ref = DatasetRef(name=name, version=version, path=str(target))
+    publish_version(target, write_parts, meta_file=META_FILE, exists=exists)
     # Imported here because the catalog module reads datasets through this module.
     from flywheel.store.catalog import register_version
 
-    try:
-        register_version(ref, root=base)
-    except CatalogBusy as e:
-        raise CatalogBusy(
-            f"{e}; the data itself is safely written at {target} and the next "
-            "refresh_catalog() registers it"
-        ) from e
-    return ref
+    ref = DatasetRef(name=name, version=version, path=str(target))
+    return register_published(register_version, ref, base, "data")

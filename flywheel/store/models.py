@@ -9,10 +9,7 @@ version never changes once it exists. The catalog's ``models`` table and
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,12 +19,14 @@ from pydantic import BaseModel, ConfigDict
 
 from flywheel.store.datasets import (
     VERSION_RE,
-    CatalogBusy,
     DatasetRef,
     StoreError,
     data_root,
     derived_error,
     new_version,
+    publish_version,
+    register_published,
+    subfolders,
     validate_version,
 )
 
@@ -97,24 +96,16 @@ def model_name_for(dataset: str, suffix: str, *, field: str, hint: str = "") -> 
 
 def list_model_versions(name: str, root: Path | None = None) -> list[str]:
     """Registered versions of a model, sorted (the last one is the latest)."""
-    folder = models_dir(root) / validate_model_name(name)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in folder.iterdir()
-        if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / MODEL_META).exists()
+    return subfolders(
+        models_dir(root) / validate_model_name(name),
+        lambda p: VERSION_RE.fullmatch(p.name) and (p / MODEL_META).exists(),
     )
 
 
 def list_models(root: Path | None = None) -> list[str]:
-    base = models_dir(root)
-    if not base.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in base.iterdir()
-        if p.is_dir() and MODEL_NAME_RE.fullmatch(p.name) and list_model_versions(p.name, root)
+    return subfolders(
+        models_dir(root),
+        lambda p: MODEL_NAME_RE.fullmatch(p.name) and list_model_versions(p.name, root),
     )
 
 
@@ -167,16 +158,14 @@ def save_model_version(
     validate_model_name(name)
     # validated like a dataset version: it names a folder under the model's folder
     version = new_version() if version is None else validate_version(version, "model")
-    folder = models_dir(root) / name
-    target = folder / version
+    target = models_dir(root) / name / version
+    exists = StoreError(f"model {name} version {version} already exists at {target}")
     if target.exists():
-        raise StoreError(f"model {name} version {version} already exists at {target}")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+        raise exists
+
+    def build_with_meta(tmp: Path) -> dict[str, Any]:
         metrics = build(tmp)
-        meta = {
+        return {
             "name": name,
             "version": version,
             "kind": kind,
@@ -185,22 +174,9 @@ def save_model_version(
             "inputs": [input_record(r) for r in inputs],
             "metrics": metrics,
         }
-        with open(tmp / MODEL_META, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    ref = ModelRef(name=name, version=version, path=str(target))
+
+    publish_version(target, build_with_meta, meta_file=MODEL_META, exists=exists)
     from flywheel.store.catalog import register_model
 
-    try:
-        register_model(ref, root=root)
-    except CatalogBusy as e:
-        raise CatalogBusy(
-            f"{e}; the model itself is safely written at {target} and the next "
-            "refresh_catalog() registers it"
-        ) from e
-    return ref
+    ref = ModelRef(name=name, version=version, path=str(target))
+    return register_published(register_model, ref, root, "model")

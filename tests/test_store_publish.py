@@ -1,0 +1,108 @@
+"""Publishing versions: the shared path of datasets and models (race, busy catalog)."""
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+import flywheel.store.catalog as catalog
+from flywheel.store import (
+    CatalogBusy,
+    DatasetVersionExists,
+    StoreError,
+    list_model_versions,
+    list_versions,
+    refresh_catalog,
+    save_model_version,
+    sql,
+    write_dataset,
+)
+from flywheel.store.datasets import publish_version
+
+ROWS = [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}]
+
+
+def _build(folder: Path) -> dict:
+    (folder / "weights.bin").write_bytes(b"123")
+    return {"accuracy": 0.5}
+
+
+def _hold_catalog(root: str, held, seconds: float) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(Path(root) / "flywheel.duckdb"))
+    held.set()
+    time.sleep(seconds)
+    con.close()
+
+
+def test_version_another_writer_publishes_first_is_refused(tmp_path):
+    target = tmp_path / "items" / "v1"
+
+    def other_writer_wins(tmp: Path) -> dict:
+        (tmp / "part-00000.parquet").write_bytes(b"mine")
+        target.mkdir()
+        (target / "part-00000.parquet").write_bytes(b"theirs")
+        return {"name": "items"}
+
+    exists = DatasetVersionExists(f"items version v1 already exists at {target}")
+    with pytest.raises(DatasetVersionExists, match="items version v1 already exists"):
+        publish_version(target, other_writer_wins, meta_file="_meta.json", exists=exists)
+    assert [p.name for p in target.parent.iterdir()] == ["v1"]  # no temporary folder left
+    assert (target / "part-00000.parquet").read_bytes() == b"theirs"
+
+
+def test_model_version_taken_while_building_is_refused(tmp_path):
+    target = tmp_path / "_models" / "rm" / "v1"
+
+    def build(folder: Path) -> dict:
+        (folder / "weights.bin").write_bytes(b"mine")
+        target.mkdir()
+        (target / "weights.bin").write_bytes(b"theirs")
+        return {}
+
+    with pytest.raises(StoreError, match="model rm version v1 already exists"):
+        save_model_version("rm", build, kind="x", version="v1", root=tmp_path)
+    assert [p.name for p in target.parent.iterdir()] == ["v1"]
+    assert (target / "weights.bin").read_bytes() == b"theirs"
+
+
+def test_meta_is_written_beside_the_files(tmp_path):
+    ref = write_dataset("items", ROWS, version="v1", produced_by="run-1", root=tmp_path)
+    meta = json.loads((Path(ref.path) / "_meta.json").read_text())
+    assert [meta["name"], meta["version"], meta["produced_by"], meta["num_rows"]] == [
+        "items",
+        "v1",
+        "run-1",
+        2,
+    ]
+    model = save_model_version("rm", _build, kind="reward-bt", inputs=[ref], root=tmp_path)
+    meta = json.loads((Path(model.path) / "_model.json").read_text())
+    assert meta["kind"] == "reward-bt"
+    assert meta["metrics"] == {"accuracy": 0.5}
+    assert meta["inputs"] == [{"kind": "dataset", "name": "items", "version": "v1"}]
+
+
+def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch):
+    ctx = multiprocessing.get_context("spawn")
+    held = ctx.Event()
+    proc = ctx.Process(target=_hold_catalog, args=(str(tmp_path), held, 120.0))
+    proc.start()
+    try:
+        assert held.wait(60)
+        monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 0.5)
+        with pytest.raises(CatalogBusy, match="the data itself is safely written at .*items"):
+            write_dataset("items", ROWS, version="v1", root=tmp_path)
+        with pytest.raises(CatalogBusy, match="the model itself is safely written at .*rm"):
+            save_model_version("rm", _build, kind="x", version="v1", root=tmp_path)
+    finally:
+        proc.terminate()
+        proc.join(60)
+    monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 60.0)
+    assert list_versions("items", root=tmp_path) == ["v1"]
+    assert list_model_versions("rm", root=tmp_path) == ["v1"]
+    refresh_catalog(tmp_path)
+    assert sql("SELECT count(*) AS n FROM items", root=tmp_path).n[0] == 2
+    assert sql("SELECT version FROM models", root=tmp_path)["version"].tolist() == ["v1"]
