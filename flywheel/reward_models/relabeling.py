@@ -42,33 +42,19 @@ from flywheel.store import (
     save_model_version,
 )
 
+# a candidate is a policy pair (its PAIR_FIELDS, text) and the ensemble's view of it
 CANDIDATE_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("response_a", pa.string()),
-        ("response_b", pa.string()),
+        *((c, pa.string()) for c in PAIR_FIELDS),
         ("p_mean", pa.float64()),
         ("variance", pa.float64()),
         ("influence", pa.float64()),
         ("selected", pa.bool_()),
     ]
 )
-FAILED_SCHEMA = pa.schema(
-    [
-        (c, pa.string())
-        for c in ("id", "prompt", "response_a", "response_b", "raw", "error", "labeler")
-    ]
-)
+FAILED_SCHEMA = pa.schema([(c, pa.string()) for c in (*PAIR_FIELDS, "raw", "error", "labeler")])
 LABELED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("label", pa.string()),
-        ("labeler", pa.string()),
-    ]
+    [(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected", "label", "labeler")]
 )
 
 

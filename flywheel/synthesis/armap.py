@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
@@ -51,6 +51,7 @@ from flywheel.synthesis.environment import (
     Episode,
     TaskParseError,
     reward_prompt,
+    step_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class WorldIntentProposer:
         return out
 
 
+@dataclass(eq=False)
 class LLMIntentProposer:
     """Any Backend writes the intents, shown the environment's `task_prompt` per intent
     (`items_shown` examples of its world).
@@ -123,20 +125,15 @@ class LLMIntentProposer:
 
     kind = "llm"
 
-    def __init__(
-        self,
-        backend: Backend,
-        *,
-        temperature: float = 0.7,
-        items_shown: int = 3,
-        max_new_tokens: int = 40,
-    ) -> None:
-        if items_shown < 1:
-            raise ValueError(f"items_shown must be at least 1, got {items_shown}")
-        self.backend = backend
-        self.temperature = temperature
-        self.items_shown = items_shown
-        self.max_new_tokens = max_new_tokens
+    backend: Backend
+    _: KW_ONLY
+    temperature: float = 0.7
+    items_shown: int = 3
+    max_new_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        if self.items_shown < 1:
+            raise ValueError(f"items_shown must be at least 1, got {self.items_shown}")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -231,11 +228,6 @@ def make_triplets(
     return rows
 
 
-def _chunk_seed(seed: int, first_index: int) -> int:
-    # from the chunk's own position: a resumed run samples exactly what the killed one did
-    return (seed * 1_000_003 + first_index * 7919) % (2**31 - 1)
-
-
 def _map(
     checkpoint: Checkpoint | None,
     stage: str,
@@ -302,7 +294,8 @@ def synthesize_triplets(
             [intent for intent in intents for _ in range(k)],
             environment,
             max_steps=config.max_steps,
-            seed=_chunk_seed(config.seed, chunk[0]["index"]),
+            # from the chunk's own position: a resumed run samples exactly what the killed one did
+            seed=step_seed(config.seed, chunk[0]["index"]),
         )
         groups = {p["index"]: episodes[n * k : (n + 1) * k] for n, p in enumerate(valid)}
         out = []
@@ -402,29 +395,17 @@ class EnvironmentEntry:
         return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
 
 
+# text columns, but for the environment's two scores
 TRIPLET_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("intent", pa.string()),
-        ("original_intent", pa.string()),
-        ("positive", pa.string()),
-        ("negative", pa.string()),
+        *((c, pa.string()) for c in ("id", "intent", "original_intent", "positive", "negative")),
         ("positive_score", pa.float64()),
         ("negative_score", pa.float64()),
-        ("negative_source", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
+        *((c, pa.string()) for c in ("negative_source", "prompt", "chosen", "rejected")),
     ]
 )
 FAILED_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("stage", pa.string()),
-        ("prompt", pa.string()),
-        ("raw", pa.string()),
-        ("error", pa.string()),
-    ]
+    [("index", pa.int64()), *((c, pa.string()) for c in ("stage", "prompt", "raw", "error"))]
 )
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from flywheel.llm import Backend
 
@@ -115,8 +115,24 @@ def reward_prompt(task_text: str) -> str:
     return f"task: {task_text}\n"
 
 
+class Replayable:
+    """`replay` for an episode class whose `start(world, task, ...)` begins an episode
+    and whose `apply(action)` takes one step."""
+
+    @classmethod
+    def replay(
+        cls, world: Any, task: Any, actions: Sequence[str], *args: Any, **kwargs: Any
+    ) -> Self:
+        """The same state again: the environment is deterministic, so replaying the actions
+        recreates it. The arguments after `actions` are `start`'s (feedback, max_steps)."""
+        episode = cls.start(world, task, *args, **kwargs)  # type: ignore[attr-defined]
+        for action in actions:
+            episode.apply(action)
+        return episode
+
+
 @dataclass
-class Episode:
+class Episode(Replayable):
     """One episode of an environment: the agent's actions and where they led."""
 
     env: Environment
@@ -144,21 +160,6 @@ class Episode:
             max_steps=min(max_steps, env.max_steps),
             observation=observation,
         )
-
-    @classmethod
-    def replay(
-        cls,
-        environment: Environment,
-        task: Any,
-        actions: Sequence[str],
-        feedback: Sequence[str] = (),
-        max_steps: int = MAX_STEPS,
-    ) -> Episode:
-        """The same state again: the environment is deterministic, so replaying recreates it."""
-        episode = cls.start(environment, task, feedback, max_steps)
-        for action in actions:
-            episode.apply(action)
-        return episode
 
     @property
     def done(self) -> bool:
@@ -196,6 +197,7 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
+@dataclass(eq=False)
 class Agent:
     """The acting policy: any Backend writes one action per step, episodes in lockstep.
 
@@ -203,20 +205,17 @@ class Agent:
     (batched calls) and `env_steps`.
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        temperature: float = 1.0,
-        max_new_tokens: int = ACTION_LIMIT,
-        seed: int = 0,
-    ) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.backend = backend
-        self.temperature = temperature
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        self.model_calls = self.generate_calls = self.env_steps = 0
+    backend: Backend
+    temperature: float = 1.0
+    max_new_tokens: int = ACTION_LIMIT
+    seed: int = 0
+    model_calls: int = field(default=0, init=False)
+    generate_calls: int = field(default=0, init=False)
+    env_steps: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -106,19 +106,47 @@ def _result(
     )
 
 
+def _executed(episode: Episode, played: Sequence[Episode], score: float | None) -> PlanResult:
+    """`episode` executed after playing all of `played` (itself among them), each
+    scored once by the reward model; `score` None: no reward model was asked."""
+    return _result(
+        episode,
+        env_steps=sum(e.steps for e in played),
+        model_calls=sum(len(e.actions) for e in played),
+        rm_calls=0 if score is None else len(played),
+        episodes=len(played),
+        score=score,
+    )
+
+
 def _positive(name: str, value: float) -> None:
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+@dataclass
+class _Job:
+    """One `Planner.run` call: what to plan for, and with what."""
+
+    agent: Agent
+    reward_model: RewardScorer | None
+    intents: Sequence[Any]
+    environment: Environment
+    seed: int
+
+    def scores(self, episodes: Sequence[Episode]) -> list[float]:
+        assert self.reward_model is not None, "run() checks that planners that score have one"
+        return reward_scores(self.reward_model, episodes)
+
+
 class Planner(ABC):
     name: str
+    needs_reward_model = True
 
     @abstractmethod
     def budget(self) -> dict[str, Any]:
         """The planner's settings, for reports."""
 
-    @abstractmethod
     def run(
         self,
         agent: Agent,
@@ -128,31 +156,27 @@ class Planner(ABC):
         seed: int = 0,
     ) -> list[PlanResult]:
         """Plan and execute one fresh episode per intent; results in intent order."""
+        if reward_model is None and self.needs_reward_model:
+            raise ValueError(f"{self.name} needs a reward model")
+        return self._plan(_Job(agent, reward_model, intents, environment, seed))
+
+    @abstractmethod
+    def _plan(self, job: _Job) -> list[PlanResult]:
+        """`run`'s work, its arguments checked."""
 
 
 class Plain(Planner):
     """The sampled policy: one episode per intent, no reward model."""
 
     name = "plain"
+    needs_reward_model = False
 
     def budget(self) -> dict[str, Any]:
         return {"episodes": 1}
 
-    def run(
-        self,
-        agent: Agent,
-        reward_model: RewardScorer | None,
-        intents: Sequence[Any],
-        environment: Environment,
-        seed: int = 0,
-    ) -> list[PlanResult]:
-        episodes = agent.rollout(intents, environment, seed=seed)
-        return [
-            _result(
-                e, env_steps=e.steps, model_calls=len(e.actions), rm_calls=0, episodes=1, score=None
-            )
-            for e in episodes
-        ]
+    def _plan(self, job: _Job) -> list[PlanResult]:
+        episodes = job.agent.rollout(job.intents, job.environment, seed=job.seed)
+        return [_executed(e, [e], score=None) for e in episodes]
 
 
 class BestOfN(Planner):
@@ -167,33 +191,17 @@ class BestOfN(Planner):
     def budget(self) -> dict[str, Any]:
         return {"n": self.n}
 
-    def run(
-        self,
-        agent: Agent,
-        reward_model: RewardScorer | None,
-        intents: Sequence[Any],
-        environment: Environment,
-        seed: int = 0,
-    ) -> list[PlanResult]:
-        if reward_model is None:
-            raise ValueError("best_of_n needs a reward model")
+    def _plan(self, job: _Job) -> list[PlanResult]:
         n = self.n
-        episodes = agent.rollout([i for i in intents for _ in range(n)], environment, seed=seed)
-        scores = reward_scores(reward_model, episodes)
+        episodes = job.agent.rollout(
+            [i for i in job.intents for _ in range(n)], job.environment, seed=job.seed
+        )
+        scores = job.scores(episodes)
         out = []
-        for k in range(len(intents)):
+        for k in range(len(job.intents)):
             group, group_scores = episodes[k * n : (k + 1) * n], scores[k * n : (k + 1) * n]
             best = max(range(n), key=lambda j: group_scores[j])
-            out.append(
-                _result(
-                    group[best],
-                    env_steps=sum(e.steps for e in group),
-                    model_calls=sum(len(e.actions) for e in group),
-                    rm_calls=n,
-                    episodes=n,
-                    score=group_scores[best],
-                )
-            )
+            out.append(_executed(group[best], group, score=group_scores[best]))
         return out
 
 
@@ -221,32 +229,21 @@ class Reflexion(Planner):
     def budget(self) -> dict[str, Any]:
         return {"trials": self.trials, "threshold": self.threshold, "final": self.final}
 
-    def run(
-        self,
-        agent: Agent,
-        reward_model: RewardScorer | None,
-        intents: Sequence[Any],
-        environment: Environment,
-        seed: int = 0,
-    ) -> list[PlanResult]:
-        if reward_model is None:
-            raise ValueError("reflexion needs a reward model")
-        attempts: list[list[tuple[Episode, float]]] = [[] for _ in intents]
-        avoid: list[list[str]] = [[] for _ in intents]
-        pending = list(range(len(intents)))
+    def _plan(self, job: _Job) -> list[PlanResult]:
+        attempts: list[list[tuple[Episode, float]]] = [[] for _ in job.intents]
+        avoid: list[list[str]] = [[] for _ in job.intents]
+        pending = list(range(len(job.intents)))
         for trial in range(self.trials):
             if not pending:
                 break
-            episodes = agent.rollout(
-                [intents[i] for i in pending],
-                environment,
+            episodes = job.agent.rollout(
+                [job.intents[i] for i in pending],
+                job.environment,
                 feedback=[avoid[i] for i in pending],
-                seed=step_seed(seed, 1000 + trial),
+                seed=step_seed(job.seed, 1000 + trial),
             )
             still = []
-            for i, episode, score in zip(
-                pending, episodes, reward_scores(reward_model, episodes), strict=True
-            ):
+            for i, episode, score in zip(pending, episodes, job.scores(episodes), strict=True):
                 attempts[i].append((episode, score))
                 if score >= self.threshold:
                     continue
@@ -259,16 +256,7 @@ class Reflexion(Planner):
         for tries in attempts:
             passed = tries[-1][1] >= self.threshold
             chosen = tries[-1] if passed or self.final == "last" else max(tries, key=lambda t: t[1])
-            out.append(
-                _result(
-                    chosen[0],
-                    env_steps=sum(e.steps for e, _ in tries),
-                    model_calls=sum(len(e.actions) for e, _ in tries),
-                    rm_calls=len(tries),
-                    episodes=len(tries),
-                    score=chosen[1],
-                )
-            )
+            out.append(_executed(chosen[0], [e for e, _ in tries], score=chosen[1]))
         return out
 
 
@@ -352,17 +340,9 @@ class MCTS(Planner):
             node = max(children, key=lambda c: c.mean + self.c_uct * math.sqrt(log_n / c.visits))
         return node
 
-    def run(
-        self,
-        agent: Agent,
-        reward_model: RewardScorer | None,
-        intents: Sequence[Any],
-        environment: Environment,
-        seed: int = 0,
-    ) -> list[PlanResult]:
-        if reward_model is None:
-            raise ValueError("mcts needs a reward model")
-        trees = [_Tree(intent) for intent in intents]
+    def _plan(self, job: _Job) -> list[PlanResult]:
+        agent, environment, seed = job.agent, job.environment, job.seed
+        trees = [_Tree(intent) for intent in job.intents]
         for sim in range(self.simulations):
             leaves = [self._select(tree.root) for tree in trees]
             runs: dict[int, Episode] = {}  # tree index -> the episode this simulation plays
@@ -407,7 +387,7 @@ class MCTS(Planner):
             episodes = list(runs.values())
             started = [len(e.actions) for e in episodes]
             agent.finish(episodes, seed=step_seed(seed, 2 * sim + 1))
-            scores = reward_scores(reward_model, episodes)
+            scores = job.scores(episodes)
             for k, episode, start, score in zip(runs, episodes, started, scores, strict=True):
                 tree = trees[k]
                 tree.env_steps += episode.steps
@@ -512,10 +492,7 @@ PLAN_SCHEMA = pa.schema(
         ("intent", pa.string()),
         ("reward", pa.float64()),
         ("success", pa.bool_()),
-        ("env_steps", pa.int64()),
-        ("model_calls", pa.int64()),
-        ("rm_calls", pa.int64()),
-        ("episodes", pa.int64()),
+        *((cost, pa.int64()) for cost in ("env_steps", "model_calls", "rm_calls", "episodes")),
         ("actions", pa.list_(pa.string())),
         ("trajectory", pa.string()),
         ("score", pa.float64()),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flywheel.synthesis.environment import Replayable, step_seed
 from flywheel.world.models import ALPHABET, ModelSize, char_tokenizer, new_tiny_model, save_tiny
 from flywheel.world.shop import MAX_STEPS, Intent, Item, ShopEnv, make_catalog, sample_intent
 
@@ -135,7 +136,7 @@ def agent_prompt(intent_text: str, observation: str, avoid: Sequence[str] = ()) 
 
 
 @dataclass
-class Episode:
+class Episode(Replayable):
     """One shop episode and the agent's memory of it.
 
     `avoid` is feedback from outside (e.g. items that failed attempts bought);
@@ -163,21 +164,6 @@ class Episode:
         env = ShopEnv(catalog, intent)
         env.reset()
         return cls(env=env, avoid=tuple(avoid), max_steps=min(max_steps, MAX_STEPS))
-
-    @classmethod
-    def replay(
-        cls,
-        catalog: list[Item],
-        intent: Intent,
-        actions: Sequence[str],
-        avoid: Sequence[str] = (),
-        max_steps: int = MAX_STEPS,
-    ) -> Episode:
-        """The same state again: the env is deterministic, so replaying actions recreates it."""
-        episode = cls.start(catalog, intent, avoid, max_steps)
-        for action in actions:
-            episode.apply(action)
-        return episode
 
     @property
     def intent(self) -> Intent:
@@ -219,11 +205,6 @@ class Episode:
             self.bought = before[0]
         elif action.startswith("click[") and self.env.observation().startswith("item "):
             self.viewed.append(parse_listing(self.env.observation())[0])
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A distinct generate seed per (seed, step), stable across runs."""
-    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
 def play(
