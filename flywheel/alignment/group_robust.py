@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 from trl import DPOConfig, DPOTrainer
@@ -44,12 +44,16 @@ from flywheel.llm.chat import (
     resolve_format,
 )
 from flywheel.llm.tokens import LengthReport, OverLength, ensure_pad_token, fit_to_length
-from flywheel.reward_models.bradley_terry import PreferenceDataError, clean_preferences
+from flywheel.reward_models.bradley_terry import (
+    PreferenceDataError,
+    clean_preferences,
+    trl_settings,
+)
 
 log = logging.getLogger(__name__)
 
 Method = Literal["dpo", "ipo", "gr-dpo", "gr-ipo"]
-METHODS: tuple[str, ...] = ("dpo", "ipo", "gr-dpo", "gr-ipo")
+METHODS: tuple[str, ...] = get_args(Method)
 TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo"}  # TRL's names for the two losses
 PAIR_TEXTS = ("prompt", "chosen", "rejected")
 
@@ -383,24 +387,12 @@ class GroupRobustDPOTrainer(PretokenizedDPOTrainer):
 
 
 def _trl_args(config: GroupRobustConfig, out_dir: Path) -> DPOConfig:
-    import torch
-
+    # max_length None: encode_pairs fitted every pair (see PretokenizedDPOTrainer)
     return DPOConfig(
-        output_dir=str(out_dir / "_trainer"),
+        **trl_settings(config, out_dir, logging_steps=10),
         loss_type=[TRL_LOSS[config.loss]],
         beta=config.beta,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        max_length=None,  # encode_pairs fitted every pair (see PretokenizedDPOTrainer)
-        seed=config.seed,
-        logging_steps=10,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -427,30 +419,26 @@ def make_trainer(
     args = _trl_args(config, Path(out_dir))
     pairs, length = encode_pairs(tok, train_rows, config, "train pairs")
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
-    if not config.robust:
-        dataset = Dataset.from_list([{c: r[c] for c in columns} for r in pairs])
-        trainer = PretokenizedDPOTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tok
+    rows = [{c: r[c] for c in columns} for r in pairs]
+    if config.robust:
+        groups = sorted({r["group"] for r in pairs})
+        index = {g: i for i, g in enumerate(groups)}
+        for row, pair in zip(rows, pairs, strict=True):
+            row["group_id"] = index[pair["group"]]
+        trainer = GroupRobustDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            data_collator=GroupPreferenceCollator(pad_token_id=tok.pad_token_id),
+            groups=groups,
+            group_sizes=[sum(1 for r in pairs if r["group"] == g) for g in groups],
+            robust=config,
         )
-        trainer.length = length
-        return trainer
-    groups = sorted({r["group"] for r in pairs})
-    index = {g: i for i, g in enumerate(groups)}
-    dataset = Dataset.from_list(
-        [{**{c: r[c] for c in columns}, "group_id": index[r["group"]]} for r in pairs]
-    )
-    sizes = [sum(1 for r in pairs if r["group"] == g) for g in groups]
-    collator = GroupPreferenceCollator(pad_token_id=tok.pad_token_id)
-    trainer = GroupRobustDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tok,
-        data_collator=collator,
-        groups=groups,
-        group_sizes=sizes,
-        robust=config,
-    )
+    else:
+        trainer = PretokenizedDPOTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+        )
     trainer.length = length
     return trainer
 

@@ -166,7 +166,10 @@ def clean_preferences(rows: Sequence[dict], source: str) -> tuple[list[dict], di
     return kept, report
 
 
-class RewardTrainingConfig(BaseModel):
+class PairTrainingConfig(BaseModel):
+    """What every reward model here is trained with: the backbone, the schedule and how
+    pairs are read (see `RewardTrainingConfig` and the ensemble's `EnsembleConfig`)."""
+
     base_model: str = Field(description="folder or hub name of the causal LM backbone")
     epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
@@ -178,10 +181,37 @@ class RewardTrainingConfig(BaseModel):
     over_length: OverLength = Field(
         "truncate", description="pairs longer than max_length: cut to fit, or leave out"
     )
+    seed: int = 0
+
+
+class RewardTrainingConfig(PairTrainingConfig):
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="weight of the mean-zero reward penalty; null: off"
     )
-    seed: int = 0
+
+
+def trl_settings(config: Any, out_dir: str | Path, logging_steps: int) -> dict[str, Any]:
+    """The TRL trainer settings shared by our trainers: the schedule of `config` (its
+    batch_size, epochs, learning_rate and seed), scratch output under out_dir/_trainer,
+    no checkpoints, evaluation or reports (the caller saves what it keeps), no progress
+    bars, and the CPU when there is no GPU. max_length is None: pairs reach TRL already
+    fitted, and TRL would otherwise cut or silently drop longer ones on its own terms."""
+    import torch
+
+    return {
+        "output_dir": str(Path(out_dir) / "_trainer"),
+        "per_device_train_batch_size": config.batch_size,
+        "num_train_epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "max_length": None,
+        "logging_steps": logging_steps,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": not torch.cuda.is_available(),
+    }
 
 
 def check_max_length(config: Any, max_length: int, base_model: str | Path) -> None:
@@ -329,7 +359,6 @@ def train_reward_model(
     were cut or left out for `max_length`. `eval_pairwise_accuracy` is over all eval pairs
     (see `pairwise_accuracy_of`). Returns those, the cleaning reports and training figures.
     """
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -355,19 +384,8 @@ def train_reward_model(
         ]
     )
     args = RewardConfig(
-        output_dir=str(Path(out_dir) / "_trainer"),
-        per_device_train_batch_size=config.batch_size,
-        num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        max_length=None,  # already fitted: TRL would silently drop longer pairs
+        **trl_settings(config, out_dir, logging_steps=20),
         center_rewards_coefficient=config.center_rewards_coefficient,
-        seed=config.seed,
-        logging_steps=20,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     trained_pairs = len(trainer.train_dataset)

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
 from flywheel.llm.chat import Prompt, PromptFormat, resolve_format
-from flywheel.llm.tokens import LengthReport, OverLength, position_limit
+from flywheel.llm.tokens import LengthReport, position_limit
 from flywheel.reward_models.bradley_terry import (
     PairEncoder,
+    PairTrainingConfig,
     check_max_length,
     clean_preferences,
     pad_with_stand_in,
@@ -40,21 +41,9 @@ META_FILE = "ensemble.json"
 BLOCK_NAMES = ("layers", "h", "blocks", "layer")
 
 
-class EnsembleConfig(BaseModel):
-    base_model: str = Field(description="folder or hub name of the causal LM backbone")
+class EnsembleConfig(PairTrainingConfig):
     members: int = Field(3, ge=2, le=32)
-    epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8, description="tokens of prompt + answer + EOS")
-    prompt_format: PromptFormat = Field(
-        "auto", description="auto: the chat template when the tokenizer has one, else raw"
-    )
-    over_length: OverLength = Field(
-        "truncate", description="pairs longer than max_length: cut to fit, or leave out"
-    )
     bootstrap: bool = Field(True, description="Poisson(1) pair weights per member")
-    seed: int = 0
 
 
 class SharedBackboneEnsemble(nn.Module):

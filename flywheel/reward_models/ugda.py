@@ -24,7 +24,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel, Field
@@ -47,7 +47,7 @@ from flywheel.reward_models.labelers import Labeler
 log = logging.getLogger(__name__)
 
 Arm = Literal["uncertainty+influence", "uncertainty", "random", "none"]
-ARMS: tuple[str, ...] = ("uncertainty+influence", "uncertainty", "random", "none")
+ARMS: tuple[str, ...] = get_args(Arm)
 GradParams = Literal["heads", "heads+last_layer"]
 # a saved ensemble's folder, or a loaded one (anything with .tok and .model)
 EnsembleLike = str | Path | EnsembleRewardModel
@@ -79,6 +79,11 @@ class UgdaConfig(BaseModel):
         1.0, ge=0, description="original pairs replayed per relabeled pair during refinement"
     )
     batch_size: int = Field(64, ge=1, description="pairs per forward pass when scoring")
+
+    def influence_kwargs(self) -> dict:
+        """These settings as `influence_scores` keywords."""
+        names = {"projection_dim", "projection", "grad_params", "seed", "batch_size"}
+        return {**self.model_dump(include=names), "sign": self.influence_sign}
 
     def check_candidates(self, n: int) -> int:
         """The number kept by the uncertainty filter; UgdaConfigError when the budget
@@ -535,12 +540,7 @@ def score_candidates(
             [candidates[i] for i in pool],
             validation_rows,
             p_mean=[prefs["mean"][i] for i in pool],
-            projection_dim=config.projection_dim,
-            projection=config.projection,
-            grad_params=config.grad_params,
-            sign=config.influence_sign,
-            seed=config.seed,
-            batch_size=config.batch_size,
+            **config.influence_kwargs(),
         )
         influence = [None] * len(candidates)
         for i, score in zip(pool, scores, strict=True):

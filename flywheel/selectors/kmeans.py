@@ -193,6 +193,16 @@ class SelectorConfig(BaseModel):
     def samples_per_task(self) -> int:
         return self.k * self.per_centre
 
+    def sampling_kwargs(self, **override: Any) -> dict[str, Any]:
+        """These settings as `select_samples` keywords, with any of them overridden."""
+        names = {"k", "per_centre", "distance", "selection", "seed"}
+        return {**self.model_dump(include=names), **override}
+
+    def lora_training(self) -> LoraTraining:
+        """The selector's own LoRA training (kind=lora): the settings it shares with
+        `LoraTraining` (alpha is LoraTraining's default)."""
+        return LoraTraining(**self.model_dump(include=set(LoraTraining.model_fields)))
+
 
 def selector_config(**fields: Any) -> SelectorConfig:
     """A SelectorConfig, with an error that names the bad field and what it accepts."""
@@ -294,24 +304,15 @@ class LoraSelector(Selector):
 
     def __init__(self, base_model: str | Path, config: SelectorConfig, adapter: Path | None = None):
         super().__init__(base_model, config)
-        self.model, self.tok = lora_model(self.base_model, self._training(), init_from=adapter)
-        self.model.eval()
-
-    def _training(self) -> LoraTraining:
-        c = self.config
-        return LoraTraining(
-            rank=c.rank,
-            steps=c.steps,
-            lr=c.lr,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            target_modules=c.target_modules,
+        self.model, self.tok = lora_model(
+            self.base_model, config.lora_training(), init_from=adapter
         )
+        self.model.eval()
 
     def fit(self, samples: Mapping[str, Sequence[str]], *, update: bool = False) -> dict:
         steps = (self.config.update_steps or self.config.steps) if update else self.config.steps
         stats = fit_lora(
-            self.model, self.tok, _selector_pairs(samples), self._training(), steps=steps
+            self.model, self.tok, _selector_pairs(samples), self.config.lora_training(), steps=steps
         )
         if not update:
             self.names = list(samples)
@@ -599,15 +600,7 @@ class AdaptersSelector:
         for name in task_prompts:
             library.check_known(name, f"tasks[{name!r}]")
         embedder = embedder or PromptEmbedder(library.base_model)
-        samples = select_samples(
-            task_prompts,
-            embedder,
-            k=config.k,
-            per_centre=config.per_centre,
-            distance=config.distance,
-            selection=config.selection,
-            seed=config.seed,
-        )
+        samples = select_samples(task_prompts, embedder, **config.sampling_kwargs())
         return cls.from_samples(library, samples, config, embedder)
 
     @classmethod
@@ -669,11 +662,7 @@ class AdaptersSelector:
         new = select_samples(
             {name: new_task_samples},
             self.embedder(),
-            k=c.k,
-            per_centre=c.per_centre,
-            distance=c.distance,
-            selection=c.selection,
-            seed=c.seed + len(self.selector.names),
+            **c.sampling_kwargs(seed=c.seed + len(self.selector.names)),
         )
         if name not in self.library.names:
             self.library.add(name, source)

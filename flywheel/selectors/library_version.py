@@ -8,8 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,76 +53,62 @@ def earlier_adapter(key: str, library_model: str) -> Path | None:
     return None
 
 
-def build_library(
-    folder: Path,
-    *,
-    library_model: str,
-    base_model: str,
-    data: dict[str, list[tuple[str, str]]],
-    training: LoraTraining,
-    previous: str | Path | None = None,
-    multitask: LoraTraining | None = None,
-) -> dict:
-    """Fill `folder` with a library version: `previous`'s adapters copied (add) or a new
-    library, an adapter per task of `data` not in it yet, and with `multitask` the
-    baseline trained on every task's data. Returns the version's figures."""
-    if previous is not None:
-        library = AdapterLibrary(previous).copy_to(folder)
-    else:
-        library = AdapterLibrary.create(folder, base_model)
-    figures: dict[str, Any] = {"adapters": {}}
-    for name in data:
-        key = adapter_key(name, data[name], training, base_model)
-        info = {"key": key, "train_examples": len(data[name])}
-        if name in library.names:
-            # removed from the selector earlier, still in the library: route to it again
-            pass
-        elif earlier := earlier_adapter(key, library_model):
-            library.add(name, earlier, {**info, "reused_from": str(earlier)})
+@dataclass(frozen=True)
+class LibraryBuild:
+    """One library version's settings; called with a folder (as `save_model_version` calls
+    its `build`), it fills the folder: `previous`'s adapters copied (add) or a new library,
+    an adapter per task of `data` not in it yet, and with `multitask` the baseline trained
+    on every task's data. The call returns the version's figures."""
+
+    library_model: str
+    base_model: str
+    data: dict[str, list[tuple[str, str]]]
+    training: LoraTraining
+    previous: str | Path | None = None
+    multitask: LoraTraining | None = None
+
+    def __call__(self, folder: Path) -> dict:
+        if self.previous is not None:
+            library = AdapterLibrary(self.previous).copy_to(folder)
         else:
-            library.train(name, data[name], training, info)
-        figures["adapters"][name] = library.info(name)
-    if multitask is not None:
-        every = [pair for pairs in data.values() for pair in pairs]
-        key = adapter_key("multitask:" + ",".join(data), every, multitask, base_model)
-        if earlier := earlier_adapter(key, library_model):
-            shutil.copytree(earlier, folder / MULTITASK)
-            stats: dict = {"reused_from": str(earlier)}
-        else:
-            stats = train_lora(base_model, every, folder / MULTITASK, multitask)
-        index = json.loads((folder / "library.json").read_text())
-        index["baselines"] = {MULTITASK: {"key": key, "steps": multitask.steps, "train": stats}}
-        (folder / "library.json").write_text(json.dumps(index, indent=2, default=str))
-        figures["multitask"] = index["baselines"][MULTITASK]
-    figures["names"] = library.names
-    return json.loads(json.dumps(figures, default=str))
+            library = AdapterLibrary.create(folder, self.base_model)
+        figures: dict[str, Any] = {"adapters": {}}
+        for name, examples in self.data.items():
+            key = adapter_key(name, examples, self.training, self.base_model)
+            info = {"key": key, "train_examples": len(examples)}
+            if name in library.names:
+                # removed from the selector earlier, still in the library: route to it again
+                pass
+            elif earlier := earlier_adapter(key, self.library_model):
+                library.add(name, earlier, {**info, "reused_from": str(earlier)})
+            else:
+                library.train(name, examples, self.training, info)
+            figures["adapters"][name] = library.info(name)
+        if (multitask := self.multitask) is not None:
+            every = [pair for pairs in self.data.values() for pair in pairs]
+            key = adapter_key("multitask:" + ",".join(self.data), every, multitask, self.base_model)
+            if earlier := earlier_adapter(key, self.library_model):
+                shutil.copytree(earlier, folder / MULTITASK)
+                stats: dict = {"reused_from": str(earlier)}
+            else:
+                stats = train_lora(self.base_model, every, folder / MULTITASK, multitask)
+            index = json.loads((folder / "library.json").read_text())
+            index["baselines"] = {MULTITASK: {"key": key, "steps": multitask.steps, "train": stats}}
+            (folder / "library.json").write_text(json.dumps(index, indent=2, default=str))
+            figures["multitask"] = index["baselines"][MULTITASK]
+        figures["names"] = library.names
+        return json.loads(json.dumps(figures, default=str))
 
 
-def library_builder(
-    library_model: str,
-    base_model: str,
-    data: dict[str, list[tuple[str, str]]],
-    training: LoraTraining,
-    previous: str | Path | None = None,
-    multitask: LoraTraining | None = None,
-) -> Callable[[Path], dict]:
-    """`build_library` with these settings, for `save_model_version`."""
-    return partial(
-        build_library,
-        library_model=library_model,
-        base_model=base_model,
-        data=data,
-        training=training,
-        previous=previous,
-        multitask=multitask,
-    )
+# the name flows build a library version with: library_builder(library_model, base_model, ...)
+library_builder = LibraryBuild
 
 
 __all__ = [
     "MULTITASK",
     "SOURCE",
+    "LibraryBuild",
     "adapter_key",
-    "build_library",
     "earlier_adapter",
     "library_builder",
 ]

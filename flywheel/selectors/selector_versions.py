@@ -93,15 +93,7 @@ def train_fresh(
     stats: dict[str, Any] = {}
     rows: list[dict] = []
     for selection in ("kmeans", "random"):
-        samples = select_samples(
-            prompts,
-            embedder,
-            k=config.k,
-            per_centre=config.per_centre,
-            distance=config.distance,
-            selection=selection,
-            seed=config.seed,
-        )
+        samples = select_samples(prompts, embedder, **config.sampling_kwargs(selection=selection))
         rows += [
             {**label(t), "prompt": p, "selection": selection, "rank": r}
             for t, ps in samples.items()
