@@ -9,13 +9,12 @@ next run finds the labeled file, checks it against the queue and refines the ens
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
 
 from prefect import task
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
+from flywheel.flows.relabel_params import DEFAULT_ENSEMBLE, RelabelParams
+from flywheel.flows.reward import RewardTrainParams, train_flow
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     Deployment,
@@ -23,11 +22,10 @@ from flywheel.flows.tracking import (
     model_inputs,
     write_once,
 )
-from flywheel.llm import BackendSpec, make_backend, model_fingerprint
+from flywheel.llm import make_backend, model_fingerprint
 from flywheel.reward_models import relabeling
 from flywheel.reward_models.labelers import LLMJudgeLabeler
 from flywheel.reward_models.relabeling import CANDIDATE_SCHEMA, QueueBook
-from flywheel.reward_models.ugda import UgdaConfig
 from flywheel.store import (
     Checkpoint,
     DatasetRef,
@@ -36,100 +34,20 @@ from flywheel.store import (
     data_root,
     read_dataset,
     read_model,
-    validate_name,
 )
-from flywheel.store.datasets import new_version, validate_output_name
-from flywheel.store.models import validate_model_name
+from flywheel.store.datasets import new_version
 from flywheel.world.labelers import WorldOracleLabeler
-from flywheel.world.tasks import MAX_LEN, sample_tasks
-
-DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"
+from flywheel.world.tasks import sample_tasks
 
 
-def _policy_spec() -> BackendSpec:
-    return BackendSpec(model=default_backbone())
+@dataclass(frozen=True)
+class PolicySamples:
+    """What sample-policy hands on: the candidate policy pairs, the labelled validation
+    pairs, and what sampling skipped (`policy_pairs`' report)."""
 
-
-WORLD_RESPONSE_TOKENS = MAX_LEN + 2  # a world answer and its end
-TEXT_RESPONSE_TOKENS = 256
-
-
-class RelabelParams(UgdaConfig):
-    """Parameters of `reward/relabel`: UGDA's knobs, the policy, the labeler."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ensemble: str = Field(
-        DEFAULT_ENSEMBLE,
-        description="registered reward ensemble; the default is trained first when missing",
-    )
-    policy: BackendSpec = Field(default_factory=_policy_spec, description="the current policy")
-    prompts_dataset: str | None = Field(
-        None, description="store dataset with a `prompt` column; null: world tasks"
-    )
-    n_prompts: int = Field(600, ge=2, description="world prompts to sample (2 responses each)")
-    validation_dataset: str | None = Field(
-        None,
-        description="labelled prompt/chosen/rejected pairs on the policy's distribution; "
-        "null: world oracle labels of a separate set of policy pairs",
-    )
-    n_validation_prompts: int = Field(200, ge=2)
-    temperature: float = Field(1.0, gt=0, description="policy sampling temperature")
-    policy_max_new_tokens: int | None = Field(
-        None,
-        ge=1,
-        description=f"tokens per policy response; null: {WORLD_RESPONSE_TOKENS} for world "
-        f"tasks, {TEXT_RESPONSE_TOKENS} for prompts_dataset",
-    )
-    policy_stop: list[str] | None = Field(
-        None,
-        description="stop strings of policy responses; null: a newline for world tasks, "
-        "none for prompts_dataset",
-    )
-    judge_max_new_tokens: int = Field(
-        16, ge=1, description="tokens of the judge's answer (labeler 'llm'; it names A or B)"
-    )
-    labeler: Literal["world", "llm", "human"] = "world"
-    judge: BackendSpec | None = Field(None, description="the LLM judge (labeler 'llm')")
-    queue: str = Field("relabel_queue", description="dataset people label (labeler 'human')")
-    candidates_dataset: str = Field(
-        "relabel_candidates", description="output: the scored policy pairs, selected flagged"
-    )
-    labeled_dataset: str = Field(
-        "relabel_labeled", description="output: the labeled pairs (and <name>__failed)"
-    )
-    labels_file: str | None = Field(
-        None,
-        description="the labeled file for the latest queue (csv, jsonl or parquet); null: "
-        "data/_labels/<queue>.csv",
-    )
-    budget: int = Field(64, ge=1, description="pairs sent to the labeler")
-
-    @field_validator("prompts_dataset", "validation_dataset", "queue")
-    @classmethod
-    def _dataset_name(cls, name: str | None) -> str | None:
-        return None if name is None else validate_name(name)
-
-    @field_validator("candidates_dataset", "labeled_dataset")
-    @classmethod
-    def _output_name(cls, name: str, info: ValidationInfo) -> str:
-        # the labeled pairs come with <name>__failed
-        failed = info.field_name == "labeled_dataset"
-        return validate_output_name(name, field=info.field_name, failed=failed)
-
-    @field_validator("ensemble")
-    @classmethod
-    def _ensemble_name(cls, name: str) -> str:
-        # refined versions are saved under this name
-        return validate_model_name(name, field="ensemble")
-
-    def ugda(self) -> UgdaConfig:
-        return UgdaConfig.model_validate(self.model_dump(include=set(UgdaConfig.model_fields)))
-
-    def labels_path(self) -> Path:
-        if self.labels_file:
-            return Path(self.labels_file).expanduser()
-        return data_root() / "_labels" / f"{self.queue}.csv"
+    candidates: list[dict]
+    validation: list[dict]
+    report: dict
 
 
 @task(name="check-inputs")
@@ -137,9 +55,7 @@ def check_inputs(params: RelabelParams) -> ModelRef:
     """Fail before sampling: the ensemble, the policy, the labeler's settings, the data."""
     params.policy.check()
     if params.labeler == "llm":
-        if params.judge is None:
-            raise ValueError("judge: required when labeler is 'llm' (a BackendSpec)")
-        params.judge.check()
+        params.judge.check()  # RelabelParams requires a judge for labeler 'llm'
     relabeling.check_datasets(params.prompts_dataset, params.validation_dataset)
     try:
         ensemble = read_model(params.ensemble)
@@ -161,28 +77,14 @@ def _workdir(params: RelabelParams, ensemble: ModelRef) -> Checkpoint:
     return Checkpoint(data_root() / "_work" / "relabel" / key)
 
 
-def _sampling(params: RelabelParams) -> dict:
-    """How the policy samples: world tasks have one-line answers of a few tokens; the
-    user's prompts get room for text."""
-    world = params.prompts_dataset is None
-    tokens = params.policy_max_new_tokens
-    stop = params.policy_stop
-    return {
-        "temperature": params.temperature,
-        "seed": params.seed,
-        "max_new_tokens": tokens or (WORLD_RESPONSE_TOKENS if world else TEXT_RESPONSE_TOKENS),
-        "stop": stop if stop is not None else (["\n"] if world else []),
-    }
-
-
 @task(name="sample-policy", **MODEL_CALLS)
-def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
+def sample_policy(params: RelabelParams, ensemble: ModelRef) -> PolicySamples:
     """Two responses per prompt from the current policy; validation pairs: the given ones,
     or world oracle labels of policy pairs on separate world tasks. Kept in the run's
     checkpoint, so a re-run samples nothing again."""
     ckpt = _workdir(params, ensemble)
     if cached := ckpt.get("policy"):
-        return cached
+        return PolicySamples(**cached)
     if params.prompts_dataset:
         prompts, more = relabeling.read_text_prompts(params.prompts_dataset), []
     else:
@@ -195,25 +97,25 @@ def sample_policy(params: RelabelParams, ensemble: ModelRef) -> dict:
         out = relabeling.sample_round(
             policy,
             prompts,
-            _sampling(params),
+            params.sampling(),
             params.ugda(),
             validation=relabeling.read_pairs(given) if given else None,
             validation_prompts=more,
             oracle=WorldOracleLabeler(),
         )
     ckpt.put("policy", out)
-    return out
+    return PolicySamples(**out)
 
 
 @task(name="score-and-select")
-def score_and_select(params: RelabelParams, ensemble: ModelRef, sampled: dict) -> dict:
+def score_and_select(
+    params: RelabelParams, ensemble: ModelRef, sampled: PolicySamples
+) -> list[dict]:
     ckpt = _workdir(params, ensemble)
     if cached := ckpt.get("selection"):
         return cached
     config = params.ugda()
-    rows = relabeling.scored_rows(
-        ensemble.path, sampled["candidates"], sampled["validation"], config
-    )
+    rows = relabeling.scored_rows(ensemble.path, sampled.candidates, sampled.validation, config)
     ckpt.put("selection", rows)
     return rows
 
@@ -222,7 +124,7 @@ def score_and_select(params: RelabelParams, ensemble: ModelRef, sampled: dict) -
 def label(params: RelabelParams, selected: list[dict]) -> tuple[list[dict], list[dict]]:
     if params.labeler == "world":
         return WorldOracleLabeler().label(selected)
-    assert params.judge is not None  # checked in check-inputs
+    assert params.judge is not None  # RelabelParams requires it for labeler 'llm'
     with make_backend(params.judge) as judge:
         labeler = LLMJudgeLabeler(
             judge, seed=params.seed, max_new_tokens=params.judge_max_new_tokens
@@ -279,13 +181,13 @@ def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
             figures, failures, inputs = figures | read, [], [queue]
         else:
             sampled = sample_policy(params, ensemble)
-            validation = sampled["validation"]
+            validation = sampled.validation
             rows = score_and_select(params, ensemble, sampled)
             lineage = [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)]
             dataset, version = params.candidates_dataset, planned["candidates"]
             candidates, _ = write_once(dataset, rows, version, run.id, lineage, CANDIDATE_SCHEMA)
             selected = [r for r in rows if r["selected"]]
-            figures |= relabeling.selection_figures(rows, sampled["report"])
+            figures |= relabeling.selection_figures(rows, sampled.report)
             figures["dataset: candidates"] = _at(candidates)
             if book:
                 queued = book.enqueue(
