@@ -4,7 +4,7 @@ agent; the method is `flywheel.decoders.collab`."""
 from __future__ import annotations
 
 import json
-import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,40 +13,27 @@ from pydantic import Field, model_validator
 
 from flywheel.decoders import collab as collab_module
 from flywheel.decoders.collab import CollabConfig, collab_decode
+from flywheel.decoders.evaluation import AloneScore, agent_alone, correct
 from flywheel.flows.decode.common import (
     WORLD_REWARD,
+    DecodeInputs,
     DecodeParams,
-    TargetReward,
-    accuracy,
-    check_fits,
+    Written,
     code_hash,
     common_fields,
-    correct,
-    decode_rows,
+    decode_and_write,
     figure,
     large_model,
-    output_rows,
-    prompt_rows,
-    read_reward_model,
-    share,
-    work_key,
-    write_output,
+    output_accuracy,
+    writer_share,
 )
-from flywheel.flows.reward import default_backbone
-from flywheel.flows.tracking import (
-    MODEL_CALLS,
-    Deployment,
-    length_figures,
-    model_inputs,
-)
+from flywheel.flows.decode.inputs import LocalModel, read_prompts
+from flywheel.flows.decode.rewards import TargetReward, read_reward_model
+from flywheel.flows.pair_training import default_backbone
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, length_figures, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
-from flywheel.llm.base import call_each
-from flywheel.store import (
-    DatasetRef,
-)
+from flywheel.store import ModelRef
 from flywheel.world.tasks import MAX_LEN
-
-log = logging.getLogger(__name__)
 
 
 def _world_agents() -> list[BackendSpec]:
@@ -83,8 +70,6 @@ class CollabParams(DecodeParams, CollabConfig):
         return CollabConfig.model_validate(self.model_dump(include=set(CollabConfig.model_fields)))
 
 
-# --- decode/collab ---
-
 COLLAB_SOURCE = code_hash(collab_module)
 COLLAB_SCHEMA = pa.schema(
     [
@@ -101,6 +86,13 @@ COLLAB_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class CollabInputs(DecodeInputs):
+    """The prompts and the target reward model (None: the world's checker)."""
+
+    reward: ModelRef | None
+
+
 def _agent_names(agents: list[BackendSpec]) -> list[str]:
     """Readable, distinct agent names: the model folder's name, numbered when repeated."""
     names = [Path(a.model).name or a.model for a in agents]
@@ -108,7 +100,7 @@ def _agent_names(agents: list[BackendSpec]) -> list[str]:
 
 
 @task(name="check-inputs")
-def check_collab_inputs(params: CollabParams) -> dict:
+def check_collab_inputs(params: CollabParams) -> CollabInputs:
     """Before any weights load: agents, the reward model, the prompts (with answers when
     the reward is the world's checker)."""
     for i, agent in enumerate(params.agents):
@@ -116,105 +108,107 @@ def check_collab_inputs(params: CollabParams) -> dict:
             agent.check()
         except Exception as err:
             raise type(err)(f"agents[{i}]: {err}") from err
-    # the first agent that is a local folder gives the chat template
-    local = [a.model for a in params.agents if Path(a.model).expanduser().is_dir()]
-    prompts, rows = prompt_rows(params, local[0] if local else None)
-    local_agents = {f"agents[{i}]": a.model for i, a in enumerate(params.agents)}
-    # Collab's rollouts run up to rollout_len past each proposed token as well
-    check_fits(rows, params.max_new_tokens + params.rollout_len, local_agents)
+    local = [
+        LocalModel.load(f"agents[{i}]", a.model)
+        for i, a in enumerate(params.agents)
+        if Path(a.model).expanduser().is_dir()
+    ]
+    # the first local agent gives the chat template; rollouts run up to rollout_len past
+    # each proposed token as well
+    data = read_prompts(params, local, rollout=params.rollout_len)
     reward = None
     if params.reward_model == WORLD_REWARD:
-        if any(r["answer"] is None for r in rows):
+        if any(r["answer"] is None for r in data.rows):
             raise ValueError(
                 f"reward_model {WORLD_REWARD!r} scores against the answer column, and "
-                f"{prompts.name} has no {params.answer_column!r} values for every row; "
+                f"{data.prompts.name} has no {params.answer_column!r} values for every row; "
                 "name a reward model trained with reward/train instead"
             )
     else:
         reward = read_reward_model(params.reward_model, params.reward_version, "reward_model")
-    return {"prompts": prompts, "rows": rows, "reward": reward}
+    return CollabInputs(data.prompts, data.rows, reward)
 
 
 @task(name="decode-collab", **MODEL_CALLS)
-def decode_collab(params: CollabParams, data: dict, run_id: str) -> tuple[DatasetRef, bool, dict]:
+def decode_collab(params: CollabParams, data: CollabInputs, run_id: str) -> Written:
     names = _agent_names(params.agents)
-    reward = TargetReward(data["reward"], data["rows"])
+    reward = TargetReward(data.reward, data.rows)
     agents = [make_backend(spec) for spec in params.agents]
 
     def decode_chunk(chunk: list[dict]) -> list[dict]:
         outs = collab_decode(agents, reward, [r["prompt"] for r in chunk], params.config())
-        return [
-            {
-                "id": r["id"],
-                "prompt": r["prompt"],
-                "completion": None if out.finish_reason == "failed" else out.completion,
-                "answer": r["answer"],
-                "correct": correct(r, None if out.finish_reason == "failed" else out.completion),
-                "writers": [names[a] for a in out.agents],
-                "tokens": out.tokens,
-                "finish_reason": out.finish_reason,
-                "reward": out.reward,
-                "model_calls": out.model_calls,
-                "reward_calls": out.reward_calls,
-                "switches": out.switches,
-                "failed_calls": len(out.failures),
-                "failures": json.dumps([f.__dict__ for f in out.failures]),
-            }
-            for r, out in zip(chunk, outs, strict=True)
-        ]
+        rows = []
+        for r, out in zip(chunk, outs, strict=True):
+            completion = None if out.finish_reason == "failed" else out.completion
+            rows.append(
+                {
+                    "id": r["id"],
+                    "prompt": r["prompt"],
+                    "completion": completion,
+                    "answer": r["answer"],
+                    "correct": correct(r["answer"], completion),
+                    "writers": [names[a] for a in out.agents],
+                    "tokens": out.tokens,
+                    "finish_reason": out.finish_reason,
+                    "reward": out.reward,
+                    "model_calls": out.model_calls,
+                    "reward_calls": out.reward_calls,
+                    "switches": out.switches,
+                    "failed_calls": len(out.failures),
+                    "failures": json.dumps([f.__dict__ for f in out.failures]),
+                }
+            )
+        return rows
 
-    reward_key = (
-        "world" if data["reward"] is None else f"{data['reward'].name}@{data['reward'].version}"
-    )
+    reward_key = "world" if data.reward is None else f"{data.reward.name}@{data.reward.version}"
     key = [
         [model_fingerprint(s) for s in params.agents],
         reward_key,
         params.config().model_dump(mode="json"),
         COLLAB_SOURCE,
-        work_key(params, data),
+    ]
+    lineage = [
+        *([data.reward] if data.reward is not None else []),
+        *(ref for s in params.agents for ref in model_inputs(s)),
     ]
     try:
-        rows, ckpt = decode_rows("collab", key, data["rows"], decode_chunk, params.batch_size)
+        written = decode_and_write(
+            params,
+            data,
+            run_id,
+            method="collab",
+            key=key,
+            decode_chunk=decode_chunk,
+            schema=COLLAB_SCHEMA,
+            lineage=lineage,
+        )
     finally:
         for agent in agents:
             agent.close()
-    inputs = [
-        data["prompts"],
-        *([data["reward"]] if data["reward"] is not None else []),
-        *(ref for s in params.agents for ref in model_inputs(s)),
-    ]
-    return (*write_output(params, ckpt, rows, COLLAB_SCHEMA, run_id, inputs), reward.length())
+    return replace(written, length=reward.length())
 
 
 @task(name="agents-alone", **MODEL_CALLS)
-def agents_alone(params: CollabParams, data: dict) -> dict[str, dict]:
-    """Each agent's greedy completion, scored by the same target reward. A malformed
-    answer counts as wrong, is left out of the mean reward, and is counted and logged
-    with its raw text."""
-    reward = TargetReward(data["reward"], data["rows"])
-    prompts = [r["prompt"] for r in data["rows"]]
-    # each agent alone reads the prompts as given, in its own prompt format
-    given = [r.get("source", r["prompt"]) for r in data["rows"]]
-    out = {}
+def agents_alone(params: CollabParams, data: CollabInputs) -> dict[str, AloneScore]:
+    """Each agent's greedy completion, scored by the same target reward."""
+    reward = TargetReward(data.reward, data.rows)
+    prompts = [r["prompt"] for r in data.rows]
+    given = [r["source"] for r in data.rows]  # each agent renders them in its own format
+    answers = [r["answer"] for r in data.rows]
+    scores = {}
     for name, spec in zip(_agent_names(params.agents), params.agents, strict=True):
         with make_backend(spec) as agent:
-            answers = call_each(
-                lambda batch, agent=agent: agent.generate(
-                    batch, max_new_tokens=params.max_new_tokens, temperature=0.0, stop=params.stop
-                ),
+            scores[name] = agent_alone(
+                agent,
+                name,
+                prompts,
                 given,
+                answers,
+                reward,
+                max_new_tokens=params.max_new_tokens,
+                stop=params.stop,
             )
-        texts = [a if isinstance(a, str) else None for a in answers]
-        answered = [i for i, t in enumerate(texts) if t is not None]
-        for i in (i for i, t in enumerate(texts) if t is None):
-            log.warning("%s alone, prompt %d: %s; raw: %.500r", name, i, answers[i], answers[i].raw)
-        scores = reward([prompts[i] for i in answered], [texts[i] for i in answered])
-        out[name] = {
-            "mean reward": sum(scores) / len(scores) if scores else None,
-            "accuracy": accuracy(data["rows"], texts),
-            "failed calls": len(prompts) - len(answered),
-        }
-    return out
+    return scores
 
 
 COLLAB_FLOW_DEFAULTS = CollabParams()
@@ -226,28 +220,26 @@ def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
     with COLLAB.run(params) as run:
         data = check_collab_inputs(params)
-        output, reused, length = decode_collab(params, data, run.id)
-        rows = output_rows(output)
+        written = decode_collab(params, data, run.id)
+        rows = written.rows()
         scored = [r["reward"] for r in rows if r["reward"] is not None]
         figures = {
-            "output": f"{output.name}@{output.version}",
-            "reused earlier output": reused,
-            "prompts": len(rows),
+            **written.figures(rows),
             "target reward": params.reward_model,
             "mean target reward": sum(scored) / len(scored) if scored else "n/a (all failed)",
-            "accuracy": figure(accuracy(rows, [r["completion"] for r in rows])),
+            "accuracy": output_accuracy(rows),
             "model calls per prompt": sum(r["model_calls"] for r in rows) / len(rows),
             "agent switches per prompt": sum(r["switches"] for r in rows) / len(rows),
             "prompts failed": sum(r["finish_reason"] == "failed" for r in rows),
             "failed model calls": sum(r["failed_calls"] for r in rows),
-            **length_figures(length),
+            **length_figures(written.length),
         }
         for name in _agent_names(params.agents):
-            figures[f"share of tokens by {name}"] = share(rows, name)
+            figures[f"share of tokens by {name}"] = writer_share(rows, name)
         if params.baselines:
             for name, alone in agents_alone(params, data).items():
-                figures[f"{name} alone: mean target reward"] = figure(alone["mean reward"])
-                figures[f"{name} alone: accuracy"] = figure(alone["accuracy"])
-                figures[f"{name} alone: failed calls"] = alone["failed calls"]
+                figures[f"{name} alone: mean target reward"] = figure(alone.mean_reward)
+                figures[f"{name} alone: accuracy"] = figure(alone.accuracy)
+                figures[f"{name} alone: failed calls"] = alone.failed_calls
         run.summary(figures)
         return {"figures": figures}

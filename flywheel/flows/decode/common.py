@@ -1,60 +1,31 @@
-"""What the three decoder flows share: their common parameters, reading and checking the
-prompts, decoding in checkpointed chunks, writing the output once, the models alone."""
+"""What the three decoder flows share: their common parameters, the checked inputs they
+pass on, decoding in checkpointed chunks and writing the output once, and the figures
+every one of them reports."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import AutoConfig, AutoTokenizer
 
-from flywheel.decoders.stepping import (
-    CausalLM,
-    Decoded,
-    check_same_vocab,
-    decode_text,
-    greedy_decode,
-)
-from flywheel.flows.tracking import (
-    reuse_or_write,
-    write_once,
-)
-from flywheel.llm.chat import (
-    NotAText,
-    PromptFormat,
-    as_text_value,
-    is_empty,
-    render_prompt,
-    resolve_format,
-)
-from flywheel.llm.tokens import position_limit
-from flywheel.reward_models.bradley_terry import RewardModel
-from flywheel.reward_models.ensemble import EnsembleRewardModel
-from flywheel.store import (
-    Checkpoint,
-    DatasetRef,
-    ModelRef,
-    data_root,
-    read_dataset,
-    read_model,
-    validate_name,
-)
+from flywheel.decoders.evaluation import accuracy, correct, greedy_texts, share
+from flywheel.decoders.stepping import CausalLM, Decoded
+from flywheel.flows.tracking import write_once
+from flywheel.llm.chat import PromptFormat
+from flywheel.store import Checkpoint, DatasetRef, data_root, validate_name
 from flywheel.store.datasets import new_version
-from flywheel.world.bootstrap import HELD_OUT_TASK_SEED, model_dir, models_root
-from flywheel.world.tasks import MAX_LEN, sample_tasks
+from flywheel.world.bootstrap import model_dir, models_root
+from flywheel.world.tasks import MAX_LEN
 
 WORLD_PROMPTS = "world_decode_prompts"
 WORLD_EXAMPLES = "world_co_llm_examples"
 WORLD_VALIDATION = "world_co_llm_validation"
 ETA_SWEEP = "co_llm_eta_sweep"
 WORLD_REWARD = "world"  # the world's own checker as the target reward (1 right, 0 wrong)
-
-log = logging.getLogger(__name__)
 
 
 def code_hash(*modules) -> str:
@@ -100,190 +71,62 @@ class DecodeParams(BaseModel):
         return validate_name(name) if name else name
 
 
-def folder_exists(field: str, path: str) -> None:
-    if not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"{field}: no model folder at {path}; run `prefect deployment run world/bootstrap` "
-            "for the world models, or pass a model folder"
-        )
+@dataclass(frozen=True)
+class DecodeInputs:
+    """The checked prompts: their dataset, and its rows as {id, prompt (rendered as the
+    models read it), source (as the dataset gave it), answer (None: none)}."""
+
+    prompts: DatasetRef
+    rows: list[dict]
 
 
-# --- inputs ---
+@dataclass(frozen=True)
+class Written:
+    """A decoding's output dataset: the version this run wrote, or the one an earlier
+    (killed or repeated) run wrote for the same work."""
 
+    output: DatasetRef
+    reused: bool
+    # what the target reward model cut for length while scoring (Collab); else empty
+    length: dict[str, dict] = field(default_factory=dict)
 
-def world_rows(n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]:
-    """World tasks as prompt/answer rows, leaving out the prompts in `avoid`."""
-    return [
-        {"id": t.id, "prompt": t.prompt, "answer": t.answer, "family": t.family}
-        for t in sample_tasks(n, random.Random(seed))
-        if t.prompt not in avoid
-    ]
+    def rows(self) -> list[dict]:
+        """The written rows as Python values (None stays None, lists stay lists)."""
+        return self.output.to_arrow().to_pylist()
 
-
-def prompt_rows(
-    params: DecodeParams, tokenizer_path: str | None = None
-) -> tuple[DatasetRef, list[dict]]:
-    """The prompts dataset and its rows as {id, prompt, answer}, checked. Each prompt
-    (text or chat messages) is rendered as the model at `tokenizer_path` reads it; no
-    tokenizer (HTTP agents only): text as it is, messages as `role: content` lines."""
-    if params.prompts == WORLD_PROMPTS and params.prompts_version is None:
-        ref = reuse_or_write(
-            WORLD_PROMPTS,
-            f"world:seed{HELD_OUT_TASK_SEED}_n{params.world_prompts}",
-            lambda: world_rows(params.world_prompts, HELD_OUT_TASK_SEED),
-        )
-    else:
-        ref = read_dataset(params.prompts, params.prompts_version)
-    source = f"dataset {ref.name}@{ref.version}"
-    table = ref.to_arrow()
-    if params.prompt_column not in table.column_names:
-        raise ValueError(
-            f"{source}: no prompt column {params.prompt_column!r} (field: prompt_column); "
-            f"its columns are {table.column_names}"
-        )
-    if params.limit is not None:
-        table = table.slice(0, params.limit)
-    if table.num_rows == 0:
-        raise ValueError(
-            f"{source} has no prompts (0 rows; field: prompts): write prompts to it or "
-            "name a dataset that has some"
-        )
-    records = table.to_pylist()
-    bad = [i for i, r in enumerate(records) if not is_prompt(r[params.prompt_column])]
-    if bad:
-        raise ValueError(
-            f"{source}: {len(bad)} row(s) have no prompt text or chat messages in "
-            f"{params.prompt_column!r}, first at row {bad[0]}; drop or fill them"
-        )
-    render = renderer(params.prompt_format, tokenizer_path)
-    answers = params.answer_column if params.answer_column in table.column_names else None
-    rows = [
-        {
-            "id": str(r["id"]) if "id" in r else str(i),
-            "prompt": render(r[params.prompt_column]),
-            "source": as_text_value(r[params.prompt_column]),
-            "answer": r[answers] if answers else None,
+    def figures(self, rows: list[dict]) -> dict:
+        return {
+            "output": f"{self.output.name}@{self.output.version}",
+            "reused earlier output": self.reused,
+            "prompts": len(rows),
         }
-        for i, r in enumerate(records)
-    ]
-    return ref, rows
 
 
-def check_fits(rows: list[dict], max_new_tokens: int, models: dict[str, str]) -> None:
-    """Every prompt plus `max_new_tokens` within each model's learned positions (GPT-2's
-    `n_positions`; rotary models have no hard limit): refused by name, not an index
-    error halfway through decoding."""
-    for field, path in models.items():
-        if not Path(path).expanduser().is_dir():
-            continue
-        limit = position_limit(AutoConfig.from_pretrained(path, local_files_only=True))
-        if limit is None:
-            continue
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        for i, row in enumerate(rows):
-            n = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-            if n + max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {row['id']!r} (row {i}) is {n} tokens; with max_new_tokens "
-                    f"{max_new_tokens} that is past the {limit} positions of {field} ({path}): "
-                    "shorten or drop it, or lower max_new_tokens"
-                )
-
-
-def is_prompt(value: object) -> bool:
-    try:
-        return not is_empty(as_text_value(value))
-    except NotAText:
-        return False
-
-
-def renderer(prompt_format: PromptFormat, tokenizer_path: str | None) -> Callable[..., str]:
-    """Prompt value -> the text the decoders continue."""
-    if tokenizer_path is None:
-        if prompt_format == "chat":
-            raise ValueError(
-                "prompt_format: 'chat' needs a model folder to read the chat template from; "
-                "no agent is a local folder, so use 'raw'"
-            )
-        return lambda value: render_prompt(None, as_text_value(value), "raw")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-    fmt = resolve_format(prompt_format, tokenizer)
-    return lambda value: render_prompt(tokenizer, as_text_value(value), fmt)
-
-
-def examples_dataset(
-    name: str | None, field: str, world_name: str, n: int, seed: int, avoid: set[str]
-) -> DatasetRef:
-    """A prompt/answer dataset: `name` from the store, or `n` world tasks (none of them in
-    `avoid`, the prompts to decode) written once per setting."""
-    if name is None:
-        avoided = hashlib.sha256("\n".join(sorted(avoid)).encode()).hexdigest()[:8]
-        ref = reuse_or_write(
-            world_name, f"world:seed{seed}_n{n}_avoid{avoided}", lambda: world_rows(n, seed, avoid)
-        )
-    else:
-        ref = read_dataset(name)
-    table = ref.to_arrow()
-    missing = [c for c in ("prompt", "answer") if c not in table.column_names]
-    if missing:
-        raise ValueError(
-            f"dataset {ref.name}@{ref.version} lacks column(s) {missing} (field: {field}); "
-            "it needs text columns prompt and answer"
-        )
-    if table.num_rows == 0:
-        raise ValueError(f"dataset {ref.name}@{ref.version} is empty (field: {field})")
-    return ref
-
-
-def same_tokenizer(field_a: str, path_a: str, field_b: str, path_b: str) -> None:
-    """Tokenizers only (no weights): one vocabulary, or a ValueError naming both."""
-    folder_exists(field_a, path_a)
-    folder_exists(field_b, path_b)
-    tok_a = AutoTokenizer.from_pretrained(str(path_a), local_files_only=True)
-    tok_b = AutoTokenizer.from_pretrained(str(path_b), local_files_only=True)
-    check_same_vocab(tok_a, tok_b, f"{field_a} ({path_a})", f"{field_b} ({path_b})")
-
-
-def accuracy(rows: list[dict], completions: list[str | None]) -> float | None:
-    """Exact match against the answers, or None when the prompts carry none."""
-    if any(r["answer"] is None for r in rows):
-        return None
-    right = [correct(r, c) is True for r, c in zip(rows, completions, strict=True)]
-    return sum(right) / len(right)
-
-
-def correct(row: dict, completion: str | None) -> bool | None:
-    if row["answer"] is None or completion is None:
-        return None
-    return completion.strip() == row["answer"].strip()
-
-
-# --- decoding under a checkpoint, then one write ---
-
-
-def decode_rows(
-    method: str,
-    key_parts: list,
-    rows: list[dict],
-    decode_chunk: Callable[[list[dict]], list[dict]],
-    batch_size: int,
-) -> tuple[list[dict], Checkpoint]:
-    """Decode chunk by chunk; a killed run resumes at the first chunk not written."""
-    ckpt = Checkpoint(data_root() / "_work" / "decode" / method / Checkpoint.key(*key_parts))
-    return ckpt.map_chunks("decode", rows, decode_chunk, chunk_size=batch_size), ckpt
-
-
-def write_output(
+def decode_and_write(
     params: DecodeParams,
-    ckpt: Checkpoint,
-    rows: list[dict],
-    schema: pa.Schema,
+    data: DecodeInputs,
     run_id: str,
-    inputs: list,
-) -> tuple[DatasetRef, bool]:
+    *,
+    method: str,
+    key: list,
+    decode_chunk: Callable[[list[dict]], list[dict]],
+    schema: pa.Schema,
+    lineage: list,
+) -> Written:
+    """Decode `data.rows` chunk by chunk under a checkpoint, then write them once. The
+    checkpoint is keyed by `key` (models, method settings, code) and the prompts and
+    decoding settings: a killed run resumes at the first chunk not written."""
+    settings = params.model_dump(
+        mode="json", include={"prompt_column", "answer_column", "limit", "max_new_tokens"}
+    )
+    work = [f"{data.prompts.name}@{data.prompts.version}", settings]
+    ckpt = Checkpoint(data_root() / "_work" / "decode" / method / Checkpoint.key(*key, work))
+    rows = ckpt.map_chunks("decode", data.rows, decode_chunk, chunk_size=params.batch_size)
     # the version is planned once per checkpoint, so a resumed or repeated run reuses it
     version = ckpt.put_once("versions", {"output": new_version()})["output"]
-    return write_once(params.output, rows, version, run_id, inputs, schema)
+    inputs = [data.prompts, *lineage]
+    output, reused = write_once(params.output, rows, version, run_id, inputs, schema)
+    return Written(output, reused)
 
 
 def common_fields() -> list[tuple[str, pa.DataType]]:
@@ -306,7 +149,7 @@ def token_rows(chunk: list[dict], out: Decoded, share_column: str, helper: str) 
             "prompt": r["prompt"],
             "completion": text,
             "answer": r["answer"],
-            "correct": correct(r, text),
+            "correct": correct(r["answer"], text),
             "writers": writers,
             "token_ids": ids,
             share_column: writers.count(helper) / len(writers) if writers else 0.0,
@@ -315,80 +158,32 @@ def token_rows(chunk: list[dict], out: Decoded, share_column: str, helper: str) 
     ]
 
 
-def alone_figures(rows: list[dict], models: dict[str, str], params: DecodeParams) -> dict:
-    """`<label> accuracy` of each model alone (greedy) on the same prompts."""
-    figures = {}
-    for label, path in models.items():
-        lm = CausalLM.load(path)
-        texts = []
-        for start in range(0, len(rows), params.batch_size):
-            batch = [r["prompt"] for r in rows[start : start + params.batch_size]]
-            ids = greedy_decode(lm, batch, params.max_new_tokens)
-            texts += [decode_text(lm, row) for row in ids]
-        figures[f"{label} accuracy"] = figure(accuracy(rows, texts))
-    return figures
-
-
 def figure(value: float | None) -> float | str:
     return "n/a (no answers)" if value is None else value
 
 
-def work_key(params: DecodeParams, data: dict) -> list:
-    """What a decoding's rows depend on besides the models: prompts and settings."""
-    prompts = data["prompts"]
-    settings = params.model_dump(
-        mode="json", include={"prompt_column", "answer_column", "limit", "max_new_tokens"}
-    )
-    return [f"{prompts.name}@{prompts.version}", settings]
+def accuracy_figure(rows: list[dict], completions: list[str | None]) -> float | str:
+    """Exact-match accuracy of `completions` against the rows' answers, as a figure."""
+    return figure(accuracy([r["answer"] for r in rows], completions))
 
 
-def share(rows: list[dict], writer: str) -> float:
-    """The fraction of all written tokens that `writer` wrote."""
-    total = sum(len(r["writers"]) for r in rows)
-    return sum(r["writers"].count(writer) for r in rows) / total if total else 0.0
+def output_accuracy(rows: list[dict]) -> float | str:
+    """The written rows' exact-match accuracy, as a figure."""
+    return accuracy_figure(rows, [r["completion"] for r in rows])
 
 
-def output_rows(output: DatasetRef) -> list[dict]:
-    """The written rows as Python values (None stays None, lists stay lists)."""
-    return output.to_arrow().to_pylist()
+def writer_share(rows: list[dict], writer: str) -> float:
+    """The fraction of all tokens in the written rows that `writer` wrote."""
+    return share([r["writers"] for r in rows], writer)
 
 
-def read_reward_model(name: str, version: str | None, field: str) -> ModelRef:
-    reward = read_model(name, version)
-    if reward.meta["kind"] not in ("bradley-terry", "ensemble"):
-        raise ValueError(
-            f"{field}: {reward.name}@{reward.version} is a {reward.meta['kind']!r} "
-            "model, not a reward model; train one with reward/train"
+def alone_figures(rows: list[dict], models: dict[str, str], params: DecodeParams) -> dict:
+    """`<label> accuracy` of each model alone (greedy) on the same prompts."""
+    prompts = [r["prompt"] for r in rows]
+    return {
+        f"{label} accuracy": accuracy_figure(
+            rows,
+            greedy_texts(CausalLM.load(path), prompts, params.max_new_tokens, params.batch_size),
         )
-    return reward
-
-
-class TargetReward:
-    """The target reward: a registered reward model's score, or the world's checker.
-
-    Prompts arrive as the decoders read them (rendered); the reward model gets each
-    prompt as the dataset gave it (text or chat messages) and renders it itself, as it
-    was trained. What it cuts for length is counted in `length`."""
-
-    def __init__(self, reward: ModelRef | None, rows: list[dict]) -> None:
-        self.source = {r["prompt"]: r.get("source", r["prompt"]) for r in rows}
-        self.answers = {r["prompt"]: r["answer"] for r in rows}
-        self.model: RewardModel | EnsembleRewardModel | None = None
-        if reward is not None:
-            is_ensemble = reward.meta["kind"] == "ensemble"
-            self.model = (EnsembleRewardModel if is_ensemble else RewardModel)(reward.path)
-
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        if self.model is None:
-            return [
-                float(c.strip() == self.answers[p].strip())
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        given = [self.source.get(p, p) if isinstance(p, str) else p for p in prompts]
-        scores = self.model.score(given, completions)
-        return scores["mean"] if isinstance(scores, dict) else scores
-
-    def length(self) -> dict:
-        """{"reward model": LengthReport dict} of this run's scoring; empty for the world."""
-        report = getattr(self.model, "length", None)
-        return {} if report is None else {"reward model (scored in this run)": report.as_dict()}
+        for label, path in models.items()
+    }

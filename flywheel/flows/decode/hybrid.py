@@ -3,8 +3,6 @@ method is `flywheel.decoders.hybrid`."""
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow as pa
 from prefect import task
 from pydantic import Field, model_validator
@@ -12,38 +10,24 @@ from pydantic import Field, model_validator
 from flywheel.decoders import hybrid as hybrid_module
 from flywheel.decoders import stepping
 from flywheel.decoders.hybrid import HybridConfig, check_threshold, hybrid_decode
-from flywheel.decoders.stepping import (
-    CausalLM,
-)
+from flywheel.decoders.stepping import CausalLM
 from flywheel.flows.decode.common import (
+    DecodeInputs,
     DecodeParams,
-    accuracy,
+    Written,
     alone_figures,
-    check_fits,
     code_hash,
     common_fields,
-    decode_rows,
-    figure,
+    decode_and_write,
     large_model,
-    output_rows,
-    prompt_rows,
-    same_tokenizer,
-    share,
+    output_accuracy,
     token_rows,
-    work_key,
-    write_output,
+    writer_share,
 )
-from flywheel.flows.reward import default_backbone
-from flywheel.flows.tracking import (
-    Deployment,
-    model_inputs,
-)
+from flywheel.flows.decode.inputs import read_prompts, shared_vocabulary
+from flywheel.flows.pair_training import default_backbone
+from flywheel.flows.tracking import Deployment, model_inputs
 from flywheel.llm import BackendSpec, model_fingerprint
-from flywheel.store import (
-    DatasetRef,
-)
-
-log = logging.getLogger(__name__)
 
 
 class HybridParams(DecodeParams, HybridConfig):
@@ -59,8 +43,6 @@ class HybridParams(DecodeParams, HybridConfig):
         return self
 
 
-# --- decode/hybrid ---
-
 HYBRID_SOURCE = code_hash(hybrid_module, stepping)
 HYBRID_SCHEMA = pa.schema(
     [*common_fields(), ("token_ids", pa.list_(pa.int64())), ("large_share", pa.float64())]
@@ -68,21 +50,17 @@ HYBRID_SCHEMA = pa.schema(
 
 
 @task(name="check-inputs")
-def check_hybrid_inputs(params: HybridParams) -> dict:
+def check_hybrid_inputs(params: HybridParams) -> DecodeInputs:
     """Before any weights load: folders, one vocabulary, the threshold, the prompts."""
-    same_tokenizer("small_model", params.small_model, "large_model", params.large_model)
-    check_threshold(params.measure, params.threshold)
-    prompts, rows = prompt_rows(params, params.small_model)
-    check_fits(
-        rows,
-        params.max_new_tokens,
-        {"small_model": params.small_model, "large_model": params.large_model},
+    pair = shared_vocabulary(
+        ("small_model", params.small_model), ("large_model", params.large_model)
     )
-    return {"prompts": prompts, "rows": rows}
+    check_threshold(params.measure, params.threshold)
+    return read_prompts(params, pair)
 
 
 @task(name="decode-hybrid")
-def decode_hybrid(params: HybridParams, data: dict, run_id: str) -> tuple[DatasetRef, bool]:
+def decode_hybrid(params: HybridParams, data: DecodeInputs, run_id: str) -> Written:
     small, large = CausalLM.load(params.small_model), CausalLM.load(params.large_model)
 
     def decode_chunk(chunk: list[dict]) -> list[dict]:
@@ -98,16 +76,17 @@ def decode_hybrid(params: HybridParams, data: dict, run_id: str) -> tuple[Datase
         return token_rows(chunk, out, "large_share", "large")
 
     specs = [BackendSpec(model=params.small_model), BackendSpec(model=params.large_model)]
-    key = [
-        [model_fingerprint(s) for s in specs],
-        params.measure,
-        params.threshold,
-        HYBRID_SOURCE,
-        work_key(params, data),
-    ]
-    rows, ckpt = decode_rows("hybrid", key, data["rows"], decode_chunk, params.batch_size)
-    inputs = [data["prompts"], *(ref for s in specs for ref in model_inputs(s))]
-    return write_output(params, ckpt, rows, HYBRID_SCHEMA, run_id, inputs)
+    fingerprints = [model_fingerprint(s) for s in specs]
+    return decode_and_write(
+        params,
+        data,
+        run_id,
+        method="hybrid",
+        key=[fingerprints, params.measure, params.threshold, HYBRID_SOURCE],
+        decode_chunk=decode_chunk,
+        schema=HYBRID_SCHEMA,
+        lineage=[ref for s in specs for ref in model_inputs(s)],
+    )
 
 
 HYBRID_FLOW_DEFAULTS = HybridParams()
@@ -119,19 +98,17 @@ def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
     with HYBRID.run(params) as run:
         data = check_hybrid_inputs(params)
-        output, reused = decode_hybrid(params, data, run.id)
-        rows = output_rows(output)
+        written = decode_hybrid(params, data, run.id)
+        rows = written.rows()
         figures = {
-            "output": f"{output.name}@{output.version}",
-            "reused earlier output": reused,
-            "prompts": len(rows),
+            **written.figures(rows),
             "measure": params.measure,
             "threshold": params.threshold,
-            "accuracy": figure(accuracy(rows, [r["completion"] for r in rows])),
-            "share of tokens sent to the large model": share(rows, "large"),
+            "accuracy": output_accuracy(rows),
+            "share of tokens sent to the large model": writer_share(rows, "large"),
         }
         if params.baselines:
             alone = {"small alone": params.small_model, "large alone": params.large_model}
-            figures |= alone_figures(data["rows"], alone, params)
+            figures |= alone_figures(data.rows, alone, params)
         run.summary(figures)
         return {"figures": figures}
