@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.flows.armap import (
-    ArmapSynthParams,
+from flywheel.flows.armap import ArmapSynthParams, armap_flow
+from flywheel.flows.plan import (
     BestOfNParams,
     MCTSParams,
     ReflexionParams,
-    armap_flow,
     best_of_n_flow,
     mcts_flow,
     reflexion_flow,

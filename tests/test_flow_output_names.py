@@ -5,8 +5,9 @@ import pytest
 from pydantic import ValidationError
 
 from flywheel.flows.align import GroupRobustParams
-from flywheel.flows.armap import ArmapSynthParams, BestOfNParams, MCTSParams, ReflexionParams
+from flywheel.flows.armap import ArmapSynthParams
 from flywheel.flows.decode import CollabParams, CoLLMParams, HybridParams
+from flywheel.flows.plan import BestOfNParams, MCTSParams, ReflexionParams
 from flywheel.flows.relabel import RelabelParams
 from flywheel.flows.reward import RewardTrainParams
 from flywheel.flows.synth import ReferenceSynthParams

@@ -195,7 +195,9 @@ def test_the_flows_choose_environments_from_a_fixed_registry() -> None:
 
     from pydantic import ValidationError
 
-    from flywheel.flows.armap import ENVIRONMENTS, ArmapSynthParams, EnvironmentName, MCTSParams
+    from flywheel.flows.armap import ArmapSynthParams
+    from flywheel.flows.environments import ENVIRONMENTS, EnvironmentName
+    from flywheel.flows.plan import MCTSParams
 
     assert set(ENVIRONMENTS) == set(get_args(EnvironmentName)) == {"shop", "grid"}
     for name, entry in ENVIRONMENTS.items():

@@ -6,10 +6,11 @@ from prefect import Flow
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flywheel.flows.align import GROUP_ROBUST
-from flywheel.flows.armap import ARMAP, BEST_OF_N, MCTS, REFLEXION
+from flywheel.flows.armap import ARMAP
 from flywheel.flows.decode.co_llm import CO_LLM
 from flywheel.flows.decode.collab import COLLAB
 from flywheel.flows.decode.hybrid import HYBRID
+from flywheel.flows.plan import BEST_OF_N, MCTS, REFLEXION
 from flywheel.flows.relabel import RELABEL
 from flywheel.flows.reward import TRAIN
 from flywheel.flows.selectors import KMEANS_SELECTOR

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import pyarrow as pa
 from prefect import task
 from pydantic import ConfigDict, Field, field_validator
 
-from flywheel.flows.tracking import (
-    MODEL_CALLS,
-    Deployment,
-    reuse_or_write,
-    write_once,
-)
+from flywheel.flows.outputs import PlannedOutputs
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, reuse_or_write
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
@@ -29,8 +26,9 @@ from flywheel.store import (
     read_dataset,
     validate_name,
 )
-from flywheel.store.datasets import new_version, validate_output_name
+from flywheel.store.datasets import validate_output_name
 from flywheel.synthesis import refed as refed_module
+from flywheel.synthesis import refed_outputs
 from flywheel.synthesis import rouge as rouge_module
 from flywheel.synthesis.refed import (
     RefedConfig,
@@ -39,49 +37,11 @@ from flywheel.synthesis.refed import (
     Teacher,
     references_from_rows,
 )
+from flywheel.synthesis.refed_outputs import FAILED_SCHEMA, FEEDBACK_SCHEMA, SAMPLES_SCHEMA
 from flywheel.world import teacher as world_teacher
 from flywheel.world.bootstrap import model_dir, models_root
 from flywheel.world.tasks import ONE_SHOT_TEMPLATE, parse_instruction, sample_tasks
 from flywheel.world.teacher import WorldTeacher
-
-FAILED_SCHEMA = pa.schema(
-    [
-        ("stage", pa.string()),
-        ("item_id", pa.string()),
-        ("reference_id", pa.string()),
-        ("raw", pa.string()),
-        ("error", pa.string()),
-        ("attempts", pa.int64()),
-    ]
-)
-
-
-# Fixed schemas: a run that synthesizes nothing (every reference failed, the judge
-# dropped everything) still writes its (empty) datasets and, above all, its failures.
-FEEDBACK_SCHEMA = pa.schema(
-    [
-        ("reference_id", pa.string()),
-        ("subject_areas", pa.list_(pa.string())),
-        ("skills", pa.list_(pa.string())),
-        ("content_quality", pa.string()),
-        ("communication", pa.string()),
-        ("instruction_alignment", pa.string()),
-    ]
-)
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("reference_id", pa.string()),
-        ("reference_instruction", pa.string()),
-        ("feature", pa.string()),
-        ("family", pa.string()),
-        ("instruction", pa.string()),
-        ("response", pa.string()),
-        ("initial_response", pa.string()),
-        ("refined", pa.bool_()),
-        ("judge_score", pa.float64()),
-    ]
-)
 
 
 def world_responder() -> BackendSpec:
@@ -195,66 +155,45 @@ def _refed(params: ReferenceSynthParams, refs: DatasetRef) -> RefedRun:
     )
 
 
-@task(name="collect-feedback", **MODEL_CALLS)
-def collect_feedback(params: ReferenceSynthParams, refs: DatasetRef) -> int:
+# REFED's stages in order, each run as its own task (retried on backend errors, resumed
+# from the checkpoint); a stage's count shows on its task run
+STAGES: dict[str, Callable[[RefedRun], int]] = {
+    "collect-feedback": lambda run: len(run.feedback()),
+    "synthesize-instructions": lambda run: sum(c["kept"] for c in run.instructions()),
+    "generate-responses": lambda run: len(run.responses()),
+    "refine-responses": lambda run: len(run.refine()),
+}
+
+
+@task(name="refed-stage", **MODEL_CALLS)
+def refed_stage(params: ReferenceSynthParams, refs: DatasetRef, stage: str) -> int:
     with _refed(params, refs) as run:
-        return len(run.feedback())
+        return STAGES[stage](run)
 
 
-@task(name="synthesize-instructions", **MODEL_CALLS)
-def synthesize_instructions(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    with _refed(params, refs) as run:
-        return sum(c["kept"] for c in run.instructions())
+@dataclass(frozen=True)
+class RefedOutputs:
+    """What write-outputs wrote: the run's stats and {kind: `name@version`}."""
 
-
-@task(name="generate-responses", **MODEL_CALLS)
-def generate_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    with _refed(params, refs) as run:
-        return len(run.responses())
-
-
-@task(name="refine-responses", **MODEL_CALLS)
-def refine_responses(params: ReferenceSynthParams, refs: DatasetRef) -> int:
-    with _refed(params, refs) as run:
-        return len(run.refine())
+    stats: dict[str, Any]
+    datasets: dict[str, str]
 
 
 @task(name="write-outputs")
-def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -> dict:
-    """Write feedback, samples and failures; versions are planned once, so a resumed or
-    repeated run reuses them instead of writing the same rows again."""
+def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -> RefedOutputs:
+    """Write failures, feedback and samples, each version planned once in the checkpoint."""
     with _refed(params, refs) as refed:
         rows, failed, stats = refed.result()
-        feedback_rows = [
-            {k: v for k, v in fb.items() if k != "requests"}
-            for fb in refed.feedback()
-            if "failures" not in fb  # those are in the failed dataset, one row per failure
-        ]
-    names = {
-        "feedback": f"{params.output}_feedback",
-        "samples": params.output,
-        "failed": failed_name(params.output),
-    }
-    # planned once (the first writer wins), so a resumed, repeated or concurrent run with
-    # the same inputs reuses these versions instead of writing the same rows again
-    planned = refed.ckpt.put_once("versions", {k: new_version() for k in names})
-
-    def write(kind: str, data: list[dict], inputs: list[DatasetRef], schema: pa.Schema):
-        ref, reused = write_once(names[kind], data, planned[kind], run_id, inputs, schema)
-        stats["reused_earlier_output"] = stats.get("reused_earlier_output", False) or reused
-        return ref
-
-    failures = write("failed", failed, [refs], FAILED_SCHEMA)
-    feedback = write("feedback", feedback_rows, [refs], FEEDBACK_SCHEMA)
-    samples = write("samples", rows, [refs, feedback], SAMPLES_SCHEMA)
-    return {
-        "stats": stats,
-        "datasets": {
-            "feedback": f"{feedback.name}@{feedback.version}",
-            "samples": f"{samples.name}@{samples.version}",
-            "failed": f"{failures.name}@{failures.version}",
-        },
-    }
+        feedback_rows = refed_outputs.feedback_rows(refed.feedback())
+    output = params.output
+    names = {"feedback": f"{output}_feedback", "samples": output, "failed": failed_name(output)}
+    out = PlannedOutputs(refed.ckpt, names, run_id)
+    failures = out.write("failed", failed, [refs], FAILED_SCHEMA)
+    feedback = out.write("feedback", feedback_rows, [refs], FEEDBACK_SCHEMA)
+    samples = out.write("samples", rows, [refs, feedback], SAMPLES_SCHEMA)
+    stats["reused_earlier_output"] = out.reused
+    written = {"feedback": feedback, "samples": samples, "failed": failures}
+    return RefedOutputs(stats, {k: f"{ref.name}@{ref.version}" for k, ref in written.items()})
 
 
 REFERENCE_DEFAULTS = ReferenceSynthParams()
@@ -266,22 +205,10 @@ def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
     with REFERENCE.run(params) as run:
         refs = check_inputs(params)
-        collect_feedback(params, refs)
-        synthesize_instructions(params, refs)
-        generate_responses(params, refs)
-        refine_responses(params, refs)
+        for stage in STAGES:
+            refed_stage.with_options(name=stage)(params, refs, stage)
         out = write_outputs(params, refs, run.id)
-        stats = out["stats"]
-        figures = {
-            "rows written": stats["rows"],
-            "failures": stats["failed"],
-            "references": stats["references"],
-            "feedback requests per synthesized sample": stats["feedback_requests_per_sample"],
-            "samples per reference": stats["samples_per_reference"],
-            "responses changed by refinement": stats["refined_changed"],
-            "dropped by diversity filter": stats["dropped_by_diversity"],
-            "dropped by judge": stats["dropped_by_judge"],
-            **{f"dataset: {k}": v for k, v in out["datasets"].items()},
-        }
+        figures = refed_outputs.summary_figures(out.stats)
+        figures |= {f"dataset: {k}": v for k, v in out.datasets.items()}
         run.summary(figures)
-        return out | {"seconds": figures["seconds"]}
+        return {"stats": out.stats, "datasets": out.datasets, "seconds": figures["seconds"]}

@@ -5,7 +5,13 @@ from __future__ import annotations
 from prefect import task
 
 from flywheel.flows.tracking import Deployment
-from flywheel.world.bootstrap import BootstrapConfig, bootstrap_models, format_report, models_root
+from flywheel.world.bootstrap import (
+    BootstrapConfig,
+    bootstrap_models,
+    format_report,
+    models_root,
+    summary_figures,
+)
 
 
 @task(name="train-world-models")
@@ -24,14 +30,6 @@ def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
     published and fails the run."""
     with BOOTSTRAP.run(params) as run:
         report = train_world_models(params)
-        figures = {
-            f"world-{size} accuracy (all / hard; floor)": f"{m['accuracy']['all']:.2f} / "
-            f"{m['accuracy_hard']['all']:.2f}; "
-            f"{getattr(params, f'{size}_min_accuracy'):.2f}"
-            for size, m in report["models"].items()
-        }
-        figures |= {
-            f"world-{size} steps": m["train"]["steps"] for size, m in report["models"].items()
-        }
+        figures = summary_figures(report, params)
         run.summary(figures, format_report(report))
         return report

@@ -280,3 +280,16 @@ def format_report(report: dict) -> str:
             f"{ev['greedy']['success']:.2f} | {ev['expert']['success']:.2f} |",
         ]
     return "\n".join(lines)
+
+
+def summary_figures(report: dict, config: BootstrapConfig) -> dict[str, str | int]:
+    """`bootstrap_models`' report as a run summary shows it: each world model's accuracy
+    (all tasks / hard ones) against its floor, and its training steps."""
+    models = report["models"]
+    figures: dict[str, str | int] = {
+        f"world-{size} accuracy (all / hard; floor)": f"{m['accuracy']['all']:.2f} / "
+        f"{m['accuracy_hard']['all']:.2f}; {getattr(config, f'{size}_min_accuracy'):.2f}"
+        for size, m in models.items()
+    }
+    figures |= {f"world-{size} steps": m["train"]["steps"] for size, m in models.items()}
+    return figures
