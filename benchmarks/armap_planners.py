@@ -69,8 +69,8 @@ def one_seed(
     from flywheel.world.shop_agent import held_out_intents
     from flywheel.world.shop_env import EnvScoreOracle, ShopAgent, ShopEnvironment
 
-    def shop(c: ArmapConfig) -> ShopEnvironment:
-        return ShopEnvironment.from_settings(c.catalog_size, c.catalog_seed, c.price_slack)
+    def shop(catalog_seed: int) -> ShopEnvironment:  # 120 items, price slack 15
+        return ShopEnvironment.from_settings(catalog_seed=catalog_seed)
 
     out: dict = {}
     with TransformersBackend(agent_path, batch_size=256) as backend:
@@ -80,21 +80,19 @@ def one_seed(
             trajectories_per_intent=args.trajectories,
             temperature=args.temperature,
             seed=seed,
-            catalog_seed=seed,
         )
         checkpoint = Checkpoint(work / "checkpoints")
         train, failures, synth = synthesize_triplets(
-            config, None, agent, checkpoint, environment=shop(config)
+            config, None, agent, checkpoint, environment=shop(catalog_seed=seed)
         )
         held_out_config = config.model_copy(
             update={
                 "intents": args.eval_intents,
                 "seed": 10_000 + seed,
-                "catalog_seed": 10_000 + seed,
             }
         )
         held_out, _, _ = synthesize_triplets(
-            held_out_config, None, agent, checkpoint, environment=shop(held_out_config)
+            held_out_config, None, agent, checkpoint, environment=shop(catalog_seed=10_000 + seed)
         )
         out["synthesis"] = {**synth, "failures": len(failures), "held_out_triplets": len(held_out)}
         print(

@@ -35,10 +35,8 @@ from flywheel.world.shop_env import (
 POSITIONS = 256  # max_position_embeddings of the tiny models
 
 
-def shop(config: ArmapConfig) -> ShopEnvironment:
-    return ShopEnvironment.from_settings(
-        config.catalog_size, config.catalog_seed, config.price_slack
-    )
+def shop() -> ShopEnvironment:
+    return ShopEnvironment.from_settings()  # 120 items, catalog seed 0, price slack 15
 
 
 def as_env_episode(episode: Episode) -> EnvEpisode:
@@ -168,7 +166,7 @@ def test_refinement_makes_each_positive_exact_and_negatives_lower() -> None:
 
 def test_synthesis_with_the_tiny_agent(agent: ShopAgent) -> None:
     config = ArmapConfig(intents=12, trajectories_per_intent=4, chunk_size=4, seed=1)
-    triplets, failures, figures = synthesize_triplets(config, None, agent, environment=shop(config))
+    triplets, failures, figures = synthesize_triplets(config, None, agent, environment=shop())
     assert failures == [] and figures["episodes"] == 48
     assert figures["bought_rate"] > 0 and len(triplets) == figures["triplets"] > 0
     assert len({t["id"] for t in triplets}) == len(triplets)
@@ -180,9 +178,7 @@ def test_synthesis_with_the_tiny_agent(agent: ShopAgent) -> None:
     assert all(c == 1.0 for c in chosen)
     assert all(r == t["negative_score"] < 1.0 for r, t in zip(rejected, triplets, strict=True))
     # the same seed gives the same rows
-    again, _, _ = synthesize_triplets(
-        config, WorldIntentProposer(), agent, environment=shop(config)
-    )
+    again, _, _ = synthesize_triplets(config, WorldIntentProposer(), agent, environment=shop())
     assert again == triplets
 
 
@@ -196,9 +192,7 @@ def test_llm_proposer_failures_keep_raw_text(agent: ShopAgent) -> None:
     ]
     proposer = LLMIntentProposer(ScriptedBackend(answers))
     config = ArmapConfig(intents=5, trajectories_per_intent=2, proposer="llm")
-    triplets, failures, figures = synthesize_triplets(
-        config, proposer, agent, environment=shop(config)
-    )
+    triplets, failures, figures = synthesize_triplets(config, proposer, agent, environment=shop())
     assert [f["index"] for f in failures] == [2, 3, 4] and figures["intent_failures"] == 3
     assert [f["raw"] for f in failures] == answers[2:]
     assert "unknown size 'tiny'" in failures[1]["error"]
@@ -212,10 +206,10 @@ def test_llm_proposer_failures_keep_raw_text(agent: ShopAgent) -> None:
             config.model_copy(update={"proposer": "world"}),
             proposer,
             agent,
-            environment=shop(config),
+            environment=shop(),
         )
     with pytest.raises(ValueError, match="proposer"):
-        synthesize_triplets(config, None, agent, environment=shop(config))
+        synthesize_triplets(config, None, agent, environment=shop())
     # a real tiny model as the intent writer: whatever it writes is kept, never dropped
     rows = LLMIntentProposer(agent.backend).propose(
         ShopEnvironment(make_catalog(120)), [0, 1, 2], seed=0
@@ -226,7 +220,7 @@ def test_llm_proposer_failures_keep_raw_text(agent: ShopAgent) -> None:
 
 def test_killed_synthesis_resumes_with_identical_rows(agent: ShopAgent, tmp_path: Path) -> None:
     config = ArmapConfig(intents=9, trajectories_per_intent=3, chunk_size=3, seed=2)
-    expected = synthesize_triplets(config, None, agent, environment=shop(config))[0]
+    expected = synthesize_triplets(config, None, agent, environment=shop())[0]
 
     class Killed(RuntimeError):
         pass
@@ -242,8 +236,8 @@ def test_killed_synthesis_resumes_with_identical_rows(agent: ShopAgent, tmp_path
     dying.calls = 0
     checkpoint = Checkpoint(tmp_path / "ckpt")
     with pytest.raises(Killed):
-        synthesize_triplets(config, None, dying, checkpoint, environment=shop(config))
-    resumed, _, _ = synthesize_triplets(config, None, agent, checkpoint, environment=shop(config))
+        synthesize_triplets(config, None, dying, checkpoint, environment=shop())
+    resumed, _, _ = synthesize_triplets(config, None, agent, checkpoint, environment=shop())
     assert resumed == expected
     assert len({t["id"] for t in resumed}) == len(resumed)
 
@@ -257,7 +251,7 @@ def test_reward_model_trains_on_triplets(agent: ShopAgent, tmp_path: Path) -> No
     from flywheel.world.models import new_tiny_model, save_tiny
 
     config = ArmapConfig(intents=16, trajectories_per_intent=4, seed=3)
-    triplets, _, _ = synthesize_triplets(config, None, agent, environment=shop(config))
+    triplets, _, _ = synthesize_triplets(config, None, agent, environment=shop())
     backbone = save_tiny(new_tiny_model("small"), tmp_path / "backbone")
     config = RewardTrainingConfig(base_model=str(backbone), max_length=256, batch_size=16)
     report = train_reward_model(triplets, triplets[:16], config, tmp_path / "rm")

@@ -137,7 +137,7 @@ def test_armap_killed_halfway_resumes_without_losing_or_duplicating_rows(
     with make_backend(params.agent) as backend:
         clean = ShopAgent(backend, temperature=config.temperature, seed=config.seed)
         shop = ShopEnvironment.from_settings(
-            config.catalog_size, config.catalog_seed, config.price_slack
+            params.catalog_size, params.catalog_seed, params.price_slack
         )
         expected, _, _ = synthesize_triplets(
             config, None, clean, Checkpoint(tmp_path / "clean"), environment=shop

@@ -201,7 +201,7 @@ def test_the_flows_choose_environments_from_a_fixed_registry() -> None:
 
     assert set(ENVIRONMENTS) == set(get_args(EnvironmentName)) == {"shop", "grid"}
     for name, entry in ENVIRONMENTS.items():
-        built = entry.build(ArmapConfig())
+        built = entry.build(ArmapSynthParams())
         environment, tasks = entry.held_out(3)
         assert built.name == environment.name == name and len(tasks) == 3
         assert built.parse_task(built.task_text(tasks[0])) == tasks[0]

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 
-from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentField
+from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentField, ShopSettings
 from flywheel.flows.outputs import PlannedOutputs
 from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
 from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs
@@ -30,7 +30,7 @@ from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer
 from flywheel.synthesis.environment import Agent
 
 
-class ArmapSynthParams(ArmapConfig):
+class ArmapSynthParams(ArmapConfig, ShopSettings):
     """Parameters of `synth/armap`: ARMAP's knobs, the agent, and what to write."""
 
     # 600 intents (about 6,000 triplets): with 200 the reward model stayed near 0.55-0.74
@@ -120,7 +120,7 @@ def synthesize(params: ArmapSynthParams, run_id: str) -> Triplets:
     """Intents, trajectories, refined intents, triplets; checkpointed per chunk of intents,
     so a killed run resumes and a repeated run reuses its versions."""
     config, ckpt = params.armap_config(), Checkpoint(_workdir(params))
-    environment = ENVIRONMENTS[params.environment].build(config)
+    environment = ENVIRONMENTS[params.environment].build(params)
     spec, proposer = params.proposer_spec(), None
     with ExitStack() as backends:  # the agent's, then the proposer's; closed in reverse
         backend = backends.enter_context(make_backend(params.agent))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from flywheel.environments import grid
 from flywheel.llm import BackendSpec
@@ -15,9 +15,20 @@ from flywheel.synthesis.armap import EnvironmentEntry
 from flywheel.world import shop_agent, shop_env
 from flywheel.world.bootstrap import models_root, shop_agent_dir
 
+
+class ShopSettings(BaseModel):
+    """The shop's own settings, for runs that build it (`environment='shop'`)."""
+
+    catalog_size: int = Field(120, ge=5, description="the shop's items (environment 'shop')")
+    catalog_seed: int = Field(0, description="the shop's catalog (environment 'shop')")
+    price_slack: int = Field(
+        15, ge=0, description="the shop's refined bound: price + randint(0, slack)"
+    )
+
+
 ENVIRONMENTS: dict[str, EnvironmentEntry] = {
     "shop": EnvironmentEntry(
-        build=lambda c: shop_env.ShopEnvironment.from_settings(
+        build=lambda c: shop_env.ShopEnvironment.from_settings(  # c: ShopSettings
             c.catalog_size, c.catalog_seed, c.price_slack
         ),
         held_out=shop_env.held_out_tasks,
@@ -49,4 +60,11 @@ AgentField = Annotated[
     ),
 ]
 
-__all__ = ["ENVIRONMENTS", "AgentField", "EnvironmentField", "EnvironmentName", "shop_agent_spec"]
+__all__ = [
+    "ENVIRONMENTS",
+    "AgentField",
+    "EnvironmentField",
+    "EnvironmentName",
+    "ShopSettings",
+    "shop_agent_spec",
+]

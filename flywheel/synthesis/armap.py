@@ -64,14 +64,9 @@ class ArmapConfig(BaseModel):
     trajectories_per_intent: int = Field(6, ge=2, description="sampled episodes per intent")
     temperature: float = Field(1.0, ge=0, description="the agent's sampling temperature")
     max_steps: int = Field(MAX_STEPS, ge=1, le=MAX_STEPS, description="steps per episode")
-    catalog_size: int = Field(120, ge=5, description="the shop's items (environment 'shop')")
-    catalog_seed: int = Field(0, description="the shop's catalog (environment 'shop')")
     seed: int = 0
     proposer: Literal["world", "llm"] = "world"
     negatives_per_positive: int = Field(2, ge=1)
-    price_slack: int = Field(
-        15, ge=0, description="the shop's refined bound: price + randint(0, slack)"
-    )
     chunk_size: int = Field(16, ge=1, description="intents per checkpointed chunk")
 
 
@@ -381,10 +376,11 @@ def synthesize_triplets(
 
 @dataclass(frozen=True)
 class EnvironmentEntry:
-    """How a flow builds one environment: for synthesis from ARMAP's settings, and
-    with its held-out tasks for the planners."""
+    """How a flow builds one environment: for synthesis from the run's parameters (where
+    an environment's own settings live, e.g. the shop's catalog), and with its held-out
+    tasks for the planners."""
 
-    build: Callable[[ArmapConfig], Environment]
+    build: Callable[[Any], Environment]
     held_out: Callable[[int], tuple[Environment, list[Any]]]
     modules: tuple[ModuleType, ...]  # their source is part of the checkpoint key
 
