@@ -96,3 +96,20 @@ def test_each_deployment_is_declared_once_and_the_nightly_order_follows_the_list
     assert minutes == sorted(minutes) and len(set(minutes)) == len(minutes)
     for declared, served in zip(DECLARED, DEPLOYMENTS, strict=True):
         assert (declared.entry.name, served.name) == tuple(declared.name.split("/"))
+
+
+def test_a_flow_whose_signature_is_not_its_deployments_is_refused() -> None:
+    from flywheel.flows.tracking import Deployment
+
+    declared = Deployment("world/example", "Example", BootstrapConfig, nightly_utc="0 0 * * *")
+
+    def other_defaults(params: BootstrapConfig = BootstrapConfig()) -> dict:  # noqa: B008
+        return {}
+
+    def two_parameters(params: BootstrapConfig = declared.defaults, extra: int = 0) -> dict:
+        return {}
+
+    for fn in (other_defaults, two_parameters):
+        with pytest.raises(TypeError, match=r"world/example.*params: BootstrapConfig"):
+            declared.flow(fn)
+    assert declared.entry is None

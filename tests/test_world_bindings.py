@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 import flywheel
 from flywheel.flows.synth import (
-    REFERENCE_DEFAULTS,
+    REFERENCE,
     WorldRefedConfig,
     make_teacher,
     world_family,
@@ -71,7 +71,7 @@ def test_refed_defaults_are_neutral_and_the_flow_binds_the_worlds() -> None:
     assert (world.teacher, world.response_template) == ("world", ONE_SHOT_TEMPLATE)
     assert Path(world.responder.model).name == "world-large"
     # the flow's parameters are the world's config plus where references come from
-    assert REFERENCE_DEFAULTS.model_dump(include=set(RefedConfig.model_fields)) == (
+    assert REFERENCE.defaults.model_dump(include=set(RefedConfig.model_fields)) == (
         world.model_dump()
     )
 

@@ -27,7 +27,8 @@ from flywheel.alignment.group_robust import (
     train_group_robust,
 )
 from flywheel.flows import pair_training
-from flywheel.flows.tracking import Deployment, length_figures, write_once
+from flywheel.flows.outputs import write_once
+from flywheel.flows.tracking import Deployment, length_figures
 from flywheel.store import ModelRef
 from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
@@ -140,14 +141,16 @@ def train(params: GroupRobustParams, data: pair_training.CheckedPairs, run_id: s
     return pair_training.train_once(params, data.inputs, SOURCE, params.method, run_id, fit)
 
 
-GROUP_ROBUST_FLOW_DEFAULTS = GroupRobustParams()
 GROUP_ROBUST = Deployment(
-    "align/group-robust", "Group robust preference optimisation", nightly_utc="0 5 * * *"
+    "align/group-robust",
+    "Group robust preference optimisation",
+    GroupRobustParams,
+    nightly_utc="0 5 * * *",
 )
 
 
 @GROUP_ROBUST.flow
-def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST_FLOW_DEFAULTS) -> dict:
+def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST.defaults) -> dict:
     """Group robust preference optimisation (GR-DPO/GR-IPO) against plain DPO/IPO."""
     with GROUP_ROBUST.run(params) as run:
         data = check_inputs(params)

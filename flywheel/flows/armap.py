@@ -153,12 +153,11 @@ def _train_reward_model(params: ArmapSynthParams, triplets: DatasetRef) -> dict:
     )
 
 
-ARMAP_DEFAULTS = ArmapSynthParams()
-ARMAP = Deployment("synth/armap", "ARMAP synthesis", nightly_utc="30 2 * * *")
+ARMAP = Deployment("synth/armap", "ARMAP synthesis", ArmapSynthParams, nightly_utc="30 2 * * *")
 
 
 @ARMAP.flow
-def armap_flow(params: ArmapSynthParams = ARMAP_DEFAULTS) -> dict:
+def armap_flow(params: ArmapSynthParams = ARMAP.defaults) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
     with ARMAP.run(params) as run:
         check_armap_inputs(params)

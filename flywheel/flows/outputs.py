@@ -1,16 +1,62 @@
-"""A checkpointed run's output datasets, each version planned once in the checkpoint
-(the first writer wins): a resumed, repeated or concurrent run with the same inputs
-reuses those versions instead of writing the same rows again."""
+"""Datasets a run writes at most once: generated inputs once per generator setting
+(`reuse_or_write`), a planned version once (`write_once`), and a checkpointed run's
+outputs, each version planned once in the checkpoint (`PlannedOutputs`; the first
+writer wins): a resumed, repeated or concurrent run with the same inputs reuses those
+versions instead of writing the same rows again."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
-from flywheel.flows.tracking import write_once
-from flywheel.store import Checkpoint, DatasetRef
+from flywheel.store import (
+    Checkpoint,
+    DatasetRef,
+    DatasetVersionExists,
+    data_root,
+    list_datasets,
+    list_versions,
+    read_dataset,
+    write_dataset,
+)
+from flywheel.store.catalog import register_version
 from flywheel.store.datasets import new_version
+from flywheel.store.locks import file_lock
+
+
+def reuse_or_write(name: str, producer: str, make_rows: Callable[[], list[dict]]) -> DatasetRef:
+    """The version of `name` that `producer` wrote before, or a new one from `make_rows()`:
+    generated inputs (world tasks, world pairs) are written once per generator setting,
+    also when two runs ask at once (the second waits for the first's version)."""
+    with file_lock(data_root() / "_locks" / f"{name}.lock"):
+        if name in list_datasets():
+            for version in reversed(list_versions(name)):
+                ref = read_dataset(name, version)
+                if ref.meta.get("produced_by") == producer:
+                    return ref
+        return write_dataset(name, make_rows(), produced_by=producer)
+
+
+def write_once(
+    name: str,
+    rows: list[dict],
+    version: str,
+    produced_by: str,
+    inputs: list,
+    schema: pa.Schema | None = None,
+) -> tuple[DatasetRef, bool]:
+    """Write a planned version, or take the one an earlier (killed or repeated) run wrote.
+    Returns (ref, reused)."""
+    try:
+        ref = write_dataset(
+            name, rows, produced_by=produced_by, inputs=inputs, version=version, schema=schema
+        )
+        return ref, False
+    except DatasetVersionExists:
+        ref = read_dataset(name, version)
+        register_version(ref)  # idempotent: heals a write whose registration failed
+        return ref, True
 
 
 class PlannedOutputs:

@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flywheel.flows.tracking import earlier_model, model_inputs, reuse_or_write, training_key
+from flywheel.flows.outputs import reuse_or_write
+from flywheel.flows.tracking import earlier_model, model_inputs, training_key
 from flywheel.llm import BackendSpec
 from flywheel.llm.chat import PromptFormat
 from flywheel.reward_models.pairs import hold_out

@@ -12,7 +12,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentField
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs, write_once
+from flywheel.flows.outputs import write_once
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs
 from flywheel.llm import make_backend
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import ModelRef, read_model
@@ -105,32 +106,33 @@ def _plan(deployment: Deployment, planner: planners.Planner, params: PlanParams)
         return asdict(out)
 
 
-BEST_OF_N_DEFAULTS = BestOfNParams()
-BEST_OF_N = Deployment("plan/best-of-n", "Planning with best-of-n", nightly_utc="0 4 * * *")
+BEST_OF_N = Deployment(
+    "plan/best-of-n", "Planning with best-of-n", BestOfNParams, nightly_utc="0 4 * * *"
+)
 
 
 @BEST_OF_N.flow
-def best_of_n_flow(params: BestOfNParams = BEST_OF_N_DEFAULTS) -> dict:
+def best_of_n_flow(params: BestOfNParams = BEST_OF_N.defaults) -> dict:
     """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
     return _plan(BEST_OF_N, planners.best_of_n(params.n), params)
 
 
-REFLEXION_DEFAULTS = ReflexionParams()
-REFLEXION = Deployment("plan/reflexion", "Planning with reflexion", nightly_utc="15 4 * * *")
+REFLEXION = Deployment(
+    "plan/reflexion", "Planning with reflexion", ReflexionParams, nightly_utc="15 4 * * *"
+)
 
 
 @REFLEXION.flow
-def reflexion_flow(params: ReflexionParams = REFLEXION_DEFAULTS) -> dict:
+def reflexion_flow(params: ReflexionParams = REFLEXION.defaults) -> dict:
     """Reflexion (reward-model feedback for a retry) vs the plain policy."""
     return _plan(REFLEXION, planners.reflexion(params.trials, params.threshold), params)
 
 
-MCTS_DEFAULTS = MCTSParams()
-MCTS = Deployment("plan/mcts", "Planning with mcts", nightly_utc="30 4 * * *")
+MCTS = Deployment("plan/mcts", "Planning with mcts", MCTSParams, nightly_utc="30 4 * * *")
 
 
 @MCTS.flow
-def mcts_flow(params: MCTSParams = MCTS_DEFAULTS) -> dict:
+def mcts_flow(params: MCTSParams = MCTS.defaults) -> dict:
     """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
     planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
     return _plan(MCTS, planner, params)

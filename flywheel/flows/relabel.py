@@ -13,15 +13,10 @@ from dataclasses import dataclass
 
 from prefect import task
 
+from flywheel.flows.outputs import write_once
 from flywheel.flows.relabel_params import DEFAULT_ENSEMBLE, RelabelParams
 from flywheel.flows.reward import RewardTrainParams, train_flow
-from flywheel.flows.tracking import (
-    MODEL_CALLS,
-    Deployment,
-    length_figures,
-    model_inputs,
-    write_once,
-)
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, length_figures, model_inputs
 from flywheel.llm import make_backend, model_fingerprint
 from flywheel.reward_models import relabeling
 from flywheel.reward_models.labelers import LLMJudgeLabeler
@@ -152,12 +147,11 @@ def _stop(run, figures: dict, status: str, queue: DatasetRef, text: str) -> dict
     return {"status": status, "queue": _at(queue)}
 
 
-RELABEL_DEFAULTS = RelabelParams()
-RELABEL = Deployment("reward/relabel", "UGDA relabeling", nightly_utc="30 3 * * *")
+RELABEL = Deployment("reward/relabel", "UGDA relabeling", RelabelParams, nightly_utc="30 3 * * *")
 
 
 @RELABEL.flow
-def relabel(params: RelabelParams = RELABEL_DEFAULTS) -> dict:
+def relabel(params: RelabelParams = RELABEL.defaults) -> dict:
     """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
     the validation set, then refine the ensemble on them."""
     with RELABEL.run(params) as run:

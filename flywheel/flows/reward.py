@@ -136,12 +136,13 @@ def _duplicates_markdown(data: RewardInputs) -> str:
     return "## Duplicate pairs\n\n" + "\n".join(lines) if lines else ""
 
 
-TRAIN_FLOW_DEFAULTS = RewardTrainParams()
-TRAIN = Deployment("reward/train", "Reward model training", nightly_utc="0 3 * * *")
+TRAIN = Deployment(
+    "reward/train", "Reward model training", RewardTrainParams, nightly_utc="0 3 * * *"
+)
 
 
 @TRAIN.flow
-def train_flow(params: RewardTrainParams = TRAIN_FLOW_DEFAULTS) -> dict:
+def train_flow(params: RewardTrainParams = TRAIN.defaults) -> dict:
     """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
     with TRAIN.run(params) as run:
         data = check_inputs(params)

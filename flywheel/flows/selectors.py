@@ -17,8 +17,9 @@ from typing import Any
 
 from prefect import task
 
+from flywheel.flows.outputs import reuse_or_write
 from flywheel.flows.selector_params import KmeansSelectorParams
-from flywheel.flows.tracking import Deployment, model_inputs, reuse_or_write
+from flywheel.flows.tracking import Deployment, model_inputs
 from flywheel.llm import BackendSpec
 from flywheel.selectors import AdapterLibrary, AdaptersSelector
 from flywheel.selectors import evaluation as ev
@@ -191,14 +192,13 @@ def publish_selector(
     return save_model_version(SELECTOR_MODEL, build, kind=kind, produced_by=run, inputs=inputs)
 
 
-KMEANS_SELECTOR_DEFAULTS = KmeansSelectorParams()
 KMEANS_SELECTOR = Deployment(
-    "selectors/kmeans", "k-means adapter selector", nightly_utc="30 5 * * *"
+    "selectors/kmeans", "k-means adapter selector", KmeansSelectorParams, nightly_utc="30 5 * * *"
 )
 
 
 @KMEANS_SELECTOR.flow
-def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR_DEFAULTS) -> dict:
+def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR.defaults) -> dict:
     """k-means LoRA adapter selector: per-task adapters, a selector on k-means samples."""
     with KMEANS_SELECTOR.run(params) as run:
         plan = check_inputs(params)

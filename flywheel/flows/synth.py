@@ -15,8 +15,8 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import ConfigDict, Field, field_validator
 
-from flywheel.flows.outputs import PlannedOutputs
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, reuse_or_write
+from flywheel.flows.outputs import PlannedOutputs, reuse_or_write
+from flywheel.flows.tracking import MODEL_CALLS, Deployment
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
@@ -196,12 +196,13 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     return RefedOutputs(stats, {k: f"{ref.name}@{ref.version}" for k, ref in written.items()})
 
 
-REFERENCE_DEFAULTS = ReferenceSynthParams()
-REFERENCE = Deployment("synth/reference", "REFED synthesis", nightly_utc="0 2 * * *")
+REFERENCE = Deployment(
+    "synth/reference", "REFED synthesis", ReferenceSynthParams, nightly_utc="0 2 * * *"
+)
 
 
 @REFERENCE.flow
-def reference(params: ReferenceSynthParams = REFERENCE_DEFAULTS) -> dict:
+def reference(params: ReferenceSynthParams = REFERENCE.defaults) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
     with REFERENCE.run(params) as run:
         refs = check_inputs(params)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import prefect
-import pyarrow as pa
 from prefect import Flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -25,20 +25,11 @@ from flywheel.flows.reconcile import reconcile_runs
 from flywheel.llm import BackendError, BackendSpec, ModelNotFound, model_fingerprint
 from flywheel.llm.threads import set_torch_threads
 from flywheel.store import (
-    DatasetRef,
-    DatasetVersionExists,
     ModelRef,
-    data_root,
-    list_datasets,
     list_model_versions,
-    list_versions,
-    read_dataset,
     read_model,
     record_run,
-    write_dataset,
 )
-from flywheel.store.catalog import register_version
-from flywheel.store.locks import file_lock
 
 
 def current_run_id() -> str:
@@ -102,40 +93,6 @@ def summary_artifact(key: str, title: str, figures: dict, extra_markdown: str = 
     except Exception as err:  # an artifact is a report, never a reason to fail the run
         logging.getLogger(__name__).warning("could not create artifact %s: %s", key, err)
     logging.getLogger(__name__).info("%s: %s", title, json.dumps(figures, default=str))
-
-
-def reuse_or_write(name: str, producer: str, make_rows: Callable[[], list[dict]]) -> DatasetRef:
-    """The version of `name` that `producer` wrote before, or a new one from `make_rows()`:
-    generated inputs (world tasks, world pairs) are written once per generator setting,
-    also when two runs ask at once (the second waits for the first's version)."""
-    with file_lock(data_root() / "_locks" / f"{name}.lock"):
-        if name in list_datasets():
-            for version in reversed(list_versions(name)):
-                ref = read_dataset(name, version)
-                if ref.meta.get("produced_by") == producer:
-                    return ref
-        return write_dataset(name, make_rows(), produced_by=producer)
-
-
-def write_once(
-    name: str,
-    rows: list[dict],
-    version: str,
-    produced_by: str,
-    inputs: list,
-    schema: pa.Schema | None = None,
-) -> tuple[DatasetRef, bool]:
-    """Write a planned version, or take the one an earlier (killed or repeated) run wrote.
-    Returns (ref, reused)."""
-    try:
-        ref = write_dataset(
-            name, rows, produced_by=produced_by, inputs=inputs, version=version, schema=schema
-        )
-        return ref, False
-    except DatasetVersionExists:
-        ref = read_dataset(name, version)
-        register_version(ref)  # idempotent: heals a write whose registration failed
-        return ref, True
 
 
 def _retry_on_backend_error(task, task_run, state) -> bool:
@@ -224,21 +181,33 @@ class FlowRun:
 @dataclass
 class Deployment:
     """A deployment, declared once: its `<flow>/<name>` (what `prefect deployment run`
-    takes), the title of its summary and its nightly schedule (a UTC cron line).
+    takes), the title of its summary, its parameter model and its nightly schedule (a
+    UTC cron line).
 
-    `@DEPLOYMENT.flow` makes a function its Prefect flow: the function's one parameter,
-    a pydantic model with its defaults in the signature (so the UI shows and pre-fills
-    them), is the deployment's parameter model, and its docstring's first line is the
-    deployment's description. In the body, `with DEPLOYMENT.run(params) as run:` records
-    the run in the catalog (`tracked_run`, with the effective parameters) and times it
-    for `run.summary(...)`."""
+    `@DEPLOYMENT.flow` makes a function its Prefect flow. The function takes one
+    parameter, `params: Model = DEPLOYMENT.defaults`: the defaults in the signature are
+    what the UI shows and pre-fills, and its docstring's first line is the deployment's
+    description. In the body, `with DEPLOYMENT.run(params) as run:` records the run in
+    the catalog (`tracked_run`, with the effective parameters) and times it for
+    `run.summary(...)`."""
 
     name: str
     title: str
+    parameters: type[BaseModel]
     nightly_utc: str
-    entry: Flow | None = None
+    defaults: BaseModel = field(init=False)
+    entry: Flow | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.defaults = self.parameters()
 
     def flow(self, fn: Callable) -> Flow:
+        (param, *others) = inspect.signature(fn).parameters.values()
+        if others or param.name != "params" or param.default is not self.defaults:
+            raise TypeError(
+                f"{self.name}: the flow {fn.__name__} takes one parameter, "
+                f"`params: {self.parameters.__name__} = <deployment>.defaults`"
+            )
         self.entry = prefect.flow(name=self.name.split("/", 1)[0])(fn)
         return self.entry
 

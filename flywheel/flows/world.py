@@ -19,12 +19,11 @@ def train_world_models(config: BootstrapConfig) -> dict:
     return bootstrap_models(models_root(), config)
 
 
-BOOTSTRAP_DEFAULTS = BootstrapConfig()
-BOOTSTRAP = Deployment("world/bootstrap", "World models", nightly_utc="0 1 * * *")
+BOOTSTRAP = Deployment("world/bootstrap", "World models", BootstrapConfig, nightly_utc="0 1 * * *")
 
 
 @BOOTSTRAP.flow
-def bootstrap(params: BootstrapConfig = BOOTSTRAP_DEFAULTS) -> dict:
+def bootstrap(params: BootstrapConfig = BOOTSTRAP.defaults) -> dict:
     """Train world-small, world-large and shop-agent for a fixed number of steps (kept when
     already trained so; `force` retrains); a world model below its accuracy floor is not
     published and fails the run."""

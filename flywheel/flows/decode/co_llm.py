@@ -38,6 +38,7 @@ from flywheel.flows.decode.inputs import (
     shared_vocabulary,
 )
 from flywheel.flows.decode.rewards import read_reward_model, sweep_scorer
+from flywheel.flows.outputs import write_once
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     Deployment,
@@ -45,7 +46,6 @@ from flywheel.flows.tracking import (
     length_figures,
     model_inputs,
     training_key,
-    write_once,
 )
 from flywheel.llm import BackendSpec, model_fingerprint
 from flywheel.store import DatasetRef, ModelRef, data_root, save_model_version
@@ -208,12 +208,11 @@ def _sweep_markdown(params: CoLLMParams, chosen: EtaChoice, validation: DatasetR
     )
 
 
-CO_LLM_FLOW_DEFAULTS = CoLLMParams()
-CO_LLM = Deployment("decode/co-llm", "Co-LLM decoding", nightly_utc="0 6 * * *")
+CO_LLM = Deployment("decode/co-llm", "Co-LLM decoding", CoLLMParams, nightly_utc="0 6 * * *")
 
 
 @CO_LLM.flow
-def co_llm_flow(params: CoLLMParams = CO_LLM_FLOW_DEFAULTS) -> dict:
+def co_llm_flow(params: CoLLMParams = CO_LLM.defaults) -> dict:
     """Co-LLM: a base model that defers tokens to an assistant, eta chosen on validation."""
     with CO_LLM.run(params) as run:
         data = check_co_llm_inputs(params)

@@ -211,12 +211,11 @@ def agents_alone(params: CollabParams, data: CollabInputs) -> dict[str, AloneSco
     return scores
 
 
-COLLAB_FLOW_DEFAULTS = CollabParams()
-COLLAB = Deployment("decode/collab", "Collab decoding", nightly_utc="30 6 * * *")
+COLLAB = Deployment("decode/collab", "Collab decoding", CollabParams, nightly_utc="30 6 * * *")
 
 
 @COLLAB.flow
-def collab_flow(params: CollabParams = COLLAB_FLOW_DEFAULTS) -> dict:
+def collab_flow(params: CollabParams = COLLAB.defaults) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
     with COLLAB.run(params) as run:
         data = check_collab_inputs(params)

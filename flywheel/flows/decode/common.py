@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flywheel.decoders.evaluation import accuracy, correct, greedy_texts, share
 from flywheel.decoders.stepping import CausalLM, Decoded
-from flywheel.flows.tracking import write_once
+from flywheel.flows.outputs import write_once
 from flywheel.llm.chat import PromptFormat
 from flywheel.store import Checkpoint, DatasetRef, data_root, validate_name
 from flywheel.store.datasets import new_version

@@ -89,12 +89,13 @@ def decode_hybrid(params: HybridParams, data: DecodeInputs, run_id: str) -> Writ
     )
 
 
-HYBRID_FLOW_DEFAULTS = HybridParams()
-HYBRID = Deployment("decode/hybrid", "Hybrid small/large token gating", nightly_utc="0 7 * * *")
+HYBRID = Deployment(
+    "decode/hybrid", "Hybrid small/large token gating", HybridParams, nightly_utc="0 7 * * *"
+)
 
 
 @HYBRID.flow
-def hybrid_flow(params: HybridParams = HYBRID_FLOW_DEFAULTS) -> dict:
+def hybrid_flow(params: HybridParams = HYBRID.defaults) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
     with HYBRID.run(params) as run:
         data = check_hybrid_inputs(params)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from flywheel.decoders.stepping import check_same_vocab
 from flywheel.flows.decode.common import WORLD_PROMPTS, DecodeInputs, DecodeParams
-from flywheel.flows.tracking import reuse_or_write
+from flywheel.flows.outputs import reuse_or_write
 from flywheel.llm.chat import (
     NotAText,
     PromptFormat,
