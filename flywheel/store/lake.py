@@ -1,0 +1,161 @@
+"""DuckLake, DuckDB's lakehouse format, as the store's catalog: a catalog database (SQLite
+here, ``<root>/lake/catalog.sqlite``) plus parquet data files (``<root>/lake/files/``),
+with snapshots, time travel, and readers that never block writers.
+
+The two extensions it needs (``ducklake``, ``sqlite_scanner``) come from the installed
+wheels ``duckdb-extension-ducklake`` and ``duckdb-extension-sqlite-scanner``, loaded by
+path; a connection never installs or downloads one. An extension binary loads only in
+the DuckDB version it was built for, so the project pins the three to one version.
+
+Writers to one SQLite catalog are serialized by it: a commit that meets another
+process's commit fails with "database is locked" and is run again (`write`), never
+half-applied. Every insert is written as parquet (no rows inlined into the catalog),
+so the files a snapshot lists hold all of its rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+
+from flywheel.store.datasets import StoreError, data_root
+
+LAKE = "lake"  # the name the lake is attached under
+EXTENSIONS = {  # extension name -> the wheel's package that ships its binary
+    "ducklake": "duckdb_extension_ducklake",
+    "sqlite_scanner": "duckdb_extension_sqlite_scanner",
+}
+WRITE_ATTEMPTS = 50
+
+T = TypeVar("T")
+
+
+class LakeUnavailable(StoreError):
+    """The DuckLake extensions cannot be loaded (missing, or built for another DuckDB)."""
+
+
+def lake_folder(root: Path | None = None) -> Path:
+    return data_root(root) / "lake"
+
+
+def extension_path(name: str) -> Path:
+    """The binary of extension `name` inside its installed wheel, for this DuckDB."""
+    package = EXTENSIONS[name]
+    version = f"v{duckdb.__version__}"
+    wheel = package.replace("_", "-")
+    try:
+        folder = importlib.resources.files(package) / "extensions" / version
+    except ModuleNotFoundError:
+        raise LakeUnavailable(
+            f"the DuckDB extension {name!r} is not installed: install {wheel}=="
+            f"{duckdb.__version__} (run scripts/setup.sh)"
+        ) from None
+    path = Path(str(folder)) / f"{name}.duckdb_extension"
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path(str(folder)).parent.glob("v*"))
+        raise LakeUnavailable(
+            f"{wheel} has no {name} extension for DuckDB {version} (it ships {shipped}); "
+            f"install {wheel}=={duckdb.__version__}, or the DuckDB its extension was built for"
+        )
+    return path
+
+
+def load_statements() -> list[str]:
+    """The statements that load the extensions by path, for a connection or the CLI."""
+    return [f"LOAD '{extension_path(name)}'" for name in EXTENSIONS]
+
+
+def attach_statement(root: Path | None = None, *, read_only: bool = False) -> str:
+    folder = lake_folder(root)
+    options = f"DATA_PATH '{folder / 'files'}/'" + (", READ_ONLY" if read_only else "")
+    return f"ATTACH 'ducklake:sqlite:{folder / 'catalog.sqlite'}' AS {LAKE} ({options})"
+
+
+@contextmanager
+def connect(
+    root: Path | None = None, *, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection with the lake attached as `lake` (created on the
+    first read-write connect). Read-only: nothing through it can write the lake."""
+    folder = lake_folder(root)
+    if read_only and not (folder / "catalog.sqlite").exists():
+        raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
+    (folder / "files").mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(
+        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+    try:
+        for statement in load_statements():
+            try:
+                con.execute(statement)
+            except duckdb.Error as err:
+                raise LakeUnavailable(f"{statement}: {err}") from err
+        created = not (folder / "catalog.sqlite").exists()
+        _retry(lambda: con.execute(attach_statement(root, read_only=read_only)))
+        if created:  # every insert a parquet file: the files of a snapshot are its rows
+            _retry(lambda: con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 0)"))
+        yield con
+    finally:
+        con.close()
+
+
+def write(con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """Run `work` in one transaction, again from the start while another writer's commit
+    holds the catalog ("database is locked"); what a failed attempt did is rolled back."""
+
+    def attempt() -> T:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            out = work(con)
+            con.execute("COMMIT")
+            return out
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # a failed COMMIT has rolled back already
+                con.execute("ROLLBACK")
+            raise
+
+    return _retry(attempt)
+
+
+def _retry(step: Callable[[], T]) -> T:
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            return step()
+        except duckdb.TransactionException as err:
+            if "database is locked" not in str(err) or attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(min(1.0, 0.02 * 1.5**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def snapshots(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    """The lake's snapshots, oldest first: id, time and what each changed."""
+    rows = con.execute(
+        f"SELECT snapshot_id, snapshot_time, changes FROM ducklake_snapshots('{LAKE}') "
+        "ORDER BY snapshot_id"
+    ).fetchall()
+    return [{"id": i, "time": t, "changes": c} for i, t, c in rows]
+
+
+def files_at(
+    con: duckdb.DuckDBPyConnection, table: str, snapshot: int, schema: str = "main"
+) -> list[str]:
+    """The parquet files that hold `table` at `snapshot`. Only tables that are appended to
+    (never deleted from: a delete file would hide rows these files still hold) are read
+    this way, e.g. by `datasets.load_dataset("parquet", data_files=...)`."""
+    rows = con.execute(
+        f"SELECT data_file, delete_file FROM ducklake_list_files('{LAKE}', ?, "
+        "schema => ?, snapshot_version => ?)",
+        [table, schema, snapshot],
+    ).fetchall()
+    if any(delete is not None for _, delete in rows):
+        raise StoreError(f"{schema}.{table} at snapshot {snapshot} has deleted rows")
+    return [data for data, _ in rows]
