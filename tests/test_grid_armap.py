@@ -19,7 +19,7 @@ from flywheel.environments.grid import (
     held_out_tasks,
     train_grid_agent,
 )
-from flywheel.llm import Backend, TokenLogprob
+from flywheel.llm import Backend, BackendSpec, TokenLogprob
 from flywheel.synthesis.armap import (
     ArmapConfig,
     LLMIntentProposer,
@@ -209,3 +209,14 @@ def test_the_flows_choose_environments_from_a_fixed_registry() -> None:
     with pytest.raises(ValidationError, match="environment"):
         ArmapSynthParams(environment="flywheel.world.shop:ShopEnv")
     assert MCTSParams(environment="grid").environment == "grid"
+
+
+def test_the_shops_settings_are_part_of_the_synthesis_checkpoint() -> None:
+    # another catalog is another synthesis: its run must not resume an earlier catalog's
+    from flywheel.flows.armap import ArmapSynthParams, _workdir
+
+    agent = BackendSpec(kind="openai", model="some-agent", base_url="http://127.0.0.1:9/v1")
+    base = ArmapSynthParams(agent=agent)
+    assert _workdir(base) == _workdir(ArmapSynthParams(agent=agent))
+    for change in ({"catalog_seed": 7}, {"catalog_size": 60}, {"price_slack": 3}):
+        assert _workdir(base) != _workdir(ArmapSynthParams(agent=agent, **change)), change

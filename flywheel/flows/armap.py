@@ -1,7 +1,7 @@
 """`synth/armap`: ARMAP triplets from agent trajectories, then a reward model trained
 on them. Wiring only; the method is `flywheel.synthesis.armap`. The planner deployments
 that use the reward model, `plan/best-of-n`, `plan/reflexion` and `plan/mcts`, are in
-`flywheel.flows.plan` and importable from here too.
+`flywheel.flows.plan`.
 
 `environment` picks one of `ENVIRONMENTS` (`flywheel.flows.environments`), a fixed
 registry of the environments implemented here (`shop`, the default, and `grid`); run
@@ -19,7 +19,8 @@ from pydantic import Field, field_validator, model_validator
 
 from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentField, ShopSettings
 from flywheel.flows.outputs import PlannedOutputs
-from flywheel.flows.reward import RewardTrainParams, default_backbone, train_flow
+from flywheel.flows.pair_training import default_backbone
+from flywheel.flows.reward import RewardTrainParams, train_flow
 from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import Checkpoint, DatasetRef, data_root, failed_name
@@ -90,6 +91,9 @@ def _workdir(params: ArmapSynthParams) -> Path:
     key = Checkpoint.key(
         params.armap_config().model_dump(mode="json"),
         params.environment,
+        # the shop's catalog: another catalog is another synthesis (other environments
+        # ignore these settings)
+        params.model_dump(mode="json", include=set(ShopSettings.model_fields)),
         models,
         ENVIRONMENTS[params.environment].source_digest(),
     )

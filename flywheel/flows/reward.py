@@ -14,8 +14,6 @@ from prefect import task
 from pydantic import Field, model_validator
 
 from flywheel.flows import pair_training
-
-# the decoder flows and tests take these two from here
 from flywheel.flows.pair_training import default_backbone, split_pairs
 from flywheel.flows.tracking import Deployment, length_figures
 from flywheel.reward_models import bradley_terry, ensemble

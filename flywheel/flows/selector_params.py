@@ -8,14 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.flows.pair_training import default_backbone
 from flywheel.selectors import LoraTraining, SelectorConfig
 from flywheel.selectors.tasks import DatasetTasks, TasksLayout, TaskSource
-from flywheel.world.bootstrap import model_dir, models_root
 from flywheel.world.selector_tasks import WorldTasks
-
-
-def default_base_model() -> str:
-    return str(model_dir(models_root(), "small"))
 
 
 class KmeansSelectorParams(BaseModel):
@@ -23,7 +19,7 @@ class KmeansSelectorParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(default_factory=default_base_model, description="base model folder")
+    base_model: str = Field(default_factory=default_backbone, description="base model folder")
     tasks_dataset: str | None = Field(
         None,
         description="store dataset of (prompt, answer, task) rows: one adapter per task value; "

@@ -202,8 +202,8 @@ class Deployment:
         self.defaults = self.parameters()
 
     def flow(self, fn: Callable) -> Flow:
-        (param, *others) = inspect.signature(fn).parameters.values()
-        if others or param.name != "params" or param.default is not self.defaults:
+        params = list(inspect.signature(fn).parameters.values())
+        if len(params) != 1 or params[0].name != "params" or params[0].default is not self.defaults:
             raise TypeError(
                 f"{self.name}: the flow {fn.__name__} takes one parameter, "
                 f"`params: {self.parameters.__name__} = <deployment>.defaults`"

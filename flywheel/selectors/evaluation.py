@@ -189,13 +189,6 @@ def reward_scorer(reward: ModelRef) -> Scorer:
     return score
 
 
-def named_scorer(scorer: str, scorer_reward_model: str | None = None) -> Scorer:
-    """A built-in scorer by name, or 'reward_model': the registered reward model's score."""
-    if scorer == "reward_model":
-        return reward_scorer(reward_model(scorer_reward_model))  # type: ignore[arg-type]
-    return SCORERS[scorer]
-
-
 def answer_tokens(base_model: str, answers: Sequence[str]) -> int:
     """The longest answer's length in the base model's tokens."""
     from transformers import AutoTokenizer
@@ -302,7 +295,6 @@ __all__ = [
     "evaluate_run",
     "evaluate_selectors",
     "exact_match",
-    "named_scorer",
     "reward_model",
     "reward_scorer",
     "rouge_l_f",

@@ -68,15 +68,25 @@ def extension_path(name: str) -> Path:
     return path
 
 
+def _literal(text: str | Path) -> str:
+    """`text` as a SQL string literal: paths come from the user (the data folder)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
 def load_statements() -> list[str]:
     """The statements that load the extensions by path, for a connection or the CLI."""
-    return [f"LOAD '{extension_path(name)}'" for name in EXTENSIONS]
+    return [f"LOAD {_literal(extension_path(name))}" for name in EXTENSIONS]
 
 
 def attach_statement(root: Path | None = None, *, read_only: bool = False) -> str:
+    """ATTACH the lake. Read-write: every insert a parquet file (no rows inlined into the
+    catalog), on every connection, so the files of a snapshot hold all of its rows."""
     folder = lake_folder(root)
-    options = f"DATA_PATH '{folder / 'files'}/'" + (", READ_ONLY" if read_only else "")
-    return f"ATTACH 'ducklake:sqlite:{folder / 'catalog.sqlite'}' AS {LAKE} ({options})"
+    data_path = f"{folder / 'files'}/"
+    options = [f"DATA_PATH {_literal(data_path)}"]
+    options.append("READ_ONLY" if read_only else "DATA_INLINING_ROW_LIMIT 0")
+    catalog = _literal(f"ducklake:sqlite:{folder / 'catalog.sqlite'}")
+    return f"ATTACH {catalog} AS {LAKE} ({', '.join(options)})"
 
 
 @contextmanager
@@ -98,10 +108,7 @@ def connect(
                 con.execute(statement)
             except duckdb.Error as err:
                 raise LakeUnavailable(f"{statement}: {err}") from err
-        created = not (folder / "catalog.sqlite").exists()
         _retry(lambda: con.execute(attach_statement(root, read_only=read_only)))
-        if created:  # every insert a parquet file: the files of a snapshot are its rows
-            _retry(lambda: con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 0)"))
         yield con
     finally:
         con.close()
@@ -109,7 +116,11 @@ def connect(
 
 def write(con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
     """Run `work` in one transaction, again from the start while another writer's commit
-    holds the catalog ("database is locked"); what a failed attempt did is rolled back."""
+    holds the catalog ("database is locked"); what a failed attempt did is rolled back.
+
+    So `work` must be safe to run again: statements on `con` only, its inputs read, not
+    consumed. A failed attempt may leave parquet files no snapshot lists (DuckLake's
+    `ducklake_delete_orphaned_files` removes them)."""
 
     def attempt() -> T:
         con.execute("BEGIN TRANSACTION")

@@ -24,7 +24,6 @@ from flywheel.flows.decode.common import (
     DecodeInputs,
     Written,
     alone_figures,
-    code_hash,
     common_fields,
     decode_and_write,
     output_accuracy,
@@ -39,6 +38,7 @@ from flywheel.flows.decode.inputs import (
 )
 from flywheel.flows.decode.rewards import read_reward_model, sweep_scorer
 from flywheel.flows.outputs import write_once
+from flywheel.flows.pair_training import code_hash
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     Deployment,

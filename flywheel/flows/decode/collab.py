@@ -19,7 +19,6 @@ from flywheel.flows.decode.common import (
     DecodeInputs,
     DecodeParams,
     Written,
-    code_hash,
     common_fields,
     decode_and_write,
     figure,
@@ -29,7 +28,7 @@ from flywheel.flows.decode.common import (
 )
 from flywheel.flows.decode.inputs import LocalModel, read_prompts
 from flywheel.flows.decode.rewards import TargetReward, read_reward_model
-from flywheel.flows.pair_training import default_backbone
+from flywheel.flows.pair_training import code_hash, default_backbone
 from flywheel.flows.tracking import MODEL_CALLS, Deployment, length_figures, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import ModelRef

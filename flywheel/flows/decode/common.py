@@ -4,10 +4,8 @@ every one of them reports."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,10 +24,6 @@ WORLD_EXAMPLES = "world_co_llm_examples"
 WORLD_VALIDATION = "world_co_llm_validation"
 ETA_SWEEP = "co_llm_eta_sweep"
 WORLD_REWARD = "world"  # the world's own checker as the target reward (1 right, 0 wrong)
-
-
-def code_hash(*modules) -> str:
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
 
 
 def large_model() -> str:

@@ -16,7 +16,6 @@ from flywheel.flows.decode.common import (
     DecodeParams,
     Written,
     alone_figures,
-    code_hash,
     common_fields,
     decode_and_write,
     large_model,
@@ -25,7 +24,7 @@ from flywheel.flows.decode.common import (
     writer_share,
 )
 from flywheel.flows.decode.inputs import read_prompts, shared_vocabulary
-from flywheel.flows.pair_training import default_backbone
+from flywheel.flows.pair_training import code_hash, default_backbone
 from flywheel.flows.tracking import Deployment, model_inputs
 from flywheel.llm import BackendSpec, model_fingerprint
 
