@@ -1,11 +1,10 @@
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from flywheel.llm import Backend, TokenLogprob
 from flywheel.store import Checkpoint
 from flywheel.synthesis.armap import (
     ArmapConfig,
@@ -31,6 +30,7 @@ from flywheel.world.shop_env import (
     reward_prompt,
     trajectory_text,
 )
+from tests.helpers.scripted import ScriptedBackend
 
 POSITIONS = 256  # max_position_embeddings of the tiny models
 
@@ -57,29 +57,6 @@ def agent(agent_dir: Path) -> Iterator[ShopAgent]:
 
     with TransformersBackend(agent_dir, batch_size=128) as backend:
         yield ShopAgent(backend, temperature=1.0)
-
-
-class ScriptedBackend(Backend):
-    """Answers from a script, in order; records the prompts it was sent."""
-
-    model = "scripted"
-
-    def __init__(self, answers: Sequence[str]) -> None:
-        self.answers = list(answers)
-        self.prompts: list[str] = []
-
-    def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, stop=None, seed=None):
-        self.prompts += prompts
-        return [
-            self.answers[(len(self.prompts) - len(prompts) + i) % len(self.answers)]
-            for i in range(len(prompts))
-        ]
-
-    def score(self, prompts, completions) -> list[list[float]]:
-        raise NotImplementedError
-
-    def next_token_topk(self, prefixes, k=5) -> list[list[TokenLogprob]]:
-        raise NotImplementedError
 
 
 def expert_episodes(n: int, seed: int = 0) -> list[Episode]:

@@ -8,11 +8,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from flywheel.flows.selectors import KmeansSelectorParams, kmeans_selector
 from flywheel.selectors import AdapterLibrary, AdaptersSelector, folder_digest
 from flywheel.store import list_datasets, read_dataset, read_model, sql
+from tests.helpers.prefect_reads import lineage_inputs, task_runs
 
 # peft calls a transformers method that transformers deprecates; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
@@ -34,24 +34,6 @@ def params(world_models: Path, **kw) -> KmeansSelectorParams:
         eval_tasks=40,
     )
     return KmeansSelectorParams(**{**defaults, **kw})
-
-
-def lineage(name: str, version: str) -> set[tuple[str, str]]:
-    rows = sql(
-        f"select input_dataset, input_kind from lineage where dataset = '{name}' "
-        f"and version = '{version}'"
-    )
-    return {tuple(r) for r in rows.values.tolist()}
-
-
-async def _task_runs(flow_run_id: str) -> list[tuple[str, str]]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return [(r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs]
 
 
 def test_train_add_remove_publish_versions_with_lineage(prefect_api, world_models, data_dir):
@@ -80,13 +62,16 @@ def test_train_add_remove_publish_versions_with_lineage(prefect_api, world_model
     assert set(system.route(["sort abc=", "count abc="])) <= set(FAMILIES)
 
     base = ("world-small", "model")
-    assert lineage("kmeans-adapters", library.version) == {base, ("selector_tasks", "dataset")}
-    assert lineage("kmeans-selector", selector.version) == {
+    assert lineage_inputs("kmeans-adapters", library.version) == {
+        base,
+        ("selector_tasks", "dataset"),
+    }
+    assert lineage_inputs("kmeans-selector", selector.version) == {
         base,
         ("selector_samples", "dataset"),
         ("kmeans-adapters", "model"),
     }
-    assert lineage("selector_eval", read_dataset("selector_eval").version) == {
+    assert lineage_inputs("selector_eval", read_dataset("selector_eval").version) == {
         ("selector_samples", "dataset"),
         ("kmeans-adapters", "model"),
     }
@@ -107,7 +92,7 @@ def test_train_add_remove_publish_versions_with_lineage(prefect_api, world_model
     metrics2 = selector2.meta["metrics"]
     assert metrics2["mode"] == "add" and metrics2["names"]["lora"] == [*FAMILIES, "shift"]
     assert set(metrics2["old tasks routed accuracy lora"]) == {"before", "after"}
-    assert ("kmeans-selector", "model") in lineage("kmeans-selector", selector2.version)
+    assert ("kmeans-selector", "model") in lineage_inputs("kmeans-selector", selector2.version)
 
     # remove: the selector only; the library version stays the one it was
     kmeans_selector(params(world_models, remove="sort"))
@@ -151,5 +136,5 @@ def test_bad_input_fails_in_check_inputs(prefect_api, world_models, data_dir, ba
         kmeans_selector(params(world_models, **bad))
     run = sql("select run_id, status from runs").iloc[0]
     assert run["status"] == "failed"
-    assert asyncio.run(_task_runs(run["run_id"])) == [("check-inputs", "FAILED")]
+    assert asyncio.run(task_runs(run["run_id"])) == [("check-inputs", "FAILED")]
     assert not (data_dir / "_models").exists() and list_datasets() == []

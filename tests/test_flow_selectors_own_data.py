@@ -11,13 +11,13 @@ import random
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from flywheel.flows.selectors import KmeansSelectorParams, kmeans_selector
 from flywheel.selectors import AdapterLibrary, AdaptersSelector, folder_digest
 from flywheel.store import list_datasets, read_dataset, read_model, sql, write_dataset
 from flywheel.synthesis.rouge import rouge_l
 from tests.helpers.own_models import QUALITIES, TOPICS, build_model, train_tokenizer
+from tests.helpers.prefect_reads import lineage_inputs, task_runs
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -75,24 +75,6 @@ def params(base: str, **kw) -> KmeansSelectorParams:
     return KmeansSelectorParams(**{**defaults, **kw})
 
 
-def lineage(name: str, version: str) -> set[tuple[str, str]]:
-    rows = sql(
-        f"select input_dataset, input_kind from lineage where dataset = '{name}' "
-        f"and version = '{version}'"
-    )
-    return {tuple(r) for r in rows.values.tolist()}
-
-
-async def _task_runs(flow_run_id: str) -> list[tuple[str, str]]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return [(r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs]
-
-
 def test_own_tasks_dataset_train_add_remove(prefect_api, base, data_dir):
     tasks_ref = write_dataset(DATASET, string_task_rows())
     first = ["upper", "reverse_words"]
@@ -140,11 +122,11 @@ def test_own_tasks_dataset_train_add_remove(prefect_api, base, data_dir):
     assert set(system.route(list(evaluation.prompt[:4]))) <= set(first)
 
     base_input = (Path(base).name, "model")
-    assert lineage("kmeans-adapters", library.version) == {base_input, (DATASET, "dataset")}
-    assert lineage("selector_samples", read_dataset("selector_samples").version) == {
+    assert lineage_inputs("kmeans-adapters", library.version) == {base_input, (DATASET, "dataset")}
+    assert lineage_inputs("selector_samples", read_dataset("selector_samples").version) == {
         (DATASET, "dataset")
     }
-    assert lineage("kmeans-selector", selector.version) == {
+    assert lineage_inputs("kmeans-selector", selector.version) == {
         base_input,
         ("selector_samples", "dataset"),
         ("kmeans-adapters", "model"),
@@ -207,7 +189,7 @@ def test_bad_tasks_dataset_fails_in_check_inputs(prefect_api, base, data_dir, ba
         kmeans_selector(params(base, **bad))
     run = sql("select run_id, status from runs").iloc[0]
     assert run["status"] == "failed"
-    assert asyncio.run(_task_runs(run["run_id"])) == [("check-inputs", "FAILED")]
+    assert asyncio.run(task_runs(run["run_id"])) == [("check-inputs", "FAILED")]
     assert not (data_dir / "_models").exists() and list_datasets() == [DATASET]
 
 

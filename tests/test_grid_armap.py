@@ -19,7 +19,7 @@ from flywheel.environments.grid import (
     held_out_tasks,
     train_grid_agent,
 )
-from flywheel.llm import Backend, BackendSpec, TokenLogprob
+from flywheel.llm import BackendSpec
 from flywheel.synthesis.armap import (
     ArmapConfig,
     LLMIntentProposer,
@@ -29,6 +29,7 @@ from flywheel.synthesis.armap import (
 from flywheel.synthesis.environment import Agent, Episode, TaskParseError, reward_prompt
 from flywheel.synthesis.planners import best_of_n, evaluate, mcts, plain, reflexion
 from flywheel.world.models import ALPHABET
+from tests.helpers.scripted import ScriptedBackend
 
 GRID = GridEnvironment()
 
@@ -75,27 +76,6 @@ def test_tasks_parse_with_clear_errors() -> None:
     for _ in range(200):
         prompt, action = sample(rng)
         assert set(prompt + action) <= alphabet and len(prompt) + 30 < 256
-
-
-class ScriptedBackend(Backend):
-    """A fixed policy for the planners' mechanics: answers cycle through `answers`."""
-
-    model = "scripted"
-
-    def __init__(self, answers: Sequence[str]) -> None:
-        self.answers = list(answers)
-        self.prompts: list[str] = []
-
-    def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, stop=None, seed=None):
-        start = len(self.prompts)
-        self.prompts += prompts
-        return [self.answers[(start + i) % len(self.answers)] for i in range(len(prompts))]
-
-    def score(self, prompts, completions) -> list[list[float]]:
-        raise NotImplementedError
-
-    def next_token_topk(self, prefixes, k=5) -> list[list[TokenLogprob]]:
-        raise NotImplementedError
 
 
 class StopsLater:
