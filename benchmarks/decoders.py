@@ -138,6 +138,7 @@ def co_llm_seed(
 
     from flywheel.decoders.co_llm import (
         CoLLM,
+        TrainingPhase,
         assistant_targets,
         init_head_weak,
         sweep_eta,
@@ -185,15 +186,8 @@ def co_llm_seed(
     torch.manual_seed(seed)
     head_only = CoLLM(CausalLM.load(paths["small"], device=args.device))
     targets = assistant_targets(large, examples, path=targets_path)
-    init = init_head_weak(
-        head_only,
-        examples,
-        targets,
-        steps=args.init_steps,
-        batch_size=args.batch_size,
-        lr=args.head_lr,
-        seed=seed,
-    )
+    phase = TrainingPhase(args.init_steps, args.batch_size, args.head_lr, seed)
+    init = init_head_weak(head_only, examples, targets, phase)
     out["head_only"] = {"train": init, **chosen_and_curve(head_only)}
 
     # the fair baseline: world-small fine-tuned alone by NLL, same examples, steps, batch, lr

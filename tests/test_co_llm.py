@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from flywheel.decoders.co_llm import (
     CoLLM,
+    TrainingPhase,
     assistant_targets,
     co_llm_decode,
     example_key,
@@ -132,13 +133,13 @@ def test_weak_init_and_marginal_training_lower_their_losses(
     targets = assistant_targets(assistant, examples)
     with torch.no_grad():
         bce_before = weak_bce(model, examples, targets).item()
-    init = init_head_weak(model, examples, targets, steps=20, batch_size=16)
+    init = init_head_weak(model, examples, targets, TrainingPhase(steps=20, batch_size=16, lr=1e-2))
     with torch.no_grad():
         assert weak_bce(model, examples, targets).item() < bce_before
     assert 0 <= init["positive_share"] <= 1
     with torch.no_grad():
         before = marginal_nll(model, examples, targets).item()
-    train_marginal(model, examples, targets, steps=12, batch_size=16, lr=3e-3)
+    train_marginal(model, examples, targets, TrainingPhase(steps=12, batch_size=16, lr=3e-3))
     with torch.no_grad():
         after = marginal_nll(model, examples, targets).item()
     assert after < before
@@ -290,3 +291,17 @@ def test_training_is_reproducible_from_its_seed(
     first, second, other = train(0), train(0), train(1)
     assert torch.equal(first.head.weight, second.head.weight)
     assert not torch.equal(first.head.weight, other.head.weight)
+
+
+def test_init_steps_zero_skips_the_weak_supervision_start(
+    paths: tuple[Path, Path], assistant: CausalLM, examples: list
+) -> None:
+    torch.manual_seed(0)
+    untrained_head = CoLLM(CausalLM.load(paths[0])).head.weight.clone()
+    model, stats = train_co_llm(
+        CausalLM.load(paths[0]), assistant, examples[:8], init_steps=0, steps=1, seed=0
+    )
+    assert stats["init"] == {"steps": 0} and stats["marginal"]["steps"] == 1
+    # one marginal step moved the seeded initial head, no BCE phase ran before it
+    assert model.head.weight.shape == untrained_head.shape
+    assert not torch.equal(model.head.weight, untrained_head)

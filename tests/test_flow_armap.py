@@ -71,8 +71,13 @@ def test_armap_then_planners(prefect_api, world_models, data_dir):
     ):
         result = flow_fn(flow_params)
         assert result["planner"]["intents"] == 12 == result["plain"]["intents"]
-        # the planner spends more than the plain policy's single episode
-        assert result["planner"]["mean_env_steps"] > result["plain"]["mean_env_steps"] * 0.99
+        # the plain policy plays one episode per intent; best-of-n and MCTS play more, and
+        # reflexion retries only an attempt its reward model scores below the threshold
+        # (so its one episode may be shorter than the plain one: not a cost comparison)
+        assert result["plain"]["mean_episodes"] == 1 <= result["planner"]["mean_episodes"]
+        if flow_fn is not reflexion_flow:
+            assert result["planner"]["mean_episodes"] > 1
+            assert result["planner"]["mean_env_steps"] > result["plain"]["mean_env_steps"]
         assert read_dataset(result["dataset"].split("@")[0]).num_rows == 12
     flows = sql("select flow, status from runs order by started")
     assert set(flows.status) == {"completed"}

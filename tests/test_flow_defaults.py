@@ -88,28 +88,56 @@ def test_every_flow_refuses_unknown_parameters_by_name(name) -> None:
 
 def test_each_deployment_is_declared_once_and_the_nightly_order_follows_the_list() -> None:
     from flywheel.flows.deployments import DEPLOYMENTS as DECLARED
+    from flywheel.flows.deployments import NIGHTLY
 
     names = [d.name for d in DECLARED]
     assert len(set(names)) == len(names) == len(DEPLOYMENTS)
     # "M H * * *": each deployment runs after the one before it in the list
-    minutes = [int(h) * 60 + int(m) for m, h, *_ in (d.nightly_utc.split() for d in DECLARED)]
+    minutes = [int(h) * 60 + int(m) for m, h, *_ in (cron.split() for _, cron in NIGHTLY)]
     assert minutes == sorted(minutes) and len(set(minutes)) == len(minutes)
     for declared, served in zip(DECLARED, DEPLOYMENTS, strict=True):
         assert (declared.entry.name, served.name) == tuple(declared.name.split("/"))
 
 
 def test_a_flow_whose_signature_is_not_its_deployments_is_refused() -> None:
-    from flywheel.flows.tracking import Deployment
+    from flywheel.flows.tracking import Deployment, FlowRun
 
-    declared = Deployment("world/example", "Example", BootstrapConfig, nightly_utc="0 0 * * *")
+    declared = Deployment("world/example", "Example", BootstrapConfig)
 
-    def other_defaults(params: BootstrapConfig = BootstrapConfig()) -> dict:  # noqa: B008
+    def no_run(params: BootstrapConfig) -> dict:
         return {}
 
-    def two_parameters(params: BootstrapConfig = declared.defaults, extra: int = 0) -> dict:
+    def extra(params: BootstrapConfig, extra: int, run: FlowRun) -> dict:
         return {}
 
-    for fn in (other_defaults, two_parameters):
-        with pytest.raises(TypeError, match=r"world/example.*params: BootstrapConfig"):
-            declared.flow(fn)
+    with pytest.raises(TypeError, match=r"world/example.*takes \(params, run\), got \(params\)"):
+        declared.flow(no_run)
+    with pytest.raises(TypeError, match=r"takes \(params, run\), got \(params, extra, run\)"):
+        declared.flow(extra)
+    with pytest.raises(TypeError, match=r"takes \(params, <inputs>, run\), got \(params\)"):
+        declared.flow(check=lambda params: None)(no_run)
     assert declared.entry is None
+
+
+def test_a_flow_runs_its_check_first_and_prefect_sees_one_parameter(prefect_api, data_dir) -> None:
+    import inspect
+
+    from flywheel.flows.tracking import Deployment, FlowRun
+    from flywheel.store import sql
+
+    declared = Deployment("world/example", "Example", BootstrapConfig)
+    seen: list = []
+
+    @declared.flow(check=lambda params: params.small_steps * 2)
+    def example(params: BootstrapConfig, doubled: int, run: FlowRun) -> dict:
+        """An example flow."""
+        seen.append((doubled, run.name))
+        return run.summary({"doubled": doubled})
+
+    (param,) = inspect.signature(example.fn).parameters.values()
+    assert (param.name, param.default) == ("params", declared.defaults)
+    assert example.name == "world" and example.__doc__ == "An example flow."
+    figures = example(BootstrapConfig(small_steps=3))
+    assert seen == [(6, "world/example")] and figures["doubled"] == 6
+    runs = sql("SELECT status FROM runs WHERE flow = 'world/example'")
+    assert runs.status.tolist() == ["completed"]

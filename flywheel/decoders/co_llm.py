@@ -413,69 +413,69 @@ def marginal_nll(
     return -(mixed[mask]).mean()
 
 
-def _loop(
-    params: list[torch.nn.Parameter],
+@dataclass(frozen=True)
+class TrainingPhase:
+    """How one training phase runs: AdamW steps, examples drawn per step, learning rate,
+    and the seed of both the draws and torch."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+
+
+def _train_phase(
+    model: CoLLM,
+    trainable: list[torch.nn.Parameter],
     loss_fn: Callable[[Sequence[Encoded]], torch.Tensor],
-    examples: Sequence[Encoded],
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-) -> dict:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1 (field: steps), got {steps}")
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    examples: Sequence[Example | Encoded],
+    phase: TrainingPhase,
+) -> tuple[dict, list[Encoded]]:
+    """`phase.steps` AdamW steps of `loss_fn` on batches drawn with replacement, gradients
+    clipped to norm 1. Returns the statistics and the encoded examples."""
+    _check_examples(examples)
+    if phase.steps < 1:
+        raise ValueError(f"steps must be >= 1 (field: steps), got {phase.steps}")
+    encoded = _encoded(model.tokenizer, examples)
+    torch.manual_seed(phase.seed)
+    rng = random.Random(phase.seed)
+    opt = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=0.0)
     start = time.monotonic()
     losses = []
-    for _ in range(steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+    for _ in range(phase.steps):
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(phase.batch_size)]
         loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         losses.append(loss.item())
-    return {
-        "steps": steps,
-        "first_loss": losses[0],
-        "loss": losses[-1],
-        "seconds": time.monotonic() - start,
-    }
+    model.eval()
+    stats = {"steps": phase.steps, "first_loss": losses[0], "loss": losses[-1]}
+    return {**stats, "seconds": time.monotonic() - start}, encoded
 
 
 def init_head_weak(
     model: CoLLM,
     examples: Sequence[Example | Encoded],
     targets: AssistantTargets,
-    *,
-    steps: int = 200,
-    batch_size: int = 32,
-    lr: float = 1e-2,
-    seed: int = 0,
+    phase: TrainingPhase = TrainingPhase(lr=1e-2),
 ) -> dict:
     """Train the head alone (base frozen) with BCE on `weak_labels`' targets.
 
     Returns {"steps", "first_loss", "loss", "seconds", "positive_share"}.
     """
-    _check_examples(examples)
-    examples = _encoded(model.tokenizer, examples)
     model.lm.eval()
-    torch.manual_seed(seed)
-    stats = _loop(
+    stats, encoded = _train_phase(
+        model,
         list(model.head.parameters()),
         lambda batch: weak_bce(model, batch, targets),
         examples,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        phase,
     )
-    labels = weak_labels(model, examples[: min(len(examples), 256)], targets)
+    labels = weak_labels(model, encoded[: min(len(encoded), 256)], targets)
     flat = [x for row in labels for x in row]
     stats["positive_share"] = sum(flat) / len(flat) if flat else 0.0
-    model.eval()
     return stats
 
 
@@ -483,11 +483,7 @@ def train_marginal(
     model: CoLLM,
     examples: Sequence[Example | Encoded],
     targets: AssistantTargets,
-    *,
-    steps: int = 200,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    seed: int = 0,
+    phase: TrainingPhase = TrainingPhase(),
 ) -> dict:
     """Fine-tune base and head together on `marginal_nll`; the assistant stays frozen
     (only its stored log-probs are read). Returns {"steps", "first_loss", "loss", "seconds"}.
@@ -495,20 +491,14 @@ def train_marginal(
     lr 1e-4 by default: on the world, 1e-3 let the base forget the tokens it hands over
     (alone it fell from 0.363 to 0.168 accuracy) and pushed deferral to 95% of tokens.
     """
-    _check_examples(examples)
-    examples = _encoded(model.tokenizer, examples)
-    torch.manual_seed(seed)
     model.train()
-    stats = _loop(
+    stats, _ = _train_phase(
+        model,
         list(model.parameters()),
         lambda batch: marginal_nll(model, batch, targets),
         examples,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        phase,
     )
-    model.eval()
     return stats
 
 
@@ -577,12 +567,10 @@ def train_co_llm(
     targets = assistant_targets(assistant, encoded, path=targets_path, batch_size=batch_size)
     torch.manual_seed(seed)  # the head's initial weights, so a seed gives one result
     model = CoLLM(base, prompt_format=resolve_format(prompt_format, base.tokenizer))
-    init = init_head_weak(
-        model, encoded, targets, steps=init_steps, batch_size=batch_size, lr=head_lr, seed=seed
-    )
-    marginal = train_marginal(
-        model, encoded, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed
-    )
+    head_phase = TrainingPhase(init_steps, batch_size, head_lr, seed)
+    # init_steps 0: no weak-supervision start, the head keeps its seeded initial weights
+    init = init_head_weak(model, encoded, targets, head_phase) if init_steps else {"steps": 0}
+    marginal = train_marginal(model, encoded, targets, TrainingPhase(steps, batch_size, lr, seed))
     stats = {"init": init, "marginal": marginal, "length": length.as_dict()}
     return model, {**stats, "prompt_format": model.prompt_format}
 

@@ -28,7 +28,8 @@ from flywheel.alignment.group_robust import (
 )
 from flywheel.flows import pair_training
 from flywheel.flows.outputs import write_once
-from flywheel.flows.tracking import Deployment, length_figures
+from flywheel.flows.pair_training import CheckedPairs
+from flywheel.flows.tracking import Deployment, FlowRun, length_figures
 from flywheel.store import ModelRef
 from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
@@ -95,7 +96,7 @@ class GroupRobustParams(pair_training.PairDataParams):
 
 
 @task(name="check-inputs")
-def check_inputs(params: GroupRobustParams) -> pair_training.CheckedPairs:
+def check_inputs(params: GroupRobustParams) -> CheckedPairs:
     """Fail before any model loads: policy folder, columns, group column, every group
     with pairs on both sides of the split. Returns the pinned inputs and data reports."""
     pair_training.check_base_model(params.base_model, "policy")
@@ -117,11 +118,11 @@ def check_inputs(params: GroupRobustParams) -> pair_training.CheckedPairs:
             f"{source}: eval group(s) {unseen} have no training pairs; add training pairs "
             "for them or leave them out of the evaluation"
         )
-    return pair_training.CheckedPairs(inputs, train_report, eval_report)
+    return CheckedPairs(inputs, train_report, eval_report)
 
 
 @task(name="train-group-robust")
-def train(params: GroupRobustParams, data: pair_training.CheckedPairs, run_id: str) -> ModelRef:
+def train(params: GroupRobustParams, data: CheckedPairs, run_id: str) -> ModelRef:
     """Train and publish the robust policy; the baseline's figures go in its metrics.
     The same data, parameters, code and base weights reuse the last version."""
     column, groups = params.group_column, params.groups
@@ -141,55 +142,48 @@ def train(params: GroupRobustParams, data: pair_training.CheckedPairs, run_id: s
     return pair_training.train_once(params, data.inputs, SOURCE, params.method, run_id, fit)
 
 
-GROUP_ROBUST = Deployment(
-    "align/group-robust",
-    "Group robust preference optimisation",
-    GroupRobustParams,
-    nightly_utc="0 5 * * *",
-)
+GROUP_ROBUST = Deployment("align/group-robust", "Group robust DPO/IPO", GroupRobustParams)
 
 
-@GROUP_ROBUST.flow
-def group_robust_flow(params: GroupRobustParams = GROUP_ROBUST.defaults) -> dict:
+@GROUP_ROBUST.flow(check=check_inputs)
+def group_robust_flow(params: GroupRobustParams, data: CheckedPairs, run: FlowRun) -> dict:
     """Group robust preference optimisation (GR-DPO/GR-IPO) against plain DPO/IPO."""
-    with GROUP_ROBUST.run(params) as run:
-        data = check_inputs(params)
-        model = train(params, data, run.id)
-        rows = evaluation_rows(model.meta["metrics"], f"{model.name}@{model.version}")
-        evaluation, _ = write_once(
-            params.evaluation_dataset,
-            rows,
-            # one evaluation per model version: a re-run of the same version reuses it
-            version=f"{model.name}_{model.version}".replace("-", "_"),
-            produced_by=run.id,
-            inputs=[model],
-        )
-        metrics = model.meta["metrics"]
-        held = metrics["held_out"]
-        figures = {
-            "model": f"{model.name}@{model.version}",
-            "reused earlier version": model.meta["produced_by"] != run.id,
-            "evaluation": f"{evaluation.name}@{evaluation.version}",
-            "train pairs per group": json.dumps(data.train_report["group_sizes"]),
-            f"{params.method} worst group": held["worst_group"],
-            f"{params.method} worst-group accuracy": held["worst_group_accuracy"],
-            f"{params.method} accuracy": held["accuracy"],
-            "final group weights": json.dumps(
-                {g: round(w, 3) for g, w in metrics["final_group_weights"].items()}
-            ),
-            "steps/s": metrics["steps_per_second"],
-            **length_figures(length_by_split(metrics.get("length", {}))),
+    model = train(params, data, run.id)
+    rows = evaluation_rows(model.meta["metrics"], f"{model.name}@{model.version}")
+    evaluation, _ = write_once(
+        params.evaluation_dataset,
+        rows,
+        # one evaluation per model version: a re-run of the same version reuses it
+        version=f"{model.name}_{model.version}".replace("-", "_"),
+        produced_by=run.id,
+        inputs=[model],
+    )
+    metrics = model.meta["metrics"]
+    held = metrics["held_out"]
+    figures = {
+        "model": f"{model.name}@{model.version}",
+        "reused earlier version": model.meta["produced_by"] != run.id,
+        "evaluation": f"{evaluation.name}@{evaluation.version}",
+        "train pairs per group": json.dumps(data.train_report["group_sizes"]),
+        f"{params.method} worst group": held["worst_group"],
+        f"{params.method} worst-group accuracy": held["worst_group_accuracy"],
+        f"{params.method} accuracy": held["accuracy"],
+        "final group weights": json.dumps(
+            {g: round(w, 3) for g, w in metrics["final_group_weights"].items()}
+        ),
+        "steps/s": metrics["steps_per_second"],
+        **length_figures(length_by_split(metrics.get("length", {}))),
+    }
+    if baseline := metrics.get("baseline"):
+        plain = baseline["held_out"]
+        figures |= {
+            f"{baseline['method']} worst-group accuracy": plain["worst_group_accuracy"],
+            f"{baseline['method']} accuracy": plain["accuracy"],
+            "steps/s ratio (robust / plain)": metrics["steps_per_second"]
+            / baseline["steps_per_second"],
         }
-        if baseline := metrics.get("baseline"):
-            plain = baseline["held_out"]
-            figures |= {
-                f"{baseline['method']} worst-group accuracy": plain["worst_group_accuracy"],
-                f"{baseline['method']} accuracy": plain["accuracy"],
-                "steps/s ratio (robust / plain)": metrics["steps_per_second"]
-                / baseline["steps_per_second"],
-            }
-        extra = "## Held-out pairs per group\n\n" + evaluation_markdown(rows)
-        extra += "\n\n## Group weights and losses over training\n\n"
-        extra += history_markdown(Path(model.path))
-        run.summary(figures, extra)
-        return {"model": model.model_dump(), "figures": figures}
+    extra = "## Held-out pairs per group\n\n" + evaluation_markdown(rows)
+    extra += "\n\n## Group weights and losses over training\n\n"
+    extra += history_markdown(Path(model.path))
+    run.summary(figures, extra)
+    return {"model": model.model_dump(), "figures": figures}

@@ -21,7 +21,7 @@ from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentFie
 from flywheel.flows.outputs import PlannedOutputs
 from flywheel.flows.pair_training import default_backbone
 from flywheel.flows.reward import RewardTrainParams, train_flow
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import Checkpoint, DatasetRef, data_root, failed_name
 from flywheel.store.datasets import validate_output_name
@@ -157,29 +157,28 @@ def _train_reward_model(params: ArmapSynthParams, triplets: DatasetRef) -> dict:
     )
 
 
-ARMAP = Deployment("synth/armap", "ARMAP synthesis", ArmapSynthParams, nightly_utc="30 2 * * *")
+ARMAP = Deployment("synth/armap", "ARMAP synthesis", ArmapSynthParams)
 
 
 @ARMAP.flow
-def armap_flow(params: ArmapSynthParams = ARMAP.defaults) -> dict:
+def armap_flow(params: ArmapSynthParams, run: FlowRun) -> dict:
     """ARMAP: intents, agent trajectories, refined intents, triplets, and a reward model."""
-    with ARMAP.run(params) as run:
-        check_armap_inputs(params)
-        made = synthesize(params, run.id)
-        out = made.result()
-        figures = armap.summary_figures(made.figures)
-        figures |= {"dataset: triplets": out["triplets"], "dataset: failed": out["failed"]}
-        figures["environment"] = params.environment
-        if params.train_reward_model and not made.figures["triplets"]:
-            # nothing to learn from: say so instead of failing inside the trainer
-            figures["reward model"] = (
-                "not trained: no triplets (no trajectory fulfilled a task; the shop: "
-                "the agent bought nothing)"
-            )
-        elif params.train_reward_model:
-            trained = _train_reward_model(params, made.triplets)
-            out["reward_model"] = trained["model"]
-            figures["reward model"] = trained["figures"]["model"]
-            figures["reward model held-out accuracy"] = trained["figures"]["eval pairwise accuracy"]
-        run.summary(figures)
-        return out | {"seconds": figures["seconds"]}
+    check_armap_inputs(params)
+    made = synthesize(params, run.id)
+    out = made.result()
+    figures = armap.summary_figures(made.figures)
+    figures |= {"dataset: triplets": out["triplets"], "dataset: failed": out["failed"]}
+    figures["environment"] = params.environment
+    if params.train_reward_model and not made.figures["triplets"]:
+        # nothing to learn from: say so instead of failing inside the trainer
+        figures["reward model"] = (
+            "not trained: no triplets (no trajectory fulfilled a task; the shop: "
+            "the agent bought nothing)"
+        )
+    elif params.train_reward_model:
+        trained = _train_reward_model(params, made.triplets)
+        out["reward_model"] = trained["model"]
+        figures["reward model"] = trained["figures"]["model"]
+        figures["reward model held-out accuracy"] = trained["figures"]["eval pairwise accuracy"]
+    run.summary(figures)
+    return out | {"seconds": figures["seconds"]}

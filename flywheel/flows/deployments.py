@@ -18,27 +18,28 @@ from flywheel.flows.synth import REFERENCE
 from flywheel.flows.tracking import Deployment
 from flywheel.flows.world import BOOTSTRAP
 
-# In the nightly order, which follows the data: models, then synthesis, then reward
-# models on it, then the policies and decoders that use them.
-DEPLOYMENTS: list[Deployment] = [
-    BOOTSTRAP,
-    REFERENCE,
-    ARMAP,
-    TRAIN,
-    RELABEL,
-    BEST_OF_N,
-    REFLEXION,
-    MCTS,
-    GROUP_ROBUST,
-    KMEANS_SELECTOR,
-    CO_LLM,
-    COLLAB,
-    HYBRID,
+# The night in order, which follows the data: models, then synthesis, then reward models
+# on it, then the policies and decoders that use them. Times are UTC cron lines.
+NIGHTLY: list[tuple[Deployment, str]] = [
+    (BOOTSTRAP, "0 1 * * *"),
+    (REFERENCE, "0 2 * * *"),
+    (ARMAP, "30 2 * * *"),
+    (TRAIN, "0 3 * * *"),
+    (RELABEL, "30 3 * * *"),
+    (BEST_OF_N, "0 4 * * *"),
+    (REFLEXION, "15 4 * * *"),
+    (MCTS, "30 4 * * *"),
+    (GROUP_ROBUST, "0 5 * * *"),
+    (KMEANS_SELECTOR, "30 5 * * *"),
+    (CO_LLM, "0 6 * * *"),
+    (COLLAB, "30 6 * * *"),
+    (HYBRID, "0 7 * * *"),
 ]
+DEPLOYMENTS: list[Deployment] = [d for d, _ in NIGHTLY]
 
 # `<flow>/<deployment>` names: `prefect deployment run synth/reference` starts one by hand
 FLOWS: dict[str, Flow] = {d.name: d.entry for d in DEPLOYMENTS}
-NIGHTLY_UTC: dict[str, str] = {d.name: d.nightly_utc for d in DEPLOYMENTS}
+NIGHTLY_UTC: dict[str, str] = {d.name: cron for d, cron in NIGHTLY}
 
 
 def deployments() -> list[RunnerDeployment]:
@@ -47,7 +48,7 @@ def deployments() -> list[RunnerDeployment]:
     return [
         d.entry.to_deployment(
             name=d.name.split("/", 1)[1],
-            cron=d.nightly_utc,
+            cron=NIGHTLY_UTC[d.name],
             description=(d.entry.__doc__ or "").strip().splitlines()[0],
             # run by module path: works from any folder once the package is installed
             entrypoint_type=EntrypointType.MODULE_PATH,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flywheel.flows.environments import ENVIRONMENTS, AgentField, EnvironmentField
 from flywheel.flows.outputs import write_once
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, model_inputs
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, model_inputs
 from flywheel.llm import make_backend
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import ModelRef, read_model
@@ -91,48 +91,42 @@ def run_planner(
     return PlanOutcome(baseline, planned, f"{ref.name}@{ref.version}")
 
 
-def _plan(deployment: Deployment, planner: planners.Planner, params: PlanParams) -> dict:
-    name = deployment.name.split("/", 1)[1]
-    with deployment.run(params) as run:
-        rm = check_plan_inputs(params)
-        out = run_planner(name, planner, params, rm, run.id)
-        figures = {
-            "reward model": f"{rm.name}@{rm.version}",
-            "environment": params.environment,
-            **planners.comparison_figures(name, out.plain, out.planner),
-            "dataset": out.dataset,
-        }
-        run.summary(figures)
-        return asdict(out)
+def _plan(planner: planners.Planner, params: PlanParams, rm: ModelRef, run: FlowRun) -> dict:
+    name = run.name.split("/", 1)[1]
+    out = run_planner(name, planner, params, rm, run.id)
+    figures = {
+        "reward model": f"{rm.name}@{rm.version}",
+        "environment": params.environment,
+        **planners.comparison_figures(name, out.plain, out.planner),
+        "dataset": out.dataset,
+    }
+    run.summary(figures)
+    return asdict(out)
 
 
-BEST_OF_N = Deployment(
-    "plan/best-of-n", "Planning with best-of-n", BestOfNParams, nightly_utc="0 4 * * *"
-)
+BEST_OF_N = Deployment("plan/best-of-n", "Planning with best-of-n", BestOfNParams)
 
 
-@BEST_OF_N.flow
-def best_of_n_flow(params: BestOfNParams = BEST_OF_N.defaults) -> dict:
+@BEST_OF_N.flow(check=check_plan_inputs)
+def best_of_n_flow(params: BestOfNParams, rm: ModelRef, run: FlowRun) -> dict:
     """Best-of-N with the ARMAP reward model vs the plain policy on held-out intents."""
-    return _plan(BEST_OF_N, planners.best_of_n(params.n), params)
+    return _plan(planners.best_of_n(params.n), params, rm, run)
 
 
-REFLEXION = Deployment(
-    "plan/reflexion", "Planning with reflexion", ReflexionParams, nightly_utc="15 4 * * *"
-)
+REFLEXION = Deployment("plan/reflexion", "Planning with reflexion", ReflexionParams)
 
 
-@REFLEXION.flow
-def reflexion_flow(params: ReflexionParams = REFLEXION.defaults) -> dict:
+@REFLEXION.flow(check=check_plan_inputs)
+def reflexion_flow(params: ReflexionParams, rm: ModelRef, run: FlowRun) -> dict:
     """Reflexion (reward-model feedback for a retry) vs the plain policy."""
-    return _plan(REFLEXION, planners.reflexion(params.trials, params.threshold), params)
+    return _plan(planners.reflexion(params.trials, params.threshold), params, rm, run)
 
 
-MCTS = Deployment("plan/mcts", "Planning with mcts", MCTSParams, nightly_utc="30 4 * * *")
+MCTS = Deployment("plan/mcts", "Planning with mcts", MCTSParams)
 
 
-@MCTS.flow
-def mcts_flow(params: MCTSParams = MCTS.defaults) -> dict:
+@MCTS.flow(check=check_plan_inputs)
+def mcts_flow(params: MCTSParams, rm: ModelRef, run: FlowRun) -> dict:
     """MCTS (UCT, agent rollouts, reward-model values) vs the plain policy."""
     planner = planners.mcts(params.simulations, params.c_uct, params.horizon, params.expand_k)
-    return _plan(MCTS, planner, params)
+    return _plan(planner, params, rm, run)

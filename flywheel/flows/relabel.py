@@ -16,7 +16,7 @@ from prefect import task
 from flywheel.flows.outputs import write_once
 from flywheel.flows.relabel_params import DEFAULT_ENSEMBLE, RelabelParams
 from flywheel.flows.reward import RewardTrainParams, train_flow
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, length_figures, model_inputs
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, length_figures, model_inputs
 from flywheel.llm import make_backend, model_fingerprint
 from flywheel.reward_models import relabeling
 from flywheel.reward_models.labelers import LLMJudgeLabeler
@@ -147,76 +147,72 @@ def _stop(run, figures: dict, status: str, queue: DatasetRef, text: str) -> dict
     return {"status": status, "queue": _at(queue)}
 
 
-RELABEL = Deployment("reward/relabel", "UGDA relabeling", RelabelParams, nightly_utc="30 3 * * *")
+RELABEL = Deployment("reward/relabel", "UGDA relabeling", RelabelParams)
 
 
-@RELABEL.flow
-def relabel(params: RelabelParams = RELABEL.defaults) -> dict:
+@RELABEL.flow(check=check_inputs)
+def relabel(params: RelabelParams, ensemble: ModelRef, run: FlowRun) -> dict:
     """UGDA: relabel the policy samples the ensemble is unsure about and that matter for
     the validation set, then refine the ensemble on them."""
-    with RELABEL.run(params) as run:
-        ensemble = check_inputs(params)
-        names = ["candidates", "labeled", "failed", "model"]
-        planned = _workdir(params, ensemble).put_once("versions", {k: new_version() for k in names})
-        figures: dict = {"ensemble": _at(ensemble), "arm": params.arm}
-        book = (
-            QueueBook(data_root() / "_work" / "relabel-queues")
-            if params.labeler == "human"
-            else None
-        )
-        queue = book.pending(params.queue) if book else None
-        if book and queue is not None:
-            # the human path, second half: labels for the queue written by an earlier run
-            path = params.labels_path()
-            if not path.exists():
-                text = f"waiting for labels of {_at(queue)} at {path}"
-                return _stop(run, figures, "waiting", queue, text)
-            labeled, validation, read = book.labels(path, queue)
-            figures, failures, inputs = figures | read, [], [queue]
-        else:
-            sampled = sample_policy(params, ensemble)
-            validation = sampled.validation
-            rows = score_and_select(params, ensemble, sampled)
-            lineage = [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)]
-            dataset, version = params.candidates_dataset, planned["candidates"]
-            candidates, _ = write_once(dataset, rows, version, run.id, lineage, CANDIDATE_SCHEMA)
-            selected = [r for r in rows if r["selected"]]
-            figures |= relabeling.selection_figures(rows, sampled.report)
-            figures["dataset: candidates"] = _at(candidates)
-            if book:
-                queued = book.enqueue(
-                    selected, params.queue, validation, produced_by=run.id, inputs=[candidates]
-                )
-                text = (
-                    f"queued {len(selected)} pairs as {_at(queued)}; label them "
-                    f"(columns id, label = a or b) into {params.labels_path()} and run again"
-                )
-                return _stop(run, figures, "queued", queued, text)
-            labeled, failures = label(params, selected)
-            inputs = [candidates]
-        tables = relabeling.label_tables(params.labeled_dataset, labeled, failures)
-        written = {
-            k: write_once(name, rows, planned[k], run.id, inputs, schema)[0]
-            for k, name, rows, schema in tables
-        }
-        figures |= relabeling.label_figures(labeled, failures, written)
-        if not labeled:
-            run.summary(figures)
-            return {"status": "no labels", "figures": figures}
-        refined = refine_ensemble(
-            ensemble,
-            labeled,
-            validation,
-            params.ugda(),
-            inputs=[written["labeled"]],
-            prompt_inputs=_prompt_inputs(params),
-            version=planned["model"],
-            produced_by=run.id,
-        )
-        if book and queue is not None:
-            book.consumed(queue.version)
-        figures |= relabeling.refine_figures(ensemble, refined, validation)
-        # refinement reads pairs as the ensemble was trained to (its max_length)
-        figures |= length_figures(refined.meta["metrics"].get("length", {}))
+    names = ["candidates", "labeled", "failed", "model"]
+    planned = _workdir(params, ensemble).put_once("versions", {k: new_version() for k in names})
+    figures: dict = {"ensemble": _at(ensemble), "arm": params.arm}
+    book = (
+        QueueBook(data_root() / "_work" / "relabel-queues") if params.labeler == "human" else None
+    )
+    queue = book.pending(params.queue) if book else None
+    if book and queue is not None:
+        # the human path, second half: labels for the queue written by an earlier run
+        path = params.labels_path()
+        if not path.exists():
+            text = f"waiting for labels of {_at(queue)} at {path}"
+            return _stop(run, figures, "waiting", queue, text)
+        labeled, validation, read = book.labels(path, queue)
+        figures, failures, inputs = figures | read, [], [queue]
+    else:
+        sampled = sample_policy(params, ensemble)
+        validation = sampled.validation
+        rows = score_and_select(params, ensemble, sampled)
+        lineage = [ensemble, *model_inputs(params.policy), *_prompt_inputs(params)]
+        dataset, version = params.candidates_dataset, planned["candidates"]
+        candidates, _ = write_once(dataset, rows, version, run.id, lineage, CANDIDATE_SCHEMA)
+        selected = [r for r in rows if r["selected"]]
+        figures |= relabeling.selection_figures(rows, sampled.report)
+        figures["dataset: candidates"] = _at(candidates)
+        if book:
+            queued = book.enqueue(
+                selected, params.queue, validation, produced_by=run.id, inputs=[candidates]
+            )
+            text = (
+                f"queued {len(selected)} pairs as {_at(queued)}; label them "
+                f"(columns id, label = a or b) into {params.labels_path()} and run again"
+            )
+            return _stop(run, figures, "queued", queued, text)
+        labeled, failures = label(params, selected)
+        inputs = [candidates]
+    tables = relabeling.label_tables(params.labeled_dataset, labeled, failures)
+    written = {
+        k: write_once(name, rows, planned[k], run.id, inputs, schema)[0]
+        for k, name, rows, schema in tables
+    }
+    figures |= relabeling.label_figures(labeled, failures, written)
+    if not labeled:
         run.summary(figures)
-        return {"status": "refined", "model": refined.model_dump(), "figures": figures}
+        return {"status": "no labels", "figures": figures}
+    refined = refine_ensemble(
+        ensemble,
+        labeled,
+        validation,
+        params.ugda(),
+        inputs=[written["labeled"]],
+        prompt_inputs=_prompt_inputs(params),
+        version=planned["model"],
+        produced_by=run.id,
+    )
+    if book and queue is not None:
+        book.consumed(queue.version)
+    figures |= relabeling.refine_figures(ensemble, refined, validation)
+    # refinement reads pairs as the ensemble was trained to (its max_length)
+    figures |= length_figures(refined.meta["metrics"].get("length", {}))
+    run.summary(figures)
+    return {"status": "refined", "model": refined.model_dump(), "figures": figures}

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from flywheel.flows import pair_training
 from flywheel.flows.pair_training import default_backbone, split_pairs
-from flywheel.flows.tracking import Deployment, length_figures
+from flywheel.flows.tracking import Deployment, FlowRun, length_figures
 from flywheel.reward_models import bradley_terry, ensemble
 from flywheel.reward_models.bradley_terry import (
     PAIR_COLUMNS,
@@ -134,52 +134,48 @@ def _duplicates_markdown(data: RewardInputs) -> str:
     return "## Duplicate pairs\n\n" + "\n".join(lines) if lines else ""
 
 
-TRAIN = Deployment(
-    "reward/train", "Reward model training", RewardTrainParams, nightly_utc="0 3 * * *"
-)
+TRAIN = Deployment("reward/train", "Reward model training", RewardTrainParams)
 
 
-@TRAIN.flow
-def train_flow(params: RewardTrainParams = TRAIN.defaults) -> dict:
+@TRAIN.flow(check=check_inputs)
+def train_flow(params: RewardTrainParams, data: RewardInputs, run: FlowRun) -> dict:
     """Train a reward model (Bradley-Terry, or a K-member ensemble) on preference pairs."""
-    with TRAIN.run(params) as run:
-        data = check_inputs(params)
-        model = train(params, data, run.id)
-        metrics = model.meta["metrics"]
-        accuracy = metrics["eval_pairwise_accuracy"]
-        dropped = {
-            f"{split} rows dropped ({reason})": entry["count"]
-            for split, report in data.reports.items()
-            for reason, entry in report["dropped"].items()
-        }
-        figures = {
-            "model": f"{model.name}@{model.version}",
-            "kind": params.kind,
-            "reused earlier version": model.meta["produced_by"] != run.id,
-            "train pairs": data.train_report["kept"],
-            "train pairs trained": metrics.get("trained_pairs"),
-            "eval pairs": data.eval_report["kept"],
-            **dropped,
-            "prompt format": metrics.get("prompt_format"),
-            "pad token stand-in": metrics.get("pad_token_stand_in") or "none needed",
-            **length_figures(metrics.get("length", {})),
-            "train duplicate rows": data.train_report["duplicates"]["count"],
-            "eval duplicate rows": data.eval_report["duplicates"]["count"],
-            "eval rows copying a train pair": data.eval_copies["count"],
-            "eval pairwise accuracy": accuracy if params.kind == "bradley-terry" else None,
-            "eval pairwise accuracy (ensemble mean)": (
-                accuracy["mean"] if params.kind == "ensemble" else None
-            ),
-            "train seconds": metrics["train_seconds"],
-        }
-        figures = {k: v for k, v in figures.items() if v is not None}
-        examples = "\n".join(
-            f"- {split}: {entry['count']} row(s) {reason}, e.g. row {entry['example_row']}: "
-            f"`{json.dumps(entry['example'], default=str)[:200]}`"
-            for split, report in data.reports.items()
-            for reason, entry in report["dropped"].items()
-        )
-        extra = f"## Rows kept out of training\n\n{examples}\n\n" if examples else ""
-        extra += _duplicates_markdown(data)
-        run.summary(figures, extra)
-        return {"model": model.model_dump(), "figures": figures}
+    model = train(params, data, run.id)
+    metrics = model.meta["metrics"]
+    accuracy = metrics["eval_pairwise_accuracy"]
+    dropped = {
+        f"{split} rows dropped ({reason})": entry["count"]
+        for split, report in data.reports.items()
+        for reason, entry in report["dropped"].items()
+    }
+    figures = {
+        "model": f"{model.name}@{model.version}",
+        "kind": params.kind,
+        "reused earlier version": model.meta["produced_by"] != run.id,
+        "train pairs": data.train_report["kept"],
+        "train pairs trained": metrics.get("trained_pairs"),
+        "eval pairs": data.eval_report["kept"],
+        **dropped,
+        "prompt format": metrics.get("prompt_format"),
+        "pad token stand-in": metrics.get("pad_token_stand_in") or "none needed",
+        **length_figures(metrics.get("length", {})),
+        "train duplicate rows": data.train_report["duplicates"]["count"],
+        "eval duplicate rows": data.eval_report["duplicates"]["count"],
+        "eval rows copying a train pair": data.eval_copies["count"],
+        "eval pairwise accuracy": accuracy if params.kind == "bradley-terry" else None,
+        "eval pairwise accuracy (ensemble mean)": (
+            accuracy["mean"] if params.kind == "ensemble" else None
+        ),
+        "train seconds": metrics["train_seconds"],
+    }
+    figures = {k: v for k, v in figures.items() if v is not None}
+    examples = "\n".join(
+        f"- {split}: {entry['count']} row(s) {reason}, e.g. row {entry['example_row']}: "
+        f"`{json.dumps(entry['example'], default=str)[:200]}`"
+        for split, report in data.reports.items()
+        for reason, entry in report["dropped"].items()
+    )
+    extra = f"## Rows kept out of training\n\n{examples}\n\n" if examples else ""
+    extra += _duplicates_markdown(data)
+    run.summary(figures, extra)
+    return {"model": model.model_dump(), "figures": figures}

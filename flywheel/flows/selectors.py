@@ -19,7 +19,7 @@ from prefect import task
 
 from flywheel.flows.outputs import reuse_or_write
 from flywheel.flows.selector_params import KmeansSelectorParams
-from flywheel.flows.tracking import Deployment, model_inputs
+from flywheel.flows.tracking import Deployment, FlowRun, model_inputs
 from flywheel.llm import BackendSpec
 from flywheel.selectors import AdapterLibrary, AdaptersSelector
 from flywheel.selectors import evaluation as ev
@@ -192,29 +192,25 @@ def publish_selector(
     return save_model_version(SELECTOR_MODEL, build, kind=kind, produced_by=run, inputs=inputs)
 
 
-KMEANS_SELECTOR = Deployment(
-    "selectors/kmeans", "k-means adapter selector", KmeansSelectorParams, nightly_utc="30 5 * * *"
-)
+KMEANS_SELECTOR = Deployment("selectors/kmeans", "k-means adapter selector", KmeansSelectorParams)
 
 
-@KMEANS_SELECTOR.flow
-def kmeans_selector(params: KmeansSelectorParams = KMEANS_SELECTOR.defaults) -> dict:
+@KMEANS_SELECTOR.flow(check=check_inputs)
+def kmeans_selector(params: KmeansSelectorParams, plan: SelectorPlan, run: FlowRun) -> dict:
     """k-means LoRA adapter selector: per-task adapters, a selector on k-means samples."""
-    with KMEANS_SELECTOR.run(params) as run:
-        plan = check_inputs(params)
-        tasks = None
-        if plan.mode == "remove":
-            library = plan.library  # removing changes the selector only
-        else:
-            tasks = task_data(params, plan)
-            library = train_adapters(params, plan, tasks, run.id)
-        selectors = train_selectors(params, plan, tasks, library, run.id)
-        figures = evaluate(params, plan, library, selectors, run.id)
-        selector = publish_selector(params, plan, library, selectors, figures, run.id)
-        shutil.rmtree(_workdir(run.id), ignore_errors=True)
-        made = {"adapters": library, "selector": selector}
-        named = {key: f"{ref.name}@{ref.version}" for key, ref in made.items()}
-        summary = ev.run_summary(figures, mode=plan.mode, **named)
-        run.summary(summary)
-        dumped = {key: ref.model_dump() for key, ref in made.items()}
-        return {**dumped, "figures": figures, "summary": summary}
+    tasks = None
+    if plan.mode == "remove":
+        library = plan.library  # removing changes the selector only
+    else:
+        tasks = task_data(params, plan)
+        library = train_adapters(params, plan, tasks, run.id)
+    selectors = train_selectors(params, plan, tasks, library, run.id)
+    figures = evaluate(params, plan, library, selectors, run.id)
+    selector = publish_selector(params, plan, library, selectors, figures, run.id)
+    shutil.rmtree(_workdir(run.id), ignore_errors=True)
+    made = {"adapters": library, "selector": selector}
+    named = {key: f"{ref.name}@{ref.version}" for key, ref in made.items()}
+    summary = ev.run_summary(figures, mode=plan.mode, **named)
+    run.summary(summary)
+    dumped = {key: ref.model_dump() for key, ref in made.items()}
+    return {**dumped, "figures": figures, "summary": summary}

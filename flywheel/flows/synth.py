@@ -16,7 +16,7 @@ from prefect import task
 from pydantic import ConfigDict, Field, field_validator
 
 from flywheel.flows.outputs import PlannedOutputs, reuse_or_write
-from flywheel.flows.tracking import MODEL_CALLS, Deployment
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import (
     Checkpoint,
@@ -196,20 +196,16 @@ def write_outputs(params: ReferenceSynthParams, refs: DatasetRef, run_id: str) -
     return RefedOutputs(stats, {k: f"{ref.name}@{ref.version}" for k, ref in written.items()})
 
 
-REFERENCE = Deployment(
-    "synth/reference", "REFED synthesis", ReferenceSynthParams, nightly_utc="0 2 * * *"
-)
+REFERENCE = Deployment("synth/reference", "REFED synthesis", ReferenceSynthParams)
 
 
-@REFERENCE.flow
-def reference(params: ReferenceSynthParams = REFERENCE.defaults) -> dict:
+@REFERENCE.flow(check=check_inputs)
+def reference(params: ReferenceSynthParams, refs: DatasetRef, run: FlowRun) -> dict:
     """REFED: reference-level feedback guided synthesis (see flywheel.synthesis.refed)."""
-    with REFERENCE.run(params) as run:
-        refs = check_inputs(params)
-        for stage in STAGES:
-            refed_stage.with_options(name=stage)(params, refs, stage)
-        out = write_outputs(params, refs, run.id)
-        figures = refed_outputs.summary_figures(out.stats)
-        figures |= {f"dataset: {k}": v for k, v in out.datasets.items()}
-        run.summary(figures)
-        return {"stats": out.stats, "datasets": out.datasets, "seconds": figures["seconds"]}
+    for stage in STAGES:
+        refed_stage.with_options(name=stage)(params, refs, stage)
+    out = write_outputs(params, refs, run.id)
+    figures = refed_outputs.summary_figures(out.stats)
+    figures |= {f"dataset: {k}": v for k, v in out.datasets.items()}
+    run.summary(figures)
+    return {"stats": out.stats, "datasets": out.datasets, "seconds": figures["seconds"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import prefect
 from prefect import Flow
@@ -181,38 +183,65 @@ class FlowRun:
 @dataclass
 class Deployment:
     """A deployment, declared once: its `<flow>/<name>` (what `prefect deployment run`
-    takes), the title of its summary, its parameter model and its nightly schedule (a
-    UTC cron line).
+    takes), the title of its summary and its parameter model. Its nightly time is in
+    `flows/deployments.py`, where the whole night reads in order.
 
-    `@DEPLOYMENT.flow` makes a function its Prefect flow. The function takes one
-    parameter, `params: Model = DEPLOYMENT.defaults`: the defaults in the signature are
-    what the UI shows and pre-fills, and its docstring's first line is the deployment's
-    description. In the body, `with DEPLOYMENT.run(params) as run:` records the run in
-    the catalog (`tracked_run`, with the effective parameters) and times it for
-    `run.summary(...)`."""
+    `@DEPLOYMENT.flow` (or `@DEPLOYMENT.flow(check=check_inputs)`) makes a function
+    `fn(params, run)` (or `fn(params, inputs, run)`) its Prefect flow. Prefect sees one
+    parameter, `params`, with the model's defaults: what the UI shows and pre-fills. The
+    flow records the run in the catalog (`tracked_run`, with the effective parameters),
+    runs `check(params)` first when given and passes its result on, and times the run
+    for `run.summary(...)`. The docstring's first line is the deployment's description,
+    and each flow run is named after the deployment."""
 
     name: str
     title: str
     parameters: type[BaseModel]
-    nightly_utc: str
     defaults: BaseModel = field(init=False)
     entry: Flow | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.defaults = self.parameters()
 
-    def flow(self, fn: Callable) -> Flow:
-        params = list(inspect.signature(fn).parameters.values())
-        if len(params) != 1 or params[0].name != "params" or params[0].default is not self.defaults:
+    def flow(self, fn: Callable | None = None, *, check: Callable | None = None) -> Any:
+        if fn is None:
+            return lambda fn: self.flow(fn, check=check)
+        names = list(inspect.signature(fn).parameters)
+        takes = ["params", "<inputs>", "run"] if check else ["params", "run"]
+        if len(names) != len(takes) or (names[0], names[-1]) != ("params", "run"):
             raise TypeError(
-                f"{self.name}: the flow {fn.__name__} takes one parameter, "
-                f"`params: {self.parameters.__name__} = <deployment>.defaults`"
+                f"{self.name}: the flow {fn.__name__} takes ({', '.join(takes)}), "
+                f"got ({', '.join(names)})"
             )
-        self.entry = prefect.flow(name=self.name.split("/", 1)[0])(fn)
+
+        @functools.wraps(fn)
+        def entry(params: BaseModel = self.defaults) -> Any:
+            with self.run(params) as run:
+                return fn(params, check(params), run) if check else fn(params, run)
+
+        # what Prefect reads for the parameter schema, validation and the call
+        entry.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    "params", _BY_NAME, default=self.defaults, annotation=self.parameters
+                )
+            ]
+        )
+        entry.__annotations__ = {"params": self.parameters}
+        self.entry = prefect.flow(
+            name=self.name.split("/", 1)[0], flow_run_name=self._flow_run_name
+        )(entry)
         return self.entry
+
+    def _flow_run_name(self) -> str:
+        # the UI's run list then says which deployment ran, though flows share a name
+        return f"{self.name} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
     @contextlib.contextmanager
     def run(self, params: BaseModel) -> Iterator[FlowRun]:
         started = time.monotonic()
         with tracked_run(self.name, params.model_dump(mode="json")) as run_id:
             yield FlowRun(self.name, self.title, run_id, started)
+
+
+_BY_NAME = inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from flywheel.flows.tracking import Deployment
+from flywheel.flows.tracking import Deployment, FlowRun
 from flywheel.world.bootstrap import (
     BootstrapConfig,
     bootstrap_models,
@@ -19,16 +19,15 @@ def train_world_models(config: BootstrapConfig) -> dict:
     return bootstrap_models(models_root(), config)
 
 
-BOOTSTRAP = Deployment("world/bootstrap", "World models", BootstrapConfig, nightly_utc="0 1 * * *")
+BOOTSTRAP = Deployment("world/bootstrap", "World models", BootstrapConfig)
 
 
 @BOOTSTRAP.flow
-def bootstrap(params: BootstrapConfig = BOOTSTRAP.defaults) -> dict:
+def bootstrap(params: BootstrapConfig, run: FlowRun) -> dict:
     """Train world-small, world-large and shop-agent for a fixed number of steps (kept when
     already trained so; `force` retrains); a world model below its accuracy floor is not
     published and fails the run."""
-    with BOOTSTRAP.run(params) as run:
-        report = train_world_models(params)
-        figures = summary_figures(report, params)
-        run.summary(figures, format_report(report))
-        return report
+    report = train_world_models(params)
+    figures = summary_figures(report, params)
+    run.summary(figures, format_report(report))
+    return report

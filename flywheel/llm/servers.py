@@ -15,15 +15,14 @@ A command to run is never taken from run parameters, datasets or model files: a
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.llm.base import BackendError
+from flywheel.names import SHORT_NAME_RULE, is_short_name
 
-SERVER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 EXAMPLE = (
     '[servers.NAME]\ncommand = ["/path/to/vllm", "serve", "MODEL", "--port", "8000"]\n'
     'base_url = "http://127.0.0.1:8000/v1"'
@@ -56,11 +55,11 @@ def servers_file() -> Path:
 
 
 def validate_server_name(name: str) -> str:
-    if isinstance(name, str) and SERVER_NAME_RE.fullmatch(name):
+    if is_short_name(name):
         return name
     raise ValueError(
-        f"invalid server name {name!r}: a lowercase letter, then up to 62 lowercase letters, "
-        "digits, '_' or '-'; it names an entry [servers.<name>] of the servers file"
+        f"invalid server name {name!r}: {SHORT_NAME_RULE}; it names an entry "
+        "[servers.<name>] of the servers file"
     )
 
 

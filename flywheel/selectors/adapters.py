@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,8 +31,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from flywheel.llm.tokens import ensure_pad_token
+from flywheel.names import SHORT_NAME_RULE, is_short_name
 
-ADAPTER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LIBRARY_FILE = "library.json"
 
 
@@ -43,12 +42,9 @@ class SelectorInputError(ValueError):
 
 def check_adapter_name(name: str, field: str = "name") -> str:
     """`name` if it can name an adapter (it becomes a folder and a peft adapter name)."""
-    if isinstance(name, str) and ADAPTER_NAME_RE.fullmatch(name):
+    if is_short_name(name):
         return name
-    raise SelectorInputError(
-        f"{field}: invalid adapter name {name!r}; use a lowercase letter, then up to 62 "
-        "lowercase letters, digits, '_' or '-' (regex ^[a-z][a-z0-9_-]{0,62}$)"
-    )
+    raise SelectorInputError(f"{field}: invalid adapter name {name!r}; use {SHORT_NAME_RULE}")
 
 
 class LoraTraining(BaseModel):

@@ -9,7 +9,6 @@ version never changes once it exists. The catalog's ``models`` table and
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from flywheel.names import SHORT_NAME_MAX_LENGTH, SHORT_NAME_RULE, is_short_name
 from flywheel.store.datasets import (
     VERSION_RE,
     DatasetRef,
@@ -32,12 +32,7 @@ from flywheel.store.datasets import (
 
 MODELS_DIR = "_models"
 MODEL_META = "_model.json"
-MAX_MODEL_NAME_LENGTH = 63
-MODEL_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-MODEL_NAME_RULE = (
-    "a model name is a lowercase letter, then up to 62 lowercase letters, digits, '_' or '-' "
-    "(regex ^[a-z][a-z0-9_-]{0,62}$)"
-)
+MODEL_NAME_RULE = f"a model name is {SHORT_NAME_RULE}"
 
 
 class ModelNotRegistered(StoreError):
@@ -65,7 +60,7 @@ def models_dir(root: Path | str | None = None) -> Path:
 
 def validate_model_name(name: str, field: str | None = None) -> str:
     """Return ``name`` if it is a valid model name, else raise (naming ``field`` if given)."""
-    if isinstance(name, str) and MODEL_NAME_RE.fullmatch(name):
+    if is_short_name(name):
         return name
     prefix = f"{field}: " if field else ""
     raise ValueError(f"{prefix}invalid model name {name!r}: {MODEL_NAME_RULE}")
@@ -74,14 +69,14 @@ def validate_model_name(name: str, field: str | None = None) -> str:
 def validate_derived_model_name(name: str, *, field: str, value: str, hint: str = "") -> str:
     """Check a model name that a flow builds from its parameter ``field`` (= ``value``), so
     a name the run could only refuse at its end is refused before the run starts."""
-    if MODEL_NAME_RE.fullmatch(name):
+    if is_short_name(name):
         return name
     problem = derived_error(
         "model name",
         name,
         field=field,
         value=value,
-        limit=MAX_MODEL_NAME_LENGTH,
+        limit=SHORT_NAME_MAX_LENGTH,
         rule=MODEL_NAME_RULE,
     )
     raise ValueError(problem + (f"; {hint}" if hint else ""))
@@ -105,7 +100,7 @@ def list_model_versions(name: str, root: Path | None = None) -> list[str]:
 def list_models(root: Path | None = None) -> list[str]:
     return subfolders(
         models_dir(root),
-        lambda p: MODEL_NAME_RE.fullmatch(p.name) and list_model_versions(p.name, root),
+        lambda p: is_short_name(p.name) and list_model_versions(p.name, root),
     )
 
 

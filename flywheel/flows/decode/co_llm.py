@@ -42,6 +42,7 @@ from flywheel.flows.pair_training import code_hash
 from flywheel.flows.tracking import (
     MODEL_CALLS,
     Deployment,
+    FlowRun,
     earlier_model,
     length_figures,
     model_inputs,
@@ -208,30 +209,28 @@ def _sweep_markdown(params: CoLLMParams, chosen: EtaChoice, validation: DatasetR
     )
 
 
-CO_LLM = Deployment("decode/co-llm", "Co-LLM decoding", CoLLMParams, nightly_utc="0 6 * * *")
+CO_LLM = Deployment("decode/co-llm", "Co-LLM decoding", CoLLMParams)
 
 
-@CO_LLM.flow
-def co_llm_flow(params: CoLLMParams = CO_LLM.defaults) -> dict:
+@CO_LLM.flow(check=check_co_llm_inputs)
+def co_llm_flow(params: CoLLMParams, data: CoLLMInputs, run: FlowRun) -> dict:
     """Co-LLM: a base model that defers tokens to an assistant, eta chosen on validation."""
-    with CO_LLM.run(params) as run:
-        data = check_co_llm_inputs(params)
-        model = train_pair(params, data, run.id)
-        chosen = choose_eta(params, model, data, run.id)
-        written = decode_co_llm(params, model, data, chosen.eta, run.id)
-        rows = written.rows()
-        figures = {
-            "model": f"{model.name}@{model.version}",
-            "reused earlier model": model.meta["produced_by"] != run.id,
-            **written.figures(rows),
-            "eta": chosen.eta,
-            "eta chosen by": "the validation sweep" if params.eta is None else "the eta parameter",
-            "accuracy": output_accuracy(rows),
-            "share of tokens deferred": writer_share(rows, "assistant"),
-            **length_figures({"train": model.meta["metrics"].get("length", {})}),
-        }
-        if params.baselines:
-            alone = {"base alone": params.base_model, "assistant alone": params.assistant_model}
-            figures |= alone_figures(data.rows, alone, params)
-        run.summary(figures, _sweep_markdown(params, chosen, data.validation))
-        return {"figures": figures, "sweep": chosen.results}
+    model = train_pair(params, data, run.id)
+    chosen = choose_eta(params, model, data, run.id)
+    written = decode_co_llm(params, model, data, chosen.eta, run.id)
+    rows = written.rows()
+    figures = {
+        "model": f"{model.name}@{model.version}",
+        "reused earlier model": model.meta["produced_by"] != run.id,
+        **written.figures(rows),
+        "eta": chosen.eta,
+        "eta chosen by": "the validation sweep" if params.eta is None else "the eta parameter",
+        "accuracy": output_accuracy(rows),
+        "share of tokens deferred": writer_share(rows, "assistant"),
+        **length_figures({"train": model.meta["metrics"].get("length", {})}),
+    }
+    if params.baselines:
+        alone = {"base alone": params.base_model, "assistant alone": params.assistant_model}
+        figures |= alone_figures(data.rows, alone, params)
+    run.summary(figures, _sweep_markdown(params, chosen, data.validation))
+    return {"figures": figures, "sweep": chosen.results}

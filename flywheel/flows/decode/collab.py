@@ -29,7 +29,7 @@ from flywheel.flows.decode.common import (
 from flywheel.flows.decode.inputs import LocalModel, read_prompts
 from flywheel.flows.decode.rewards import TargetReward, read_reward_model
 from flywheel.flows.pair_training import code_hash, default_backbone
-from flywheel.flows.tracking import MODEL_CALLS, Deployment, length_figures, model_inputs
+from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, length_figures, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import ModelRef
 from flywheel.world.tasks import MAX_LEN
@@ -210,34 +210,32 @@ def agents_alone(params: CollabParams, data: CollabInputs) -> dict[str, AloneSco
     return scores
 
 
-COLLAB = Deployment("decode/collab", "Collab decoding", CollabParams, nightly_utc="30 6 * * *")
+COLLAB = Deployment("decode/collab", "Collab decoding", CollabParams)
 
 
-@COLLAB.flow
-def collab_flow(params: CollabParams = COLLAB.defaults) -> dict:
+@COLLAB.flow(check=check_collab_inputs)
+def collab_flow(params: CollabParams, data: CollabInputs, run: FlowRun) -> dict:
     """Collab: agents propose tokens, a target reward's rollouts pick token and agent."""
-    with COLLAB.run(params) as run:
-        data = check_collab_inputs(params)
-        written = decode_collab(params, data, run.id)
-        rows = written.rows()
-        scored = [r["reward"] for r in rows if r["reward"] is not None]
-        figures = {
-            **written.figures(rows),
-            "target reward": params.reward_model,
-            "mean target reward": sum(scored) / len(scored) if scored else "n/a (all failed)",
-            "accuracy": output_accuracy(rows),
-            "model calls per prompt": sum(r["model_calls"] for r in rows) / len(rows),
-            "agent switches per prompt": sum(r["switches"] for r in rows) / len(rows),
-            "prompts failed": sum(r["finish_reason"] == "failed" for r in rows),
-            "failed model calls": sum(r["failed_calls"] for r in rows),
-            **length_figures(written.length),
-        }
-        for name in _agent_names(params.agents):
-            figures[f"share of tokens by {name}"] = writer_share(rows, name)
-        if params.baselines:
-            for name, alone in agents_alone(params, data).items():
-                figures[f"{name} alone: mean target reward"] = figure(alone.mean_reward)
-                figures[f"{name} alone: accuracy"] = figure(alone.accuracy)
-                figures[f"{name} alone: failed calls"] = alone.failed_calls
-        run.summary(figures)
-        return {"figures": figures}
+    written = decode_collab(params, data, run.id)
+    rows = written.rows()
+    scored = [r["reward"] for r in rows if r["reward"] is not None]
+    figures = {
+        **written.figures(rows),
+        "target reward": params.reward_model,
+        "mean target reward": sum(scored) / len(scored) if scored else "n/a (all failed)",
+        "accuracy": output_accuracy(rows),
+        "model calls per prompt": sum(r["model_calls"] for r in rows) / len(rows),
+        "agent switches per prompt": sum(r["switches"] for r in rows) / len(rows),
+        "prompts failed": sum(r["finish_reason"] == "failed" for r in rows),
+        "failed model calls": sum(r["failed_calls"] for r in rows),
+        **length_figures(written.length),
+    }
+    for name in _agent_names(params.agents):
+        figures[f"share of tokens by {name}"] = writer_share(rows, name)
+    if params.baselines:
+        for name, alone in agents_alone(params, data).items():
+            figures[f"{name} alone: mean target reward"] = figure(alone.mean_reward)
+            figures[f"{name} alone: accuracy"] = figure(alone.accuracy)
+            figures[f"{name} alone: failed calls"] = alone.failed_calls
+    run.summary(figures)
+    return {"figures": figures}

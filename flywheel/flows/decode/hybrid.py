@@ -25,7 +25,7 @@ from flywheel.flows.decode.common import (
 )
 from flywheel.flows.decode.inputs import read_prompts, shared_vocabulary
 from flywheel.flows.pair_training import code_hash, default_backbone
-from flywheel.flows.tracking import Deployment, model_inputs
+from flywheel.flows.tracking import Deployment, FlowRun, model_inputs
 from flywheel.llm import BackendSpec, model_fingerprint
 
 
@@ -88,27 +88,23 @@ def decode_hybrid(params: HybridParams, data: DecodeInputs, run_id: str) -> Writ
     )
 
 
-HYBRID = Deployment(
-    "decode/hybrid", "Hybrid small/large token gating", HybridParams, nightly_utc="0 7 * * *"
-)
+HYBRID = Deployment("decode/hybrid", "Hybrid small/large token gating", HybridParams)
 
 
-@HYBRID.flow
-def hybrid_flow(params: HybridParams = HYBRID.defaults) -> dict:
+@HYBRID.flow(check=check_hybrid_inputs)
+def hybrid_flow(params: HybridParams, data: DecodeInputs, run: FlowRun) -> dict:
     """Hybrid gating: the small model writes, its uncertain tokens go to the large one."""
-    with HYBRID.run(params) as run:
-        data = check_hybrid_inputs(params)
-        written = decode_hybrid(params, data, run.id)
-        rows = written.rows()
-        figures = {
-            **written.figures(rows),
-            "measure": params.measure,
-            "threshold": params.threshold,
-            "accuracy": output_accuracy(rows),
-            "share of tokens sent to the large model": writer_share(rows, "large"),
-        }
-        if params.baselines:
-            alone = {"small alone": params.small_model, "large alone": params.large_model}
-            figures |= alone_figures(data.rows, alone, params)
-        run.summary(figures)
-        return {"figures": figures}
+    written = decode_hybrid(params, data, run.id)
+    rows = written.rows()
+    figures = {
+        **written.figures(rows),
+        "measure": params.measure,
+        "threshold": params.threshold,
+        "accuracy": output_accuracy(rows),
+        "share of tokens sent to the large model": writer_share(rows, "large"),
+    }
+    if params.baselines:
+        alone = {"small alone": params.small_model, "large alone": params.large_model}
+        figures |= alone_figures(data.rows, alone, params)
+    run.summary(figures)
+    return {"figures": figures}
