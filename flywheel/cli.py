@@ -150,52 +150,41 @@ def sql(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def shell(ctx: typer.Context) -> None:
-    """Open the DuckDB CLI on a snapshot copy of the catalog, so flows are never blocked.
+    """Open the DuckDB CLI on the store's lake, attached read-only; flows keep writing.
 
     Arguments go on to duckdb, e.g. flywheel shell -c "select count(*) from runs".
     """
-    import shutil
     import signal
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
     import duckdb
 
-    from flywheel.store import StoreError, refresh_catalog
-    from flywheel.store.catalog import catalog_path, connect_read_only
+    from flywheel.store import StoreError, lake, refresh_catalog
+    from flywheel.store.catalog import catalog_path
 
     cli = Path(sys.executable).parent / "duckdb"
     if not cli.exists():
         _fail(f"no DuckDB CLI at {cli}: install the duckdb-cli package into this environment")
-    source = catalog_path()
     try:
-        if not source.exists():
+        if not catalog_path().exists():
             refresh_catalog()
-        with tempfile.TemporaryDirectory(prefix="flywheel-shell-") as tmp:
-            snapshot = Path(tmp) / source.name
-            # No process writes the catalog while this connection is open: the copy is whole.
-            with connect_read_only():
-                for suffix in ("", ".wal"):
-                    if Path(f"{source}{suffix}").exists():
-                        shutil.copyfile(f"{source}{suffix}", f"{snapshot}{suffix}")
-                taken = datetime.now()
-            typer.echo(
-                f"flywheel shell: a snapshot of {source} taken at {taken:%Y-%m-%d %H:%M:%S}; "
-                "flows keep running, versions they write later need a new `flywheel shell`, "
-                "and changes made here are discarded on exit",
-                err=True,
-            )
-            # Ctrl-C belongs to the shell (it stops a query there): this process and the
-            # venv's duckdb wrapper ignore it, and the DuckDB CLI sets its own handler.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                code = subprocess.call([str(cli), str(snapshot), *ctx.args])
-            finally:
-                signal.signal(signal.SIGINT, previous)
+        setup = ";\n".join(lake.shell_statements()) + ";"
     except (duckdb.Error, StoreError, OSError) as e:
         _fail(e)
+    typer.echo(
+        f"flywheel shell: the lake at {lake.lake_folder()}, read-only; each query sees the "
+        "versions written up to its start (`USE memory` for scratch tables)",
+        err=True,
+    )
+    # Ctrl-C belongs to the shell (it stops a query there): this process and the venv's
+    # duckdb wrapper ignore it, and the DuckDB CLI sets its own handler.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = subprocess.call([str(cli), "-cmd", setup, *ctx.args])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     raise typer.Exit(code)
 
 

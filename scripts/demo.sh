@@ -30,5 +30,5 @@ deployments run nightly. Logs: data/_run/server.log, data/_run/serve.log.
   start again:     .venv/bin/flywheel up
   run by hand:     .venv/bin/prefect deployment run synth/reference --watch
   query:           .venv/bin/flywheel sql "select * from reference_synth limit 5"
-                   .venv/bin/flywheel shell    (duckdb on a snapshot copy)
+                   .venv/bin/flywheel shell    (the duckdb CLI on the lake, read-only)
 MSG

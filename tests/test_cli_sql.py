@@ -1,4 +1,5 @@
-"""`flywheel sql` only reads the catalog; `flywheel shell` works on a snapshot copy of it.
+"""`flywheel sql` only reads the catalog; `flywheel shell` opens the DuckDB CLI on the lake,
+read-only, and neither holds up a flow.
 
 Real stores in a temp data folder, the real DuckDB library and the real DuckDB CLI."""
 
@@ -8,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -19,7 +21,7 @@ from typer.testing import CliRunner
 
 import flywheel.store.catalog as catalog
 from flywheel.cli import app
-from flywheel.store import CatalogBusy, read_dataset, sql, write_dataset
+from flywheel.store import lake, read_dataset, record_run, sql, write_dataset
 from flywheel.store.catalog import ReadOnlyQuery, catalog_path
 
 BIN = Path(sys.executable).parent
@@ -103,32 +105,31 @@ def test_sql_refuses_writes_and_changes_nothing(store, tmp_path, attack, kind):
 
 
 def test_read_only_connection_alone_lets_copy_write(store, tmp_path):
-    # Why sql() checks statements: DuckDB's read_only still writes files outside the catalog.
+    # Why sql() checks statements: a lake attached read-only still lets COPY write files.
     target = tmp_path / "copied.csv"
-    con = duckdb.connect(str(catalog_path()), read_only=True)
-    try:
+    with lake.connect(store, read_only=True) as con:
+        con.execute("USE lake")
         con.execute(f"COPY items TO '{target}'")
-    finally:
-        con.close()
     assert target.exists()
 
 
 def test_connection_settings_are_locked(store):
-    with catalog.connect_read_only() as con:
+    with catalog._connect(read_only=True) as con:
         settings = dict(
             con.execute(
                 "SELECT name, value FROM duckdb_settings() WHERE name IN "
                 "('autoinstall_known_extensions', 'autoload_known_extensions', "
-                "'lock_configuration', 'access_mode')"
+                "'lock_configuration')"
             ).fetchall()
         )
         with pytest.raises(duckdb.InvalidInputException, match="locked"):
             con.execute("SET autoinstall_known_extensions = true")
+        with pytest.raises(duckdb.Error, match="read-only|read only"):
+            con.execute("INSERT INTO runs (run_id) VALUES ('r')")
     assert settings == {
         "autoinstall_known_extensions": "false",
         "autoload_known_extensions": "false",
         "lock_configuration": "true",
-        "access_mode": "read_only",
     }
 
 
@@ -144,22 +145,41 @@ def test_sql_reads(store):
 
 
 def test_sql_builds_a_missing_catalog(store):
-    catalog_path().unlink()
+    # a store whose lake is gone (or never made): the version folders are the truth
+    shutil.rmtree(catalog_path().parent)
     assert sql("SELECT id FROM items ORDER BY id").id.tolist() == [1, 2, 3]
 
 
-def test_sql_read_only_connection_still_waits_for_a_writer(store):
-    # A read-only connection conflicts with a writer in another process, so it waits and
-    # then raises CatalogBusy (the same wait as a write); once the writer is gone, it reads.
-    query = "import flywheel.store.catalog as c; c.LOCK_TIMEOUT_S = 0.3; c.sql('SELECT 1')"
-    with catalog._connect() as con:
-        con.execute("SELECT 1")
-        out = subprocess.run(
-            [sys.executable, "-c", query], capture_output=True, text=True, timeout=120
-        )
-    assert out.returncode != 0
-    assert "CatalogBusy" in out.stderr and "flywheel shell" in out.stderr
-    assert sql("SELECT count(*) AS n FROM items").n[0] == 3
+def test_a_writer_mid_transaction_does_not_hold_up_readers(store):
+    # another process's uncommitted write: sql() in this one reads what was committed
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_WRITE, str(store)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "inserted, not committed"
+        assert sql("SELECT count(*) AS n FROM runs").n[0] == 0
+        assert sql("SELECT count(*) AS n FROM items").n[0] == 3
+        writer.communicate("commit\n", timeout=60)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0
+    assert sql("SELECT run_id FROM runs").run_id.tolist() == ["held"]
+
+
+_HOLD_A_WRITE = """
+import sys
+from pathlib import Path
+from flywheel.store import lake
+with lake.connect(Path(sys.argv[1])) as con:
+    con.execute("BEGIN TRANSACTION")
+    con.execute("INSERT INTO lake.runs (run_id, status) VALUES ('held', 'running')")
+    print("inserted, not committed", flush=True)
+    sys.stdin.readline()
+    con.execute("COMMIT")
+"""
 
 
 # ----- the CLI -----
@@ -248,16 +268,21 @@ def _held(proc: subprocess.Popen) -> None:
 
 
 @needs_cli
-def test_shell_runs_on_a_snapshot(store, tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    out = flywheel(
-        "shell", "-csv", "-noheader", "-c", "select count(*) from items", env=_env(TMPDIR=str(tmp))
-    )
+def test_shell_reads_the_lake(store):
+    out = flywheel("shell", "-csv", "-noheader", "-c", "select count(*) from items")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3"]
-    assert "snapshot" in out.stderr and "new `flywheel shell`" in out.stderr
-    assert not list(tmp.iterdir())  # the snapshot is gone
+    assert "read-only" in out.stderr
+    # attached read-only: the shell cannot change what flows wrote
+    out = flywheel("shell", "-c", "insert into runs (run_id) values ('x')")
+    assert out.returncode != 0 and "read" in out.stderr.lower()
+    # the extensions came from the wheels: nothing was installed into ~/.duckdb
+    query = (
+        "select count(*) from duckdb_extensions() "
+        "where installed and install_path like '%.duckdb/%'"
+    )
+    out = flywheel("shell", "-csv", "-noheader", "-c", query)
+    assert out.stdout.split() == ["0"], out.stderr
 
 
 @needs_cli
@@ -268,52 +293,31 @@ def test_shell_passes_duckdb_errors_through(store):
 
 
 @needs_cli
-def test_open_shell_does_not_block_flows(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 5.0)
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def test_open_shell_does_not_block_flows(store):
     shell = subprocess.Popen(
         [str(BIN / "flywheel"), "shell", "-csv", "-noheader"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(TMPDIR=str(tmp)),
     )
     try:
         _held(shell)
-        (snapshot,) = tmp.glob("flywheel-shell-*/flywheel.duckdb")
+        shell.stdin.write("select count(*) from items;\n")
+        shell.stdin.flush()
+        assert shell.stdout.readline().strip() == "3"
+        # the shell stays open while this process writes a new version and records a run
         write_dataset("items", ROWS * 2, version="v3")
+        record_run("while-open", "synth/reference", {}, "completed")
         assert sql("SELECT count(*) AS n FROM items").n[0] == 6
-        # The open shell still sees the catalog as it was when it started.
-        out, err = shell.communicate("select count(*) from items;\n", timeout=60)
+        # and its next query sees them
+        out, err = shell.communicate(
+            "select count(*) from items;\nselect status from runs where run_id = 'while-open';\n",
+            timeout=60,
+        )
     finally:
         if shell.poll() is None:
             shell.stdin.close()
             shell.wait(60)
     assert shell.returncode == 0, err
-    assert out.split() == ["3"]
-    assert not snapshot.exists()
-
-
-@needs_cli
-def test_readonly_duckdb_session_blocks_flows(store, monkeypatch):
-    session = subprocess.Popen(
-        [str(BIN / "duckdb"), "-readonly", "-csv", "-noheader", str(catalog_path())],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _held(session)
-        monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 0.5)
-        with pytest.raises(CatalogBusy, match="flywheel shell") as busy:
-            write_dataset("items", ROWS, version="v3")
-        assert "-readonly" in str(busy.value)
-    finally:
-        session.stdin.close()
-        session.wait(60)
-    monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 60.0)
-    catalog.refresh_catalog()
-    assert sql("SELECT count(*) AS n FROM items__v3").n[0] == 3
+    assert out.split() == ["6", "completed"]

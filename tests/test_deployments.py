@@ -162,8 +162,8 @@ def test_deployments_run_by_hand_and_are_scheduled_nightly(stack) -> None:
     # the runs this test started (a nightly schedule may fire while it runs, e.g. at 01:00)
     ids = ", ".join(f"'{run_id}'" for run_id in started)
     runs = run(
-        str(BIN / "duckdb"),
-        str(data / "flywheel.duckdb"),
+        str(BIN / "flywheel"),
+        "shell",
         "-csv",
         "-c",
         f"select flow, status from runs where run_id in ({ids}) order by started",

@@ -199,7 +199,7 @@ def _deployment_id(name: str):
 
 
 def _pid_of(run_id: str) -> int | None:
-    if not Path(os.environ["FLYWHEEL_DATA_DIR"], "flywheel.duckdb").exists():
+    if not Path(os.environ["FLYWHEEL_DATA_DIR"], "lake", "catalog.sqlite").exists():
         return None
     found = sql(f"select pid from runs where run_id = '{run_id}' and status = 'running'")
     return int(found["pid"][0]) if len(found) else None

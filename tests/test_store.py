@@ -21,6 +21,7 @@ from flywheel.store import (
     StoreError,
     data_root,
     failed_name,
+    lake,
     list_datasets,
     list_versions,
     read_dataset,
@@ -257,7 +258,7 @@ def test_refresh_drops_views_of_removed_datasets(tmp_path):
 
 def test_sql_creates_catalog(tmp_path):
     write_dataset("items", ROWS, root=tmp_path)
-    (tmp_path / "flywheel.duckdb").unlink()
+    shutil.rmtree(tmp_path / "lake")
     df = sql("SELECT id FROM items WHERE text = 'b'", root=tmp_path)
     assert df.id.tolist() == [2]
     assert sql("SELECT count(*) AS n FROM runs", root=tmp_path).n[0] == 0
@@ -280,8 +281,9 @@ def test_duckdb_cli_reads_catalog(tmp_path):
     if not cli.exists():
         pytest.skip("duckdb CLI (package duckdb-cli) not installed")
     write_dataset("items", ROWS, version="v1", root=tmp_path)
+    setup = ";\n".join(lake.shell_statements(tmp_path)) + ";"
     out = subprocess.run(
-        [str(cli), "-csv", "-noheader", str(tmp_path / "flywheel.duckdb")],
+        [str(cli), "-csv", "-noheader", "-cmd", setup],
         input="select count(*) from items;\nselect count(*) from items__v1;\n",
         capture_output=True,
         text=True,
@@ -291,10 +293,11 @@ def test_duckdb_cli_reads_catalog(tmp_path):
     assert out.stdout.split() == ["3", "3"]
 
 
-def _hold_catalog(root: str, held, seconds: float) -> None:
-    import duckdb
+def _hold_catalog(catalog: str, held, seconds: float) -> None:
+    import sqlite3
 
-    con = duckdb.connect(str(Path(root) / "flywheel.duckdb"))
+    con = sqlite3.connect(catalog, isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # what no DuckLake writer does for long: a stuck lock
     held.set()
     time.sleep(seconds)
     con.close()
@@ -304,16 +307,17 @@ def test_busy_catalog_waits_then_raises(tmp_path, monkeypatch):
     write_dataset("items", ROWS, root=tmp_path)
     ctx = multiprocessing.get_context("spawn")
     held = ctx.Event()
-    proc = ctx.Process(target=_hold_catalog, args=(str(tmp_path), held, 3.0))
+    proc = ctx.Process(target=_hold_catalog, args=(str(catalog.catalog_path(tmp_path)), held, 9.0))
     proc.start()
     try:
         assert held.wait(60)
-        monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 0.5)
-        with pytest.raises(CatalogBusy, match="flywheel.duckdb"):
-            sql("SELECT 1", root=tmp_path)
-        monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 60.0)
+        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 1)
+        with pytest.raises(CatalogBusy, match="catalog.sqlite stayed locked"):
+            record_run("r1", "synth", {}, "running", root=tmp_path)
+        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 12)
         # Waits for the other process to let go, then works.
-        assert sql("SELECT count(*) AS n FROM items", root=tmp_path).n[0] == 3
+        record_run("r1", "synth", {}, "running", root=tmp_path)
+        assert sql("SELECT count(*) AS n FROM runs", root=tmp_path).n[0] == 1
     finally:
         proc.join(60)
 

@@ -1,5 +1,7 @@
 """Model versions: atomic publish, catalog rows, lineage from datasets to models and back."""
 
+import shutil
+
 import pytest
 
 from flywheel.store import (
@@ -60,7 +62,7 @@ def test_failed_build_publishes_nothing(tmp_path):
 
 def test_refresh_catalog_rebuilds_model_rows(tmp_path):
     model = save_model_version("rm", _build, kind="reward-bt", produced_by="r", root=tmp_path)
-    (tmp_path / "flywheel.duckdb").unlink()
+    shutil.rmtree(tmp_path / "lake")
     refresh_catalog(tmp_path)
     refresh_catalog(tmp_path)  # twice: no duplicate rows
     assert sql("select version from models", root=tmp_path)["version"].tolist() == [model.version]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import flywheel.store.catalog as catalog
 from flywheel.store import (
     CatalogBusy,
     DatasetVersionExists,
     StoreError,
+    lake,
     list_model_versions,
     list_versions,
     refresh_catalog,
@@ -30,9 +30,13 @@ def _build(folder: Path) -> dict:
 
 
 def _hold_catalog(root: str, held, seconds: float) -> None:
-    import duckdb
+    import sqlite3
 
-    con = duckdb.connect(str(Path(root) / "flywheel.duckdb"))
+    from flywheel.store.catalog import catalog_path
+
+    catalog_path(Path(root)).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(catalog_path(Path(root)), isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # a lock held far longer than any commit
     held.set()
     time.sleep(seconds)
     con.close()
@@ -92,7 +96,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
     proc.start()
     try:
         assert held.wait(60)
-        monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 1)
         with pytest.raises(CatalogBusy, match="the data itself is safely written at .*items"):
             write_dataset("items", ROWS, version="v1", root=tmp_path)
         with pytest.raises(CatalogBusy, match="the model itself is safely written at .*rm"):
@@ -100,7 +104,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
     finally:
         proc.terminate()
         proc.join(60)
-    monkeypatch.setattr(catalog, "LOCK_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 12)
     assert list_versions("items", root=tmp_path) == ["v1"]
     assert list_model_versions("rm", root=tmp_path) == ["v1"]
     refresh_catalog(tmp_path)

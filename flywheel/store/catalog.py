@@ -1,20 +1,19 @@
-"""The DuckDB catalog ``<root>/flywheel.duckdb``: dataset views, ``runs``, ``models``, ``lineage``.
+"""The catalog: dataset views, ``runs``, ``models`` and ``lineage``, in the store's
+DuckLake (`flywheel.store.lake`: ``<root>/lake/catalog.sqlite`` and its data files).
 
-DuckDB lets one process at a time open the file read-write, and such a
-connection blocks every other process, readers included. So every access goes
-through ``_connect``: a short-lived connection, retried with backoff while
-another process holds the lock, closed as soon as the work is done.
+Readers never block writers, and writers in several processes take turns on the SQLite
+catalog database (a commit that meets another is run again), so a DuckDB shell left
+open on the lake (`flywheel shell`) holds up no flow. A store whose catalog was the
+older ``flywheel.duckdb`` file has its ``runs`` copied into the lake once; views,
+models and lineage are rebuilt from the version folders' meta files.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from flywheel.store import lake
 from flywheel.store.datasets import (
     CatalogBusy,
     DatasetRef,
@@ -30,39 +30,34 @@ from flywheel.store.datasets import (
     list_versions,
     read_dataset,
 )
-from flywheel.store.locks import file_lock
 from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
 
-CATALOG_FILE = "flywheel.duckdb"
-LOCK_TIMEOUT_S = 60.0
+OLD_CATALOG_FILE = "flywheel.duckdb"  # the catalog before the lake: its runs are adopted
 VIEW_COMMENT = "flywheel dataset"
-
-# Threads of one process share DuckDB's file lock, so serialize them here instead.
-_thread_lock = threading.RLock()
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
-    run_id VARCHAR PRIMARY KEY,
+    run_id VARCHAR,
     flow VARCHAR,
     parameters VARCHAR,
     started TIMESTAMP,
     ended TIMESTAMP,
-    status VARCHAR
+    status VARCHAR,
+    -- the process that ran it, so a run whose process died can be marked crashed
+    pid INTEGER,
+    host VARCHAR
 );
--- the process that ran it, so a run whose process died can be marked crashed
-ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER;
-ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
 CREATE TABLE IF NOT EXISTS lineage (
     dataset VARCHAR,
     version VARCHAR,
     produced_by VARCHAR,
     input_dataset VARCHAR,
     input_version VARCHAR,
-    recorded TIMESTAMP
+    recorded TIMESTAMP,
+    -- `dataset`/`input_dataset` name a dataset or, where the kind says so, a model
+    kind VARCHAR,
+    input_kind VARCHAR
 );
--- `dataset`/`input_dataset` name a dataset or, where the kind says so, a model.
-ALTER TABLE lineage ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'dataset';
-ALTER TABLE lineage ADD COLUMN IF NOT EXISTS input_kind VARCHAR DEFAULT 'dataset';
 CREATE TABLE IF NOT EXISTS models (
     name VARCHAR,
     version VARCHAR,
@@ -70,81 +65,84 @@ CREATE TABLE IF NOT EXISTS models (
     path VARCHAR,
     produced_by VARCHAR,
     metrics VARCHAR,
-    created TIMESTAMP,
-    PRIMARY KEY (name, version)
+    created TIMESTAMP
 );
 """
 
 
 def catalog_path(root: Path | None = None) -> Path:
-    """Path of the catalog file."""
-    return data_root(root) / CATALOG_FILE
-
-
-def _is_lock_error(e: duckdb.Error) -> bool:
-    text = str(e)
-    return "Could not set lock" in text or "Conflicting lock" in text
-
-
-# A read-only connection never installs or downloads extensions, and a statement cannot
-# change its settings (lock_configuration is applied after the other options).
-READ_ONLY_CONFIG: dict[str, Any] = {
-    "autoinstall_known_extensions": False,
-    "autoload_known_extensions": False,
-    "lock_configuration": True,
-}
+    """Path of the lake's catalog database (there once anything has been recorded)."""
+    return lake.catalog_file(data_root(root))
 
 
 @contextmanager
 def _connect(
     root: Path | None = None, *, read_only: bool = False
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived connection to the catalog, waiting out other processes.
-
-    A read-only connection waits too: it conflicts with a writer like any other.
-    """
-    path = catalog_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = READ_ONLY_CONFIG if read_only else {}
-    with _thread_lock:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        delay = 0.02
-        while True:
-            try:
-                # DuckDB writes a new file's header while it opens it: of two processes
-                # creating the catalog at once, one saw a half-written file ("not a valid
-                # DuckDB database file"), so opens of the project's own processes take turns
-                with file_lock(path.with_name(f".{path.name}.open.lock"), log_wait=False):
-                    con = duckdb.connect(str(path), read_only=read_only, config=config)
-                break
-            except duckdb.IOException as e:
-                remaining = deadline - time.monotonic()
-                if not _is_lock_error(e):
-                    raise
-                if remaining <= 0:
-                    raise CatalogBusy(
-                        f"the catalog {path} stayed locked by another process for "
-                        f"{LOCK_TIMEOUT_S:.0f}s. Any DuckDB process with the file open blocks "
-                        "flows, even one opened with -readonly: close it, and use "
-                        "`flywheel shell` (a snapshot copy) or `flywheel sql` (short "
-                        f"read-only queries) instead: {e}"
-                    ) from e
-                time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-                delay = min(delay * 2, 2.0)
-        try:
-            yield con
-        finally:
-            con.close()
+    """A cursor on the lake with `lake` as the default database, so the tables and views
+    are named as they are in `flywheel sql` and `flywheel shell`."""
+    base = data_root(root)
+    if not read_only:
+        _make_tables(base)
+    with lake.connect(base, read_only=read_only) as con:
+        con.execute(f"USE {lake.LAKE}")
+        yield con
 
 
-def connect_read_only(
-    root: Path | None = None,
-) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    """A short-lived read-only connection to the catalog, with the same wait on the lock.
+def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+    """`work` in one lake transaction, run again while another writer commits."""
+    try:
+        with _connect(root) as con:
+            return lake.write(con, work)
+    except duckdb.Error as err:
+        if "database is locked" not in str(err):
+            raise
+        raise CatalogBusy(
+            f"the catalog {catalog_path(root)} stayed locked by other writers through "
+            f"{lake.WRITE_ATTEMPTS} attempts: {err}"
+        ) from err
 
-    While it is open no process can write the catalog, so the file can be copied whole.
-    """
-    return _connect(root, read_only=True)
+
+def _make_tables(base: Path) -> None:
+    """The three tables, made in one transaction with the first write to a new lake."""
+    with lake.connect(base) as con:
+        con.execute(f"USE {lake.LAKE}")
+        if _has_table(con, "runs"):
+            return
+
+        def make(c: duckdb.DuckDBPyConnection) -> None:
+            if not _has_table(c, "runs"):  # another process may have made them meanwhile
+                c.execute(_TABLES)
+                _adopt_old_runs(c, base / OLD_CATALOG_FILE)
+
+        lake.write(con, make)
+
+
+def _adopt_old_runs(con: duckdb.DuckDBPyConnection, old: Path) -> None:
+    """Copy the runs of a store's earlier DuckDB catalog into the new `runs` table."""
+    if not old.exists():
+        return
+    literal = "'" + str(old).replace("'", "''") + "'"
+    con.execute(f"ATTACH {literal} AS old_catalog (READ_ONLY)")
+    try:
+        columns = {r[0] for r in con.execute("DESCRIBE old_catalog.runs").fetchall()}
+        picked = [c if c in columns else f"NULL AS {c}" for c in _RUN_COLUMNS]
+        con.execute(f"INSERT INTO runs SELECT {', '.join(picked)} FROM old_catalog.runs")
+    except duckdb.CatalogException:
+        pass  # an old catalog that never recorded a run
+    finally:
+        con.execute("DETACH old_catalog")
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    found = con.execute(
+        "SELECT 1 FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+        [lake.LAKE, table],
+    )
+    return found.fetchone() is not None
+
+
+_RUN_COLUMNS = ("run_id", "flow", "parameters", "started", "ended", "status", "pid", "host")
 
 
 def _utcnow() -> datetime:
@@ -210,8 +208,10 @@ def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef | ModelRef) -> 
 
 def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
     meta = ref.meta
+    # DuckLake has no keys: a version already in `models` is left as it is
     con.execute(
-        "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO models SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
+        "(SELECT 1 FROM models WHERE name = ? AND version = ?)",
         [
             ref.name,
             ref.version,
@@ -220,6 +220,8 @@ def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
             meta.get("produced_by"),
             json.dumps(meta.get("metrics"), default=str),
             _naive_utc(datetime.fromisoformat(meta["created"])),
+            ref.name,
+            ref.version,
         ],
     )
     _add_lineage(con, ref)
@@ -227,31 +229,26 @@ def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
 
 def register_model(ref: ModelRef, root: Path | None = None) -> None:
     """Add one new model version to the catalog (its `models` row and lineage rows)."""
-    with _connect(data_root(root)) as con:
-        con.begin()
-        con.execute(_TABLES)
-        _add_model(con, ref)
-        con.commit()
+    _write(root, lambda con: _add_model(con, ref))
 
 
 def register_version(ref: DatasetRef, root: Path | None = None) -> None:
     """Add one new version to the catalog (its views and lineage rows)."""
     base = data_root(root)
-    with _connect(base) as con:
-        con.begin()
-        con.execute(_TABLES)
+
+    def register(con: duckdb.DuckDBPyConnection) -> None:
         _create_view(con, f"{ref.name}__{ref.version}", ref)
         _create_latest_view(con, ref.name, base)
         _add_lineage(con, ref)
-        con.commit()
+
+    _write(base, register)
 
 
 def refresh_catalog(root: Path | None = None) -> None:
     """Rebuild every dataset view, add missing model and lineage rows; safe to run any time."""
     base = data_root(root)
-    with _connect(base) as con:
-        con.begin()
-        con.execute(_TABLES)
+
+    def refresh(con: duckdb.DuckDBPyConnection) -> None:
         wanted: set[str] = set()
         for name in list_datasets(base):
             for version in list_versions(name, root=base):
@@ -265,13 +262,15 @@ def refresh_catalog(root: Path | None = None) -> None:
             for version in list_model_versions(name, base):
                 _add_model(con, read_model(name, version, base))
         stale = con.execute(
-            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND comment = ?",
-            [VIEW_COMMENT],
+            "SELECT view_name FROM duckdb_views() "
+            "WHERE database_name = ? AND NOT internal AND comment = ?",
+            [lake.LAKE, VIEW_COMMENT],
         ).fetchall()
         for (view,) in stale:
             if view not in wanted:
                 con.execute(f"DROP VIEW IF EXISTS {_ident(view)}")
-        con.commit()
+
+    _write(base, refresh)
 
 
 def record_run(
@@ -289,24 +288,22 @@ def record_run(
     ``pid`` and ``host`` name the process running it (kept when not given)."""
     params = json.dumps(parameters, default=str, sort_keys=True)
     started, ended = _naive_utc(started), _naive_utc(ended)
-    with _connect(root) as con:
-        con.begin()
-        con.execute(_TABLES)
-        exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        if exists:
-            con.execute(
-                "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
-                "started = coalesce(?, started), ended = coalesce(?, ended), "
-                "pid = coalesce(?, pid), host = coalesce(?, host) WHERE run_id = ?",
-                [flow, params, status, started, ended, pid, host, run_id],
-            )
-        else:
+
+    def record(con: duckdb.DuckDBPyConnection) -> None:
+        (updated,) = con.execute(
+            "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
+            "started = coalesce(?, started), ended = coalesce(?, ended), "
+            "pid = coalesce(?, pid), host = coalesce(?, host) WHERE run_id = ?",
+            [flow, params, status, started, ended, pid, host, run_id],
+        ).fetchone()
+        if not updated:
             con.execute(
                 "INSERT INTO runs (run_id, flow, parameters, started, ended, status, pid, host) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, flow, params, started or _utcnow(), ended, status, pid, host],
             )
-        con.commit()
+
+    _write(root, record)
 
 
 def runs_to_check(ended_since: datetime | None = None, root: Path | None = None) -> list[dict]:
@@ -314,8 +311,9 @@ def runs_to_check(ended_since: datetime | None = None, root: Path | None = None)
     ``ended_since``) the completed and failed ones that ended since then."""
     if not catalog_path(root).exists():
         return []
-    with _connect(root) as con:
-        con.execute(_TABLES)
+    with _connect(root, read_only=True) as con:
+        if not _has_table(con, "runs"):
+            return []
         result = con.execute(
             "SELECT run_id, flow, status, started, ended, pid, host FROM runs "
             "WHERE status = 'running' OR (status IN ('completed', 'failed') AND ended >= ?)",
@@ -330,16 +328,16 @@ def set_run_status(
 ) -> bool:
     """Set a run's status and end time, only if its status is still ``was`` (a run
     that recorded its own end meanwhile keeps it). Returns whether the row changed."""
-    with _connect(root) as con:
-        con.begin()
-        con.execute(_TABLES)
-        changed = con.execute(
+
+    def update(con: duckdb.DuckDBPyConnection) -> bool:
+        (changed,) = con.execute(
             "UPDATE runs SET status = ?, ended = coalesce(?, ended) "
-            "WHERE run_id = ? AND status = ? RETURNING run_id",
+            "WHERE run_id = ? AND status = ?",
             [status, _naive_utc(ended), run_id, was],
-        ).fetchall()
-        con.commit()
+        ).fetchone()
         return bool(changed)
+
+    return _write(root, update)
 
 
 class ReadOnlyQuery(ValueError):
@@ -417,8 +415,7 @@ def _check_reads_only(con: duckdb.DuckDBPyConnection, query: str) -> list[duckdb
             raise ReadOnlyQuery(
                 f"refused {risk} ({text!r}): flywheel sql only reads (SELECT, DESCRIBE, "
                 "SHOW, SUMMARIZE, EXPLAIN); datasets are written by flows or "
-                "flywheel.store.write_dataset, and `flywheel shell` opens a scratch copy of "
-                "the catalog"
+                "flywheel.store.write_dataset"
             )
     return statements
 
@@ -431,7 +428,11 @@ def sql(query: str, root: Path | None = None) -> pd.DataFrame:
     """
     if not catalog_path(root).exists():
         refresh_catalog(root)
-    with connect_read_only(root) as con:
+    with _connect(root, read_only=True) as con:
+        made = _has_table(con, "runs")
+    if not made:  # a lake another process has just created, its tables still in the making
+        _make_tables(data_root(root))
+    with _connect(root, read_only=True) as con:
         for statement in _check_reads_only(con, query):
             result = con.execute(statement)
         if con.description is None:

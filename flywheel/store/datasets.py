@@ -47,8 +47,9 @@ VERSION_RULE = (
 )
 ROWS_PER_PART = 200_000
 META_FILE = "_meta.json"
-# Tables in the catalog, so no dataset view may take these names.
-RESERVED_NAMES = frozenset({"runs", "lineage", "models"})
+# No dataset (view) may take these names: the catalog's tables, and the lake's name (also
+# its folder) and the shell's scratch database's, which a view of that name would shadow
+RESERVED_NAMES = frozenset({"runs", "lineage", "models", "lake", "memory"})
 
 
 class StoreError(RuntimeError):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +35,8 @@ EXTENSIONS = {  # extension name -> the wheel's package that ships its binary
     "ducklake": "duckdb_extension_ducklake",
     "sqlite_scanner": "duckdb_extension_sqlite_scanner",
 }
-WRITE_ATTEMPTS = 50
+# each attempt also waits out SQLite's own busy timeout (about 5 s) first
+WRITE_ATTEMPTS = 12
 
 T = TypeVar("T")
 
@@ -44,6 +47,11 @@ class LakeUnavailable(StoreError):
 
 def lake_folder(root: Path | None = None) -> Path:
     return data_root(root) / "lake"
+
+
+def catalog_file(root: Path | None = None) -> Path:
+    """The lake's catalog database (SQLite), there once the lake has been created."""
+    return lake_folder(root) / "catalog.sqlite"
 
 
 def extension_path(name: str) -> Path:
@@ -78,6 +86,19 @@ def load_statements() -> list[str]:
     return [f"LOAD {_literal(extension_path(name))}" for name in EXTENSIONS]
 
 
+def shell_statements(root: Path | None = None) -> list[str]:
+    """What the DuckDB CLI runs first to read the lake as `flywheel shell` opens it:
+    no extension installed or downloaded, the two loaded by path, the lake attached
+    read-only and made the default database."""
+    return [
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        *load_statements(),
+        attach_statement(root, read_only=True),
+        f"USE {LAKE}",
+    ]
+
+
 def attach_statement(root: Path | None = None, *, read_only: bool = False) -> str:
     """ATTACH the lake. Read-write: every insert a parquet file (no rows inlined into the
     catalog), on every connection, so the files of a snapshot hold all of its rows."""
@@ -85,33 +106,81 @@ def attach_statement(root: Path | None = None, *, read_only: bool = False) -> st
     data_path = f"{folder / 'files'}/"
     options = [f"DATA_PATH {_literal(data_path)}"]
     options.append("READ_ONLY" if read_only else "DATA_INLINING_ROW_LIMIT 0")
-    catalog = _literal(f"ducklake:sqlite:{folder / 'catalog.sqlite'}")
+    catalog = _literal(f"ducklake:sqlite:{catalog_file(root)}")
     return f"ATTACH {catalog} AS {LAKE} ({', '.join(options)})"
+
+
+# A connection per (process, lake, mode), kept open: loading the two extensions and
+# attaching take about 0.25 s, a write on an open one about 0.02 s. Each use gets its
+# own cursor (DuckDB's way to use one database from several threads).
+_open: dict[tuple[int, str, bool], tuple[duckdb.DuckDBPyConnection, tuple | None]] = {}
+_open_lock = threading.Lock()
+MAX_OPEN = 8  # lakes kept attached per process; the least recently used is closed
+
+
+def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
+    folder = lake_folder(root)
+    key = (os.getpid(), str(folder.absolute()), read_only)
+    with _open_lock:
+        cached = _open.pop(key, None)
+        if cached is not None and cached[1] == catalog_identity(root):
+            _open[key] = cached  # most recently used last
+            return cached[0]
+        if cached is not None:  # the catalog file was removed or replaced since
+            cached[0].close()
+        if read_only and not catalog_file(root).exists():
+            raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
+        (folder / "files").mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(
+            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        )
+        try:
+            for statement in load_statements():
+                try:
+                    con.execute(statement)
+                except duckdb.Error as err:
+                    raise LakeUnavailable(f"{statement}: {err}") from err
+            _retry(lambda: con.execute(attach_statement(root, read_only=read_only)))
+            if read_only:  # no statement through it changes a setting (e.g. autoinstall)
+                con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        for stale in [k for k in _open if k[0] != key[0]]:
+            del _open[stale]  # a forked parent's: never used, nor closed, here
+        while len(_open) >= MAX_OPEN:
+            _open.pop(next(iter(_open)))[0].close()
+        _open[key] = (con, catalog_identity(root))
+        return con
+
+
+def catalog_identity(root: Path | None) -> tuple[int, int] | None:
+    """Which catalog file is there now (device, inode), None when there is none."""
+    try:
+        stat = catalog_file(root).stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 @contextmanager
 def connect(
     root: Path | None = None, *, read_only: bool = False
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB connection with the lake attached as `lake` (created on the
-    first read-write connect). Read-only: nothing through it can write the lake."""
-    folder = lake_folder(root)
-    if read_only and not (folder / "catalog.sqlite").exists():
-        raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
-    (folder / "files").mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(
-        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-    )
+    """A DuckDB cursor with the lake attached as `lake` (created on the first read-write
+    connect). Read-only: nothing through it can write the lake."""
+    cursor = _attached(root, read_only).cursor()
     try:
-        for statement in load_statements():
-            try:
-                con.execute(statement)
-            except duckdb.Error as err:
-                raise LakeUnavailable(f"{statement}: {err}") from err
-        _retry(lambda: con.execute(attach_statement(root, read_only=read_only)))
-        yield con
+        yield cursor
     finally:
-        con.close()
+        cursor.close()
+
+
+def close_all() -> None:
+    """Close this process's lake connections (tests, and before a folder is removed)."""
+    with _open_lock:
+        while _open:
+            _open.popitem()[1][0].close()
 
 
 def write(con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
@@ -140,7 +209,9 @@ def _retry(step: Callable[[], T]) -> T:
     for attempt in range(WRITE_ATTEMPTS):
         try:
             return step()
-        except duckdb.TransactionException as err:
+        except duckdb.Error as err:
+            # the SQLite catalog's lock: at a commit (TransactionException), and while
+            # another process attaches or creates the lake (a plain duckdb.Error)
             if "database is locked" not in str(err) or attempt == WRITE_ATTEMPTS - 1:
                 raise
             time.sleep(min(1.0, 0.02 * 1.5**attempt) * (0.5 + random.random()))

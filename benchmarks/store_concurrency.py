@@ -1,0 +1,119 @@
+"""Many writers and a reader on one store at once: nothing lost, duplicated or failed.
+
+8 writer processes (`--writers`) each publish datasets with `write_dataset` for
+`--seconds` (60; `--quick` 20): in turn a dataset of its own and a new version of one
+dataset all of them share, 100 rows each, and record a run per dataset in `runs`. The
+main process reads all the while through `flywheel sql` (`sql()`, a read-only attach of
+the lake): the shared dataset's latest view, the `runs` count. At the end every version a
+writer says it wrote must be in the catalog as a view with its rows, once; every run once.
+
+    .venv/bin/python benchmarks/store_concurrency.py --quick
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+from common import bench_env, make_parser, table, write_results
+
+ROWS_PER_VERSION = 100
+
+
+def writer(root: str, who: int, seconds: float, start, results) -> None:
+    """Write until the time is up; report what was written and every error's text."""
+    from flywheel.store import record_run, write_dataset
+
+    start.wait()
+    written, errors = [], []
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        name = f"own_{who}" if i % 2 == 0 else "shared"
+        version = f"v{who:02d}_{i:06d}"
+        rows = [{"writer": who, "i": i, "row": r} for r in range(ROWS_PER_VERSION)]
+        try:
+            write_dataset(name, rows, version=version, produced_by=f"w{who}", root=Path(root))
+            record_run(f"w{who}-{i}", "bench/writer", {"i": i}, "completed", root=Path(root))
+            written.append((name, version))
+        except Exception as err:  # counted and shown, never hidden
+            errors.append(f"{type(err).__name__}: {err}"[:300])
+        i += 1
+    results.put((who, written, errors))
+
+
+def main() -> None:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--seconds", type=float, help="default 60, --quick 20")
+    args = parser.parse_args()
+    seconds = args.seconds or (20.0 if args.quick else 60.0)
+
+    from flywheel.store import sql
+
+    with bench_env(args) as data:
+        ctx = multiprocessing.get_context("spawn")
+        start, results = ctx.Event(), ctx.Queue()
+        procs = [
+            ctx.Process(target=writer, args=(str(data), w, seconds, start, results))
+            for w in range(args.writers)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(5)  # the writers' imports
+        start.set()
+        reads, read_errors, began = 0, [], time.monotonic()
+        while time.monotonic() - began < seconds:
+            try:
+                sql("SELECT count(*) AS n FROM runs", root=data)
+                if "shared" in set(sql("SHOW TABLES", root=data).name):
+                    sql("SELECT count(*) AS n FROM shared", root=data)
+                reads += 1
+            except Exception as err:
+                read_errors.append(f"{type(err).__name__}: {err}"[:300])
+        reported = [results.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(600)
+
+        written = [v for _, versions, _ in reported for v in versions]
+        write_errors = [e for _, _, errors in reported for e in errors]
+        views = set(sql("SHOW TABLES", root=data).name)
+        missing = [f"{n}__{v}" for n, v in written if f"{n}__{v}" not in views]
+        rows_in_catalog = 0
+        for name, version in written:
+            if f"{name}__{version}" in views:
+                q = f'SELECT count(*) AS n FROM "{name}__{version}"'
+                rows_in_catalog += int(sql(q, root=data).n[0])
+        runs = sql("SELECT count(*) AS n, count(DISTINCT run_id) AS d FROM runs", root=data).iloc[0]
+        lineage = sql(
+            "SELECT count(*) AS n, count(DISTINCT (dataset, version)) AS d FROM lineage",
+            root=data,
+        ).iloc[0]
+        shared_latest = sql("SELECT count(*) AS n FROM shared", root=data).n[0]
+
+    figures = {
+        "writers": args.writers,
+        "seconds": seconds,
+        "versions written": len(written),
+        "rows written": len(written) * ROWS_PER_VERSION,
+        "rows in the catalog's views": rows_in_catalog,
+        "versions missing from the catalog": len(missing),
+        "runs recorded": int(runs.n),
+        "runs recorded twice": int(runs.n - runs.d),
+        "lineage rows": int(lineage.n),
+        "lineage rows duplicated": int(lineage.n - lineage.d),
+        "write failures": len(write_errors),
+        "reads": reads,
+        "read failures": len(read_errors),
+        "shared dataset's latest view rows": int(shared_latest),
+        "first errors": (write_errors + read_errors)[:5],
+    }
+    print(table(["figure", "value"], [(k, v) for k, v in figures.items() if k != "first errors"]))
+    for error in figures["first errors"]:
+        print("error:", error)
+    write_results("store_concurrency", args, [], figures, "cpu")
+
+
+if __name__ == "__main__":
+    main()
