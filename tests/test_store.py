@@ -534,3 +534,26 @@ def test_valid_unicode_text_round_trips(tmp_path):
         "ok",
         "fine",
     ]
+
+
+def test_a_store_with_the_old_duckdb_catalog_keeps_its_runs(tmp_path):
+    # the catalog before the lake: data/flywheel.duckdb, its runs table without pid/host
+    import duckdb
+
+    old = duckdb.connect(str(tmp_path / "flywheel.duckdb"))
+    old.execute(
+        "CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, flow VARCHAR, parameters VARCHAR, "
+        "started TIMESTAMP, ended TIMESTAMP, status VARCHAR)"
+    )
+    old.execute(
+        "INSERT INTO runs VALUES ('old-1', 'synth/reference', '{}', "
+        "'2026-11-01 02:00:00', '2026-11-01 02:01:00', 'completed')"
+    )
+    old.close()
+    record_run("new-1", "reward/train", {}, "running", root=tmp_path)
+    record_run("new-2", "reward/train", {}, "running", root=tmp_path)  # copied once only
+    runs = sql("SELECT run_id, flow, status, pid FROM runs ORDER BY run_id", root=tmp_path)
+    assert runs.run_id.tolist() == ["new-1", "new-2", "old-1"]
+    old_run = runs[runs.run_id == "old-1"].iloc[0]
+    assert (old_run.flow, old_run.status) == ("synth/reference", "completed")
+    assert pd.isna(old_run.pid)

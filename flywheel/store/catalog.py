@@ -109,29 +109,31 @@ def _make_tables(base: Path) -> None:
         con.execute(f"USE {lake.LAKE}")
         if _has_table(con, "runs"):
             return
+        old_runs = _old_runs(base / OLD_CATALOG_FILE)
 
         def make(c: duckdb.DuckDBPyConnection) -> None:
             if not _has_table(c, "runs"):  # another process may have made them meanwhile
                 c.execute(_TABLES)
-                _adopt_old_runs(c, base / OLD_CATALOG_FILE)
+                if old_runs:
+                    marks = ", ".join("?" * len(_RUN_COLUMNS))
+                    c.executemany(f"INSERT INTO runs VALUES ({marks})", old_runs)
 
         lake.write(con, make)
 
 
-def _adopt_old_runs(con: duckdb.DuckDBPyConnection, old: Path) -> None:
-    """Copy the runs of a store's earlier DuckDB catalog into the new `runs` table."""
+def _old_runs(old: Path) -> list[tuple]:
+    """The runs of a store's earlier DuckDB catalog file, in `_RUN_COLUMNS` order."""
     if not old.exists():
-        return
-    literal = "'" + str(old).replace("'", "''") + "'"
-    con.execute(f"ATTACH {literal} AS old_catalog (READ_ONLY)")
+        return []
+    con = duckdb.connect(str(old), read_only=True, config=lake.NO_EXTENSION_INSTALLS)
     try:
-        columns = {r[0] for r in con.execute("DESCRIBE old_catalog.runs").fetchall()}
+        columns = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
         picked = [c if c in columns else f"NULL AS {c}" for c in _RUN_COLUMNS]
-        con.execute(f"INSERT INTO runs SELECT {', '.join(picked)} FROM old_catalog.runs")
+        return con.execute(f"SELECT {', '.join(picked)} FROM runs").fetchall()
     except duckdb.CatalogException:
-        pass  # an old catalog that never recorded a run
+        return []  # an old catalog that never recorded a run
     finally:
-        con.execute("DETACH old_catalog")
+        con.close()
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:

@@ -37,6 +37,7 @@ EXTENSIONS = {  # extension name -> the wheel's package that ships its binary
 }
 # each attempt also waits out SQLite's own busy timeout (about 5 s) first
 WRITE_ATTEMPTS = 12
+NO_EXTENSION_INSTALLS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 T = TypeVar("T")
 
@@ -131,9 +132,7 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only and not catalog_file(root).exists():
             raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
         (folder / "files").mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(
-            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-        )
+        con = duckdb.connect(config=NO_EXTENSION_INSTALLS)
         try:
             for statement in load_statements():
                 try:
