@@ -13,6 +13,7 @@ writer says it wrote must be in the catalog as a view with its rows, once; every
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
 from pathlib import Path
 
@@ -50,9 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     seconds = args.seconds or (20.0 if args.quick else 60.0)
 
-    from flywheel.store import sql
+    from flywheel.store import refresh_catalog, sql
 
     with bench_env(args) as data:
+        refresh_catalog(data)  # the store exists before the writers start
         ctx = multiprocessing.get_context("spawn")
         start, results = ctx.Event(), ctx.Queue()
         procs = [
@@ -63,13 +65,14 @@ def main() -> None:
             p.start()
         time.sleep(5)  # the writers' imports
         start.set()
-        reads, read_errors, began = 0, [], time.monotonic()
+        read_seconds, read_errors, began = [], [], time.monotonic()
         while time.monotonic() - began < seconds:
+            t = time.monotonic()
             try:
                 sql("SELECT count(*) AS n FROM runs", root=data)
                 if "shared" in set(sql("SHOW TABLES", root=data).name):
                     sql("SELECT count(*) AS n FROM shared", root=data)
-                reads += 1
+                read_seconds.append(time.monotonic() - t)
             except Exception as err:
                 read_errors.append(f"{type(err).__name__}: {err}"[:300])
         reported = [results.get(timeout=600) for _ in procs]
@@ -104,7 +107,9 @@ def main() -> None:
         "lineage rows": int(lineage.n),
         "lineage rows duplicated": int(lineage.n - lineage.d),
         "write failures": len(write_errors),
-        "reads": reads,
+        "reads": len(read_seconds),
+        "read seconds, median": statistics.median(read_seconds) if read_seconds else None,
+        "read seconds, longest": max(read_seconds, default=None),
         "read failures": len(read_errors),
         "shared dataset's latest view rows": int(shared_latest),
         "first errors": (write_errors + read_errors)[:5],

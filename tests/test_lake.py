@@ -4,6 +4,7 @@ once; the DuckDB CLI reading the lake while a process writes to it."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,9 @@ def test_time_travel_and_snapshots(tmp_path: Path) -> None:
         files = lake.files_at(con, "t", first_insert)
     rows = datasets.load_dataset("parquet", data_files=files, split="train")
     assert sorted(rows["id"]) == [0, 1, 2]
+    # made in WAL mode, where a reader never waits for a writer's commit
+    with sqlite3.connect(lake.catalog_file(root)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:

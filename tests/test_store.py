@@ -311,10 +311,10 @@ def test_busy_catalog_waits_then_raises(tmp_path, monkeypatch):
     proc.start()
     try:
         assert held.wait(60)
-        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 1)
+        monkeypatch.setattr(lake, "LOCKED_WAIT_S", 0.0)
         with pytest.raises(CatalogBusy, match="catalog.sqlite stayed locked"):
             record_run("r1", "synth", {}, "running", root=tmp_path)
-        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 12)
+        monkeypatch.setattr(lake, "LOCKED_WAIT_S", 60.0)
         # Waits for the other process to let go, then works.
         record_run("r1", "synth", {}, "running", root=tmp_path)
         assert sql("SELECT count(*) AS n FROM runs", root=tmp_path).n[0] == 1

@@ -96,7 +96,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
     proc.start()
     try:
         assert held.wait(60)
-        monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 1)
+        monkeypatch.setattr(lake, "LOCKED_WAIT_S", 0.0)
         with pytest.raises(CatalogBusy, match="the data itself is safely written at .*items"):
             write_dataset("items", ROWS, version="v1", root=tmp_path)
         with pytest.raises(CatalogBusy, match="the model itself is safely written at .*rm"):
@@ -104,7 +104,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
     finally:
         proc.terminate()
         proc.join(60)
-    monkeypatch.setattr(lake, "WRITE_ATTEMPTS", 12)
+    monkeypatch.setattr(lake, "LOCKED_WAIT_S", 60.0)
     assert list_versions("items", root=tmp_path) == ["v1"]
     assert list_model_versions("rm", root=tmp_path) == ["v1"]
     refresh_catalog(tmp_path)

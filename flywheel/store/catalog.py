@@ -98,8 +98,8 @@ def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) 
         if "database is locked" not in str(err):
             raise
         raise CatalogBusy(
-            f"the catalog {catalog_path(root)} stayed locked by other writers through "
-            f"{lake.WRITE_ATTEMPTS} attempts: {err}"
+            f"the catalog {catalog_path(root)} stayed locked by other writers for "
+            f"{lake.LOCKED_WAIT_S:.0f} s: {err}"
         ) from err
 
 

@@ -19,6 +19,7 @@ import contextlib
 import importlib.resources
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,9 @@ EXTENSIONS = {  # extension name -> the wheel's package that ships its binary
     "ducklake": "duckdb_extension_ducklake",
     "sqlite_scanner": "duckdb_extension_sqlite_scanner",
 }
-# each attempt also waits out SQLite's own busy timeout (about 5 s) first
-WRITE_ATTEMPTS = 12
+# how long a write (or attach) keeps trying while other writers hold the catalog; an
+# attempt may also wait out SQLite's own busy timeout (about 5 s) first
+LOCKED_WAIT_S = 60.0
 NO_EXTENSION_INSTALLS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 T = TypeVar("T")
@@ -132,6 +134,8 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only and not catalog_file(root).exists():
             raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
         (folder / "files").mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            _use_wal(catalog_file(root))
         con = duckdb.connect(config=NO_EXTENSION_INSTALLS)
         try:
             for statement in load_statements():
@@ -151,6 +155,17 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
             _open.pop(next(iter(_open)))[0].close()
         _open[key] = (con, catalog_identity(root))
         return con
+
+
+def _use_wal(path: Path) -> None:
+    """Create the SQLite catalog in WAL mode (kept in the file): readers then never wait
+    for a writer's commit, and a writer waits only for another writer. In the default
+    rollback-journal mode eight busy writers starved a reader loop to one read in 20 s.
+    An existing catalog is left as it is."""
+    if path.exists():
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=LOCKED_WAIT_S)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
 
 
 def catalog_identity(root: Path | None) -> tuple[int, int] | None:
@@ -205,16 +220,20 @@ def write(con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnect
 
 
 def _retry(step: Callable[[], T]) -> T:
-    for attempt in range(WRITE_ATTEMPTS):
+    deadline = time.monotonic() + LOCKED_WAIT_S
+    attempt = 0
+    while True:
         try:
             return step()
         except duckdb.Error as err:
             # the SQLite catalog's lock: at a commit (TransactionException), and while
-            # another process attaches or creates the lake (a plain duckdb.Error)
-            if "database is locked" not in str(err) or attempt == WRITE_ATTEMPTS - 1:
+            # another process attaches or creates the lake (a plain duckdb.Error). Under
+            # WAL a commit that finds another one newer than its reads fails at once, so
+            # attempts are many and short, within a time budget.
+            if "database is locked" not in str(err) or time.monotonic() > deadline:
                 raise
-            time.sleep(min(1.0, 0.02 * 1.5**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            time.sleep(min(0.5, 0.01 * 1.5**attempt) * (0.5 + random.random()))
+            attempt += 1
 
 
 def snapshots(con: duckdb.DuckDBPyConnection) -> list[dict]:
