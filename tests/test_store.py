@@ -264,6 +264,19 @@ def test_sql_creates_catalog(tmp_path):
     assert sql("SELECT count(*) AS n FROM runs", root=tmp_path).n[0] == 0
 
 
+def test_bookkeeping_rows_stay_in_the_catalog_database(tmp_path):
+    # runs, lineage and models rows are inlined: no parquet file per insert or update
+    for i in range(5):
+        record_run(f"r{i}", "synth", {}, "running", root=tmp_path)
+        record_run(f"r{i}", "synth", {}, "completed", root=tmp_path)
+    write_dataset("items", ROWS, root=tmp_path)
+    with lake.connect(tmp_path, read_only=True) as con:
+        for table in ("runs", "lineage"):
+            files = con.execute(f"SELECT count(*) FROM ducklake_list_files('lake', '{table}')")
+            assert files.fetchone() == (0,), table
+    assert sql("SELECT count(*) AS n FROM runs WHERE status = 'completed'", root=tmp_path).n[0] == 5
+
+
 def test_record_run_upsert(tmp_path):
     record_run("r1", "synth", {"n": 3}, "running", root=tmp_path)
     first = sql("SELECT * FROM runs", root=tmp_path)

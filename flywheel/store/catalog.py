@@ -34,6 +34,7 @@ from flywheel.store.models import ModelRef, list_model_versions, list_models, re
 
 OLD_CATALOG_FILE = "flywheel.duckdb"  # the catalog before the lake: its runs are adopted
 VIEW_COMMENT = "flywheel dataset"
+INLINED_ROWS = 1000  # inserts of up to this many rows into the bookkeeping tables
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -113,6 +114,12 @@ def _make_tables(base: Path) -> None:
 
         def make(c: duckdb.DuckDBPyConnection) -> None:
             if not _has_table(c, "runs"):  # another process may have made them meanwhile
+                # a few rows per run, in schema main: kept in the catalog database, not a
+                # parquet file per insert (and delete files per update) piling up for years
+                c.execute(
+                    f"CALL {lake.LAKE}.set_option('data_inlining_row_limit', {INLINED_ROWS}, "
+                    "schema => 'main')"
+                )
                 c.execute(_TABLES)
                 if old_runs:
                     marks = ", ".join("?" * len(_RUN_COLUMNS))
