@@ -82,19 +82,24 @@ def _connect(
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A cursor on the lake with `lake` as the default database, so the tables and views
     are named as they are in `flywheel sql` and `flywheel shell`."""
-    base = data_root(root)
-    if not read_only:
-        _make_tables(base)
-    with lake.connect(base, read_only=read_only) as con:
+    with lake.connect(data_root(root), read_only=read_only) as con:
         con.execute(f"USE {lake.LAKE}")
         yield con
 
 
 def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-    """`work` in one lake transaction, run again while another writer commits."""
+    """`work` in one lake transaction, run again while another writer commits; the
+    first write to a new lake makes the tables in the same transaction."""
+    base = data_root(root)
+
+    def with_tables(con: duckdb.DuckDBPyConnection) -> Any:
+        if not _has_table(con, "runs"):
+            _make_tables(con, base)
+        return work(con)
+
     try:
-        with _connect(root) as con:
-            return lake.write(con, work)
+        with _connect(base) as con:
+            return lake.write(con, with_tables)
     except duckdb.Error as err:
         if "database is locked" not in str(err):
             raise
@@ -104,28 +109,17 @@ def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) 
         ) from err
 
 
-def _make_tables(base: Path) -> None:
-    """The three tables, made in one transaction with the first write to a new lake."""
-    with lake.connect(base) as con:
-        con.execute(f"USE {lake.LAKE}")
-        if _has_table(con, "runs"):
-            return
-        old_runs = _old_runs(base / OLD_CATALOG_FILE)
-
-        def make(c: duckdb.DuckDBPyConnection) -> None:
-            if not _has_table(c, "runs"):  # another process may have made them meanwhile
-                # a few rows per run, in schema main: kept in the catalog database, not a
-                # parquet file per insert (and delete files per update) piling up for years
-                c.execute(
-                    f"CALL {lake.LAKE}.set_option('data_inlining_row_limit', {INLINED_ROWS}, "
-                    "schema => 'main')"
-                )
-                c.execute(_TABLES)
-                if old_runs:
-                    marks = ", ".join("?" * len(_RUN_COLUMNS))
-                    c.executemany(f"INSERT INTO runs VALUES ({marks})", old_runs)
-
-        lake.write(con, make)
+def _make_tables(con: duckdb.DuckDBPyConnection, base: Path) -> None:
+    """The three tables, and the runs of the store's old catalog file if it has one."""
+    # a few rows per run, in schema main: kept in the catalog database, not a parquet
+    # file per insert (and delete files per update) piling up for years
+    con.execute(
+        f"CALL {lake.LAKE}.set_option('data_inlining_row_limit', {INLINED_ROWS}, schema => 'main')"
+    )
+    con.execute(_TABLES)
+    if old_runs := _old_runs(base / OLD_CATALOG_FILE):
+        marks = ", ".join("?" * len(_RUN_COLUMNS))
+        con.executemany(f"INSERT INTO runs VALUES ({marks})", old_runs)
 
 
 def _old_runs(old: Path) -> list[tuple]:
@@ -440,7 +434,7 @@ def sql(query: str, root: Path | None = None) -> pd.DataFrame:
     with _connect(root, read_only=True) as con:
         made = _has_table(con, "runs")
     if not made:  # a lake another process has just created, its tables still in the making
-        _make_tables(data_root(root))
+        _write(root, lambda con: None)
     with _connect(root, read_only=True) as con:
         for statement in _check_reads_only(con, query):
             result = con.execute(statement)
