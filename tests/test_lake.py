@@ -121,3 +121,41 @@ def test_writers_in_several_processes_land_every_row_once(tmp_path: Path) -> Non
             "SELECT count(*), count(DISTINCT (writer, batch, i)) FROM lake.rows"
         ).fetchone()
     assert total == distinct == 3 * 5 * 1000
+
+
+CREATOR = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from flywheel.store import lake
+
+    with lake.connect(Path(sys.argv[1])):
+        pass
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_reader_never_finds_a_half_made_lake(tmp_path: Path) -> None:
+    """Processes creating lakes while this one reads them: a read finds no lake or the
+    whole lake, never a catalog file without the lake's tables in it yet."""
+    script = tmp_path / "creator.py"
+    script.write_text(CREATOR)
+    for attempt in range(4):
+        root = tmp_path / f"lake{attempt}"
+        creators = [subprocess.Popen([sys.executable, str(script), str(root)]) for _ in range(2)]
+        found = False
+        while not found:
+            try:
+                with lake.connect(root, read_only=True) as con:
+                    found = con.execute("SELECT 1").fetchone() == (1,)
+            except StoreError as err:
+                assert "no lake" in str(err)
+            if not found and all(c.poll() is not None for c in creators):
+                break
+        assert [c.wait() for c in creators] == [0, 0]
+        made = [p.name for p in (root / "lake").iterdir()]
+        assert "catalog.sqlite" in made
+        assert not [name for name in made if ".new" in name]  # the loser's copy is removed
+        with lake.connect(root, read_only=True) as con:  # once made, a reader finds it
+            assert con.execute("SELECT 1").fetchone() == (1,)

@@ -103,15 +103,18 @@ def shell_statements(root: Path | None = None) -> list[str]:
     ]
 
 
-def attach_statement(root: Path | None = None, *, read_only: bool = False) -> str:
+def attach_statement(
+    root: Path | None = None, *, read_only: bool = False, catalog: Path | None = None
+) -> str:
     """ATTACH the lake. Read-write: every insert a parquet file (no rows inlined into the
-    catalog), on every connection, so the files of a snapshot hold all of its rows."""
+    catalog), on every connection, so the files of a snapshot hold all of its rows.
+    `catalog`: another catalog file than the lake's (one being created)."""
     folder = lake_folder(root)
     data_path = f"{folder / 'files'}/"
     options = [f"DATA_PATH {_literal(data_path)}"]
     options.append("READ_ONLY" if read_only else "DATA_INLINING_ROW_LIMIT 0")
-    catalog = _literal(f"ducklake:sqlite:{catalog_file(root)}")
-    return f"ATTACH {catalog} AS {LAKE} ({', '.join(options)})"
+    source = _literal(f"ducklake:sqlite:{catalog or catalog_file(root)}")
+    return f"ATTACH {source} AS {LAKE} ({', '.join(options)})"
 
 
 # A connection per (process, lake, mode), kept open: loading the two extensions and
@@ -135,15 +138,10 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only and not catalog_file(root).exists():
             raise StoreError(f"no lake at {folder}: nothing has been written to it yet")
         (folder / "files").mkdir(parents=True, exist_ok=True)
-        if not read_only:
-            _use_wal(catalog_file(root))
-        con = duckdb.connect(config=NO_EXTENSION_INSTALLS)
+        if not read_only and not catalog_file(root).exists():
+            _create(root)
+        con = _loaded_connection()
         try:
-            for statement in load_statements():
-                try:
-                    con.execute(statement)
-                except duckdb.Error as err:
-                    raise LakeUnavailable(f"{statement}: {err}") from err
             _retry(lambda: con.execute(attach_statement(root, read_only=read_only)))
             if read_only:  # no statement through it changes a setting (e.g. autoinstall)
                 con.execute("SET lock_configuration = true")
@@ -158,15 +156,49 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
         return con
 
 
-def _use_wal(path: Path) -> None:
-    """Create the SQLite catalog in WAL mode (kept in the file): readers then never wait
-    for a writer's commit, and a writer waits only for another writer. In the default
-    rollback-journal mode eight busy writers starved a reader loop to one read in 20 s.
-    An existing catalog is left as it is."""
-    if path.exists():
-        return
-    with contextlib.closing(sqlite3.connect(path, timeout=LOCKED_WAIT_S)) as db:
-        db.execute("PRAGMA journal_mode = WAL")
+def _loaded_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the two extensions loaded by path."""
+    con = duckdb.connect(config=NO_EXTENSION_INSTALLS)
+    for statement in load_statements():
+        try:
+            con.execute(statement)
+        except duckdb.Error as err:
+            con.close()
+            raise LakeUnavailable(f"{statement}: {err}") from err
+    return con
+
+
+def _create(root: Path | None) -> None:
+    """Make a new lake's catalog under another name and link it into place, so no
+    process ever finds a catalog file without the lake's tables in it (a reader that
+    did was refused: "Existing DuckLake ... does not exist"). Of two processes that
+    create it at once, the first link wins and the other's copy is removed.
+
+    The catalog is made in WAL mode (kept in the file): readers then never wait for a
+    writer's commit, and a writer waits only for another writer. In the default
+    rollback-journal mode eight busy writers starved a reader loop to one read in 20 s."""
+    final = catalog_file(root)
+    making = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}.new")
+    try:
+        with contextlib.closing(sqlite3.connect(making)) as db:
+            db.execute("PRAGMA journal_mode = WAL")
+        con = _loaded_connection()
+        try:
+            con.execute(attach_statement(root, catalog=making))
+        finally:
+            con.close()
+        with contextlib.closing(sqlite3.connect(making)) as db:  # all of it in the file
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            os.link(making, final)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, unless one is there
+            if not final.exists():
+                os.replace(making, final)
+    finally:
+        for leftover in (making, *(making.with_name(making.name + s) for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
 
 
 def catalog_identity(root: Path | None) -> tuple[int, int] | None:
