@@ -14,8 +14,10 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Flywheel pipeline commands.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server (127.0.0.1).")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded verifiable world.")
+store_app = typer.Typer(no_args_is_help=True, help="The data store itself.")
 app.add_typer(server_app, name="server")
 app.add_typer(world_app, name="world")
+app.add_typer(store_app, name="store")
 
 
 class OutputFormat(StrEnum):
@@ -196,6 +198,25 @@ def datasets() -> None:
     for name in list_datasets():
         versions = list_versions(name)
         typer.echo(f"{name}: {len(versions)} version(s), latest {versions[-1]}")
+
+
+@store_app.command("migrate")
+def store_migrate() -> None:
+    """Move a store written before the lake (version folders and flywheel.duckdb) into the
+    lake, keeping version names, rows and lineage; safe to run again."""
+    import duckdb
+
+    from flywheel.store import StoreError
+    from flywheel.store.migrate import migrate
+
+    try:
+        report = migrate()
+    except (duckdb.Error, StoreError, OSError) as e:
+        _fail(e)
+    for line in report.lines():
+        typer.echo(line)
+    if report.refused:
+        raise typer.Exit(1)
 
 
 def _names(values: list[str] | None) -> list[str]:

@@ -99,8 +99,8 @@ def test_imports_land_with_lineage_to_their_files(own):
         assert ref.meta["num_rows"] == sum(1 for _ in path.open())
         assert ("file", str(path.resolve())) in _lineage_inputs(name)
     chat = read_dataset("own_chat_prefs").to_arrow()
-    assert str(chat.schema.field("prompt").type) == (
-        "list<element: struct<role: string, content: string>>"
+    assert str(chat.schema.field("prompt").type) == (  # as written (pyarrow's list naming)
+        "list<item: struct<role: string, content: string>>"
     )
 
 

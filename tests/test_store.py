@@ -1,7 +1,6 @@
 import json
 import multiprocessing
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import flywheel.store.catalog as catalog
@@ -46,7 +46,10 @@ def test_round_trip(tmp_path):
     assert ref.num_rows == 3
     assert ref.meta["produced_by"] == "run-1"
     assert ref.meta["columns"] == {"id": "int64", "text": "string"}
-    assert ref.files() == [str(tmp_path / "items" / ref.version / "part-00000.parquet")]
+    # the lake table's parquet files under the lake's data path hold the version's rows
+    (file,) = ref.files()
+    assert Path(file).is_relative_to(tmp_path / "lake" / "files")
+    assert pq.read_table(file).to_pylist() == ROWS
     assert read_dataset("items", root=tmp_path) == ref
     assert list_datasets(tmp_path) == ["items"]
     # pandas and arrow inputs too
@@ -59,7 +62,8 @@ def test_data_root_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "elsewhere"))
     assert data_root() == tmp_path / "elsewhere"
     write_dataset("x", ROWS)
-    assert (tmp_path / "elsewhere" / "x").is_dir()
+    assert list_datasets() == ["x"]
+    assert (tmp_path / "elsewhere" / "lake" / "catalog.sqlite").is_file()
     monkeypatch.delenv("FLYWHEEL_DATA_DIR")
     monkeypatch.chdir(tmp_path)
     assert data_root() == tmp_path / "data"
@@ -74,49 +78,55 @@ def test_empty_rows_need_schema(tmp_path):
     assert sql("SELECT count(*) AS n FROM empty", root=tmp_path).n[0] == 0
 
 
-def test_split_into_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "ROWS_PER_PART", 2)
-    ref = write_dataset("parts", [{"i": i} for i in range(5)], root=tmp_path)
-    assert [Path(f).name for f in ref.files()] == [
-        "part-00000.parquet",
-        "part-00001.parquet",
-        "part-00002.parquet",
-    ]
-    assert [r["i"] for r in ref.to_arrow().to_pylist()] == list(range(5))
-    assert sql("SELECT count(*) AS n FROM parts", root=tmp_path).n[0] == 5
+def test_many_rows_keep_their_order_in_every_reader(tmp_path):
+    rows = pa.table({"i": range(300_000), "text": [f"row {i}" for i in range(300_000)]})
+    ref = write_dataset("many", rows, root=tmp_path)
+    assert ref.to_arrow().column("i").to_pylist() == list(range(300_000))
+    hf = ref.to_hf(cache_dir=str(tmp_path / "hf_cache"))
+    assert hf["i"] == list(range(300_000))
+    assert sql("SELECT count(*) AS n FROM many", root=tmp_path).n[0] == 300_000
 
 
-def test_crash_midway_leaves_no_version(tmp_path, monkeypatch):
+_DIE_MID_WRITE = """
+import os, sys
+from pathlib import Path
+from flywheel.store import catalog, write_dataset
+
+def die(con, name):  # after the version's table and rows are written, before the commit
+    os._exit(9)
+
+catalog._create_latest_view = die
+write_dataset("crashed", [{"id": i} for i in range(1000)], version="v1", root=Path(sys.argv[1]))
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_version(tmp_path):
     write_dataset("other", ROWS, root=tmp_path)  # so the catalog exists
-    monkeypatch.setattr(datasets, "ROWS_PER_PART", 1)
-    real_write = datasets.pq.write_table
-    calls = []
-
-    def failing_write(table, where, **kwargs):
-        calls.append(where)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        real_write(table, where, **kwargs)
-
-    monkeypatch.setattr(datasets.pq, "write_table", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        write_dataset("crashed", ROWS, version="v1", root=tmp_path)
-    assert len(calls) == 2
-    assert not (tmp_path / "crashed" / "v1").exists()
+    died = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(tmp_path)], timeout=120)
+    assert died.returncode == 9
     assert list_versions("crashed", root=tmp_path) == []
     assert "crashed" not in list_datasets(tmp_path)
-    assert not {"crashed", "crashed__v1"} & views(tmp_path)
+    tables = sql("SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'", tmp_path)
+    assert "crashed__v1" not in set(tables.table_name)
+    assert "crashed" not in views(tmp_path)
     with pytest.raises(DatasetNotFound):
         read_dataset("crashed", root=tmp_path)
+    # the version can be written again, whole
+    ref = write_dataset("crashed", ROWS, version="v1", root=tmp_path)
+    assert ref.to_arrow().to_pylist() == ROWS
+    assert sql("SELECT count(*) AS n FROM lineage WHERE dataset = 'crashed'", tmp_path).n[0] == 1
 
 
-def test_leftover_tmp_folder_ignored(tmp_path):
-    ref = write_dataset("items", ROWS, root=tmp_path)
-    (tmp_path / "items" / ".tmp-deadbeef").mkdir()
-    (tmp_path / "items" / ".tmp-deadbeef" / "part-00000.parquet").write_bytes(b"junk")
-    assert list_versions("items", root=tmp_path) == [ref.version]
-    refresh_catalog(tmp_path)
-    assert sql("SELECT count(*) AS n FROM items", root=tmp_path).n[0] == 3
+def test_a_failed_write_leaves_no_version(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(catalog, "_add_lineage", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset("failing", ROWS, version="v1", root=tmp_path)
+    monkeypatch.undo()
+    assert list_versions("failing", root=tmp_path) == []
+    assert not {"failing", "failing__v1"} & views(tmp_path)
 
 
 def test_versions_are_immutable(tmp_path):
@@ -228,52 +238,39 @@ def test_to_hf(tmp_path):
     assert ds["text"] == ["a", "b", None]
 
 
-def test_refresh_is_idempotent_and_heals(tmp_path, monkeypatch):
+def test_refresh_is_idempotent_and_remakes_latest_views(tmp_path):
     a = write_dataset("a", ROWS, root=tmp_path)
-    # A crash between the rename and the registration: the version is on disk only.
-    monkeypatch.setattr(catalog, "register_version", lambda ref, root=None: None)
-    b = write_dataset("b", ROWS, inputs=[a], root=tmp_path)
-    monkeypatch.undo()
+    write_dataset("b", ROWS, inputs=[a], root=tmp_path)
+    with catalog._connect(tmp_path) as con:  # sql() only reads
+        con.execute("DROP VIEW b")
+        con.execute("CREATE VIEW mine AS SELECT 1 AS one")
     assert "b" not in views(tmp_path)
-    assert b.version not in set(sql("SELECT version FROM lineage", root=tmp_path).version)
-
     refresh_catalog(tmp_path)
     refresh_catalog(tmp_path)
-    assert {"a", f"a__{a.version}", "b", f"b__{b.version}"} <= views(tmp_path)
+    assert {"a", "b", "mine"} <= views(tmp_path)  # views the user made are left alone
     assert sql("SELECT count(*) AS n FROM b", root=tmp_path).n[0] == 3
     lineage = sql("SELECT dataset, version, input_dataset FROM lineage", root=tmp_path)
     assert len(lineage) == 2
     assert lineage[lineage.dataset == "b"].input_dataset.tolist() == ["a"]
 
 
-def test_refresh_drops_views_of_removed_datasets(tmp_path):
-    ref = write_dataset("gone", ROWS, root=tmp_path)
-    with catalog._connect(tmp_path) as con:  # sql() only reads
-        con.execute("CREATE VIEW mine AS SELECT 1 AS one")
-    shutil.rmtree(tmp_path / "gone")
-    refresh_catalog(tmp_path)
-    assert not {"gone", f"gone__{ref.version}"} & views(tmp_path)
-    assert "mine" in views(tmp_path)  # views the user made are left alone
-
-
 def test_sql_creates_catalog(tmp_path):
-    write_dataset("items", ROWS, root=tmp_path)
-    shutil.rmtree(tmp_path / "lake")
-    df = sql("SELECT id FROM items WHERE text = 'b'", root=tmp_path)
-    assert df.id.tolist() == [2]
     assert sql("SELECT count(*) AS n FROM runs", root=tmp_path).n[0] == 0
+    assert sql("SELECT count(*) AS n FROM versions", root=tmp_path).n[0] == 0
 
 
 def test_bookkeeping_rows_stay_in_the_catalog_database(tmp_path):
-    # runs, lineage and models rows are inlined: no parquet file per insert or update
+    # runs, lineage, versions and models rows are inlined: no parquet file per insert or
+    # update; a dataset version's rows are all in parquet files
     for i in range(5):
         record_run(f"r{i}", "synth", {}, "running", root=tmp_path)
         record_run(f"r{i}", "synth", {}, "completed", root=tmp_path)
-    write_dataset("items", ROWS, root=tmp_path)
+    ref = write_dataset("items", ROWS, root=tmp_path)
     with lake.connect(tmp_path, read_only=True) as con:
-        for table in ("runs", "lineage"):
+        for table in ("runs", "lineage", "versions"):
             files = con.execute(f"SELECT count(*) FROM ducklake_list_files('lake', '{table}')")
             assert files.fetchone() == (0,), table
+    assert pq.read_table(ref.files()).num_rows == 3
     assert sql("SELECT count(*) AS n FROM runs WHERE status = 'completed'", root=tmp_path).n[0] == 5
 
 
@@ -378,14 +375,13 @@ def test_invalid_versions_write_nothing(tmp_path, bad):
     assert not any(tmp_path.iterdir())
 
 
-def test_listing_skips_folders_whose_names_end_in_a_newline(tmp_path):
-    ref = write_dataset("items", ROWS, version="v1", root=tmp_path)
-    shutil.copytree(ref.path, tmp_path / "items" / "v2\n")
-    shutil.copytree(tmp_path / "items", tmp_path / "items\n")
-    assert list_versions("items", root=tmp_path) == ["v1"]
-    assert list_datasets(tmp_path) == ["items"]
-    refresh_catalog(tmp_path)
-    assert {v for v in views(tmp_path) if v.startswith("items")} == {"items", "items__v1"}
+def test_old_layout_listing_skips_folders_whose_names_end_in_a_newline(tmp_path):
+    for folder in ("items/v1", "items/v2\n", "items\n/v1", "items/.tmp-x"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / datasets.META_FILE).write_text("{}")
+    assert datasets.old_version_folders(tmp_path) == [tmp_path / "items" / "v1"]
+    with pytest.raises(DatasetNotFound, match="flywheel store migrate"):
+        read_dataset("items", root=tmp_path)
 
 
 def _valid(check, text: str) -> bool:

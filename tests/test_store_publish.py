@@ -9,17 +9,16 @@ import pytest
 
 from flywheel.store import (
     CatalogBusy,
-    DatasetVersionExists,
     StoreError,
     lake,
     list_model_versions,
     list_versions,
+    record_run,
     refresh_catalog,
     save_model_version,
     sql,
     write_dataset,
 )
-from flywheel.store.datasets import publish_version
 
 ROWS = [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}]
 
@@ -42,22 +41,6 @@ def _hold_catalog(root: str, held, seconds: float) -> None:
     con.close()
 
 
-def test_version_another_writer_publishes_first_is_refused(tmp_path):
-    target = tmp_path / "items" / "v1"
-
-    def other_writer_wins(tmp: Path) -> dict:
-        (tmp / "part-00000.parquet").write_bytes(b"mine")
-        target.mkdir()
-        (target / "part-00000.parquet").write_bytes(b"theirs")
-        return {"name": "items"}
-
-    exists = DatasetVersionExists(f"items version v1 already exists at {target}")
-    with pytest.raises(DatasetVersionExists, match="items version v1 already exists"):
-        publish_version(target, other_writer_wins, meta_file="_meta.json", exists=exists)
-    assert [p.name for p in target.parent.iterdir()] == ["v1"]  # no temporary folder left
-    assert (target / "part-00000.parquet").read_bytes() == b"theirs"
-
-
 def test_model_version_taken_while_building_is_refused(tmp_path):
     target = tmp_path / "_models" / "rm" / "v1"
 
@@ -73,9 +56,10 @@ def test_model_version_taken_while_building_is_refused(tmp_path):
     assert (target / "weights.bin").read_bytes() == b"theirs"
 
 
-def test_meta_is_written_beside_the_files(tmp_path):
+def test_meta_is_kept_in_the_catalog_and_beside_a_model(tmp_path):
     ref = write_dataset("items", ROWS, version="v1", produced_by="run-1", root=tmp_path)
-    meta = json.loads((Path(ref.path) / "_meta.json").read_text())
+    meta = json.loads(sql("SELECT meta FROM versions", root=tmp_path).meta[0])
+    assert meta == ref.meta
     assert [meta["name"], meta["version"], meta["produced_by"], meta["num_rows"]] == [
         "items",
         "v1",
@@ -89,7 +73,8 @@ def test_meta_is_written_beside_the_files(tmp_path):
     assert meta["inputs"] == [{"kind": "dataset", "name": "items", "version": "v1"}]
 
 
-def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch):
+def test_busy_catalog_writes_no_dataset_and_leaves_models_for_refresh(tmp_path, monkeypatch):
+    record_run("r1", "synth", {}, "running", root=tmp_path)  # the lake, then held
     ctx = multiprocessing.get_context("spawn")
     held = ctx.Event()
     proc = ctx.Process(target=_hold_catalog, args=(str(tmp_path), held, 120.0))
@@ -97,7 +82,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
     try:
         assert held.wait(60)
         monkeypatch.setattr(lake, "LOCKED_WAIT_S", 0.0)
-        with pytest.raises(CatalogBusy, match="the data itself is safely written at .*items"):
+        with pytest.raises(CatalogBusy, match="stayed locked"):
             write_dataset("items", ROWS, version="v1", root=tmp_path)
         with pytest.raises(CatalogBusy, match="the model itself is safely written at .*rm"):
             save_model_version("rm", _build, kind="x", version="v1", root=tmp_path)
@@ -105,8 +90,7 @@ def test_busy_catalog_leaves_versions_on_disk_for_refresh(tmp_path, monkeypatch)
         proc.terminate()
         proc.join(60)
     monkeypatch.setattr(lake, "LOCKED_WAIT_S", 60.0)
-    assert list_versions("items", root=tmp_path) == ["v1"]
+    assert list_versions("items", root=tmp_path) == []  # one transaction: none of it
     assert list_model_versions("rm", root=tmp_path) == ["v1"]
     refresh_catalog(tmp_path)
-    assert sql("SELECT count(*) AS n FROM items", root=tmp_path).n[0] == 2
     assert sql("SELECT version FROM models", root=tmp_path)["version"].tolist() == ["v1"]

@@ -20,7 +20,6 @@ from flywheel.store import (
     read_dataset,
     write_dataset,
 )
-from flywheel.store.catalog import register_version
 from flywheel.store.datasets import new_version
 from flywheel.store.locks import file_lock
 
@@ -54,9 +53,7 @@ def write_once(
         )
         return ref, False
     except DatasetVersionExists:
-        ref = read_dataset(name, version)
-        register_version(ref)  # idempotent: heals a write whose registration failed
-        return ref, True
+        return read_dataset(name, version), True
 
 
 class PlannedOutputs:

@@ -1,4 +1,5 @@
-"""Datasets on disk (versioned parquet folders) and the DuckDB catalog that views them."""
+"""The data store: dataset versions as tables of a DuckLake with their catalog (runs,
+models, lineage), and trained models in version folders."""
 
 from flywheel.store.catalog import record_run, refresh_catalog, sql
 from flywheel.store.checkpoint import Checkpoint

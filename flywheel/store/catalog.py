@@ -1,17 +1,21 @@
-"""The catalog: dataset views, ``runs``, ``models`` and ``lineage``, in the store's
-DuckLake (`flywheel.store.lake`: ``<root>/lake/catalog.sqlite`` and its data files).
+"""The catalog: dataset versions, ``versions``, ``runs``, ``models`` and ``lineage``, in
+the store's DuckLake (`flywheel.store.lake`: ``<root>/lake/catalog.sqlite`` and its data
+files).
 
-Readers never block writers, and writers in several processes take turns on the SQLite
-catalog database (a commit that meets another is run again), so a DuckDB shell left
-open on the lake (`flywheel shell`) holds up no flow. A store whose catalog was the
-older ``flywheel.duckdb`` file has its ``runs`` copied into the lake once; views,
-models and lineage are rebuilt from the version folders' meta files.
+A dataset version is the lake table ``<name>__<version>``, written with its ``versions``
+row, its lineage rows and the view ``<name>`` (its latest version) in one transaction: a
+crash mid-write leaves no part of it. Readers never block writers, and writers in
+several processes take turns on the SQLite catalog database, so a DuckDB shell left open
+on the lake (`flywheel shell`) holds up no flow. A store whose catalog was the older
+``flywheel.duckdb`` file has its ``runs`` copied into the lake once; its version folders
+move in with `flywheel store migrate`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,21 +24,16 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from flywheel.store import lake
-from flywheel.store.datasets import (
-    CatalogBusy,
-    DatasetRef,
-    data_root,
-    list_datasets,
-    list_versions,
-    read_dataset,
-)
+from flywheel.store.datasets import CatalogBusy, StoreError, data_root
 from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
 
 OLD_CATALOG_FILE = "flywheel.duckdb"  # the catalog before the lake: its runs are adopted
 VIEW_COMMENT = "flywheel dataset"
 INLINED_ROWS = 1000  # inserts of up to this many rows into the bookkeeping tables
+BOOKKEEPING = ("runs", "lineage", "models", "versions")
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -59,6 +58,15 @@ CREATE TABLE IF NOT EXISTS lineage (
     kind VARCHAR,
     input_kind VARCHAR
 );
+CREATE TABLE IF NOT EXISTS versions (
+    name VARCHAR,
+    version VARCHAR,
+    created TIMESTAMP,
+    produced_by VARCHAR,
+    num_rows BIGINT,
+    meta VARCHAR,
+    arrow_schema BLOB
+);
 CREATE TABLE IF NOT EXISTS models (
     name VARCHAR,
     version VARCHAR,
@@ -82,24 +90,10 @@ def _connect(
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A cursor on the lake with `lake` as the default database, so the tables and views
     are named as they are in `flywheel sql` and `flywheel shell`."""
-    with lake.connect(data_root(root), read_only=read_only) as con:
-        con.execute(f"USE {lake.LAKE}")
-        yield con
-
-
-def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-    """`work` in one lake transaction, run again while another writer commits; the
-    first write to a new lake makes the tables in the same transaction."""
-    base = data_root(root)
-
-    def with_tables(con: duckdb.DuckDBPyConnection) -> Any:
-        if not _has_table(con, "runs"):
-            _make_tables(con, base)
-        return work(con)
-
     try:
-        with _connect(base) as con:
-            return lake.write(con, with_tables)
+        with lake.connect(data_root(root), read_only=read_only) as con:
+            con.execute(f"USE {lake.LAKE}")
+            yield con
     except duckdb.Error as err:
         if "database is locked" not in str(err):
             raise
@@ -109,17 +103,41 @@ def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) 
         ) from err
 
 
-def _make_tables(con: duckdb.DuckDBPyConnection, base: Path) -> None:
-    """The three tables, and the runs of the store's old catalog file if it has one."""
-    # a few rows per run, in schema main: kept in the catalog database, not a parquet
-    # file per insert (and delete files per update) piling up for years
-    con.execute(
-        f"CALL {lake.LAKE}.set_option('data_inlining_row_limit', {INLINED_ROWS}, schema => 'main')"
-    )
+def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+    """`work` in one lake transaction, run again while another writer commits. A new
+    lake gets its tables first, in transactions of their own."""
+    base = data_root(root)
+    with _connect(base) as con:
+        known = lake.state(base)  # checked once per connection, not before every write
+        if not known.get("tables"):
+            if lake.write(con, lambda c: _make_tables(c, base)):
+                lake.write(con, _inline_bookkeeping)  # options: of committed tables only
+            known["tables"] = True
+        return lake.write(con, work)
+
+
+def _make_tables(con: duckdb.DuckDBPyConnection, base: Path) -> bool:
+    """The bookkeeping tables, and the runs of the store's old catalog file if it has one,
+    unless another process made them first. Returns whether this call made them."""
+    if _has_table(con, "runs"):
+        return False
     con.execute(_TABLES)
     if old_runs := _old_runs(base / OLD_CATALOG_FILE):
         marks = ", ".join("?" * len(_RUN_COLUMNS))
         con.executemany(f"INSERT INTO runs VALUES ({marks})", old_runs)
+    return True
+
+
+def _inline_bookkeeping(con: duckdb.DuckDBPyConnection) -> None:
+    """A few rows per run or version: kept in the catalog database, not a parquet file
+    per insert (and delete files per update) piling up for years. Dataset tables keep
+    the attach's limit of 0, so every row of a version is in its parquet files."""
+    for table in BOOKKEEPING:
+        con.execute(
+            f"CALL {lake.LAKE}.set_option('data_inlining_row_limit', {INLINED_ROWS}, "
+            "table_name => ?)",
+            [table],
+        )
 
 
 def _old_runs(old: Path) -> list[tuple]:
@@ -166,28 +184,36 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _create_view(con: duckdb.DuckDBPyConnection, view: str, ref: DatasetRef) -> None:
-    files = ", ".join(_literal(f) for f in ref.files())
-    con.execute(f"CREATE OR REPLACE VIEW {_ident(view)} AS SELECT * FROM read_parquet([{files}])")
-    # The comment marks views that refresh_catalog owns (and may drop when stale).
-    con.execute(f"COMMENT ON VIEW {_ident(view)} IS {_literal(VIEW_COMMENT)}")
+def version_table(name: str, version: str) -> str:
+    """The lake table that holds a dataset version."""
+    return f"{name}__{version}"
 
 
-def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str, base: Path) -> None:
-    # Called while holding the lock, so the last writer always leaves the true latest.
-    _create_view(con, name, read_dataset(name, root=base))
+def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """The view `<name>`: its latest version. Made in the transaction that adds a version,
+    so the last writer always leaves the true latest."""
+    (latest,) = con.execute("SELECT max(version) FROM versions WHERE name = ?", [name]).fetchone()
+    if latest is None:
+        con.execute(f"DROP VIEW IF EXISTS {_ident(name)}")
+        return
+    con.execute(
+        f"CREATE OR REPLACE VIEW {_ident(name)} AS "
+        f"SELECT * FROM {_ident(version_table(name, latest))}"
+    )
+    # The comment marks views that the store owns.
+    con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(VIEW_COMMENT)}")
 
 
-def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef | ModelRef) -> None:
-    """Lineage rows of one version from its meta file, unless it already has some."""
-    kind = "model" if isinstance(ref, ModelRef) else "dataset"
+def _add_lineage(
+    con: duckdb.DuckDBPyConnection, name: str, version: str, meta: dict[str, Any], kind: str
+) -> None:
+    """Lineage rows of one version from its meta, unless it already has some."""
     known = con.execute(
         "SELECT count(*) FROM lineage WHERE dataset = ? AND version = ? AND kind = ?",
-        [ref.name, ref.version, kind],
+        [name, version, kind],
     ).fetchone()
     if known and known[0]:
         return
-    meta = ref.meta
     inputs = meta.get("inputs") or [{"name": None, "version": None, "kind": None}]
     now = _utcnow()
     con.executemany(
@@ -195,8 +221,8 @@ def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef | ModelRef) -> 
         "recorded, kind, input_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             [
-                ref.name,
-                ref.version,
+                name,
+                version,
                 meta.get("produced_by"),
                 i["name"],
                 i["version"],
@@ -207,6 +233,103 @@ def _add_lineage(con: duckdb.DuckDBPyConnection, ref: DatasetRef | ModelRef) -> 
             for i in inputs
         ],
     )
+
+
+def publish_dataset(
+    table: pa.Table, meta: dict[str, Any], exists: StoreError, root: Path | None = None
+) -> None:
+    """Add the version `meta["name"]`@`meta["version"]` with the rows `table`: its lake
+    table, `versions` row, lineage rows and latest view, in one transaction (all or
+    none). Raises `exists` when the version is there already."""
+    name, version = meta["name"], meta["version"]
+    rows = f"flywheel_rows_{uuid.uuid4().hex}"
+
+    def publish(con: duckdb.DuckDBPyConnection) -> None:
+        if con.execute(
+            "SELECT 1 FROM versions WHERE name = ? AND version = ?", [name, version]
+        ).fetchone():
+            raise exists
+        con.register(rows, table)
+        try:
+            con.execute(
+                f"CREATE TABLE {_ident(version_table(name, version))} AS SELECT * FROM {rows}"
+            )
+        finally:
+            con.unregister(rows)
+        con.execute(
+            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                name,
+                version,
+                _naive_utc(datetime.fromisoformat(meta["created"])),
+                meta.get("produced_by"),
+                table.num_rows,
+                json.dumps(meta, default=str),
+                table.schema.serialize().to_pybytes(),
+            ],
+        )
+        _add_lineage(con, name, version, meta, "dataset")
+        _create_latest_view(con, name)
+
+    _write(root, publish)
+
+
+def dataset_versions(root: Path | None = None, name: str | None = None) -> dict[str, list[str]]:
+    """{dataset: its versions, sorted} from the `versions` table (of one dataset if `name`)."""
+    if not catalog_path(root).exists():
+        return {}
+    with _connect(root, read_only=True) as con:
+        if not _has_table(con, "versions"):
+            return {}
+        where, args = ("WHERE name = ?", [name]) if name is not None else ("", [])
+        found = con.execute(
+            f"SELECT name, version FROM versions {where} ORDER BY name, version", args
+        ).fetchall()
+    versions: dict[str, list[str]] = {}
+    for dataset, version in found:
+        versions.setdefault(dataset, []).append(version)
+    return versions
+
+
+def version_meta(name: str, version: str, root: Path | None = None) -> dict[str, Any]:
+    """A dataset version's meta: name, version, created, produced_by, inputs, num_rows,
+    columns (the written table's types)."""
+    with _connect(root, read_only=True) as con:
+        found = con.execute(
+            "SELECT meta FROM versions WHERE name = ? AND version = ?", [name, version]
+        ).fetchone()
+    if found is None:
+        raise StoreError(f"no version {version!r} of {name!r} in {catalog_path(root)}")
+    return json.loads(found[0])
+
+
+def version_files(name: str, version: str, root: Path | None = None) -> list[str]:
+    """The parquet files of a dataset version, in row order."""
+    with _connect(root, read_only=True) as con:
+        found = con.execute(
+            f"SELECT data_file, delete_file FROM ducklake_list_files('{lake.LAKE}', ?)",
+            [version_table(name, version)],
+        ).fetchall()
+    if any(delete is not None for _, delete in found):  # a version table is never changed
+        raise StoreError(f"{name}@{version} has rows deleted from its table in the lake")
+    return [data for data, _ in found]
+
+
+def version_rows(name: str, version: str, root: Path | None = None) -> pa.Table:
+    """All rows of a dataset version, in the order they were written, with the arrow
+    schema they were written with (types DuckDB reads back otherwise, such as a list's
+    field name or a large string, and the schema's and fields' metadata)."""
+    with _connect(root, read_only=True) as con:
+        (written,) = con.execute(
+            "SELECT arrow_schema FROM versions WHERE name = ? AND version = ?", [name, version]
+        ).fetchone()
+        rows = con.execute(f"SELECT * FROM {_ident(version_table(name, version))}")
+        table = rows.to_arrow_table()
+    schema = pa.ipc.read_schema(pa.py_buffer(written))
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        return table.replace_schema_metadata(schema.metadata)  # types as DuckDB read them
 
 
 def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
@@ -227,7 +350,7 @@ def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
             ref.version,
         ],
     )
-    _add_lineage(con, ref)
+    _add_lineage(con, ref.name, ref.version, meta, "model")
 
 
 def register_model(ref: ModelRef, root: Path | None = None) -> None:
@@ -235,43 +358,17 @@ def register_model(ref: ModelRef, root: Path | None = None) -> None:
     _write(root, lambda con: _add_model(con, ref))
 
 
-def register_version(ref: DatasetRef, root: Path | None = None) -> None:
-    """Add one new version to the catalog (its views and lineage rows)."""
-    base = data_root(root)
-
-    def register(con: duckdb.DuckDBPyConnection) -> None:
-        _create_view(con, f"{ref.name}__{ref.version}", ref)
-        _create_latest_view(con, ref.name, base)
-        _add_lineage(con, ref)
-
-    _write(base, register)
-
-
 def refresh_catalog(root: Path | None = None) -> None:
-    """Rebuild every dataset view, add missing model and lineage rows; safe to run any time."""
+    """Make the catalog if there is none, add the models and lineage rows of model
+    folders not yet in it, and remake every dataset's latest view; safe to run any time."""
     base = data_root(root)
 
     def refresh(con: duckdb.DuckDBPyConnection) -> None:
-        wanted: set[str] = set()
-        for name in list_datasets(base):
-            for version in list_versions(name, root=base):
-                ref = read_dataset(name, version, root=base)
-                _create_view(con, f"{name}__{version}", ref)
-                _add_lineage(con, ref)
-                wanted.add(f"{name}__{version}")
-            _create_latest_view(con, name, base)
-            wanted.add(name)
         for name in list_models(base):
             for version in list_model_versions(name, base):
                 _add_model(con, read_model(name, version, base))
-        stale = con.execute(
-            "SELECT view_name FROM duckdb_views() "
-            "WHERE database_name = ? AND NOT internal AND comment = ?",
-            [lake.LAKE, VIEW_COMMENT],
-        ).fetchall()
-        for (view,) in stale:
-            if view not in wanted:
-                con.execute(f"DROP VIEW IF EXISTS {_ident(view)}")
+        for (name,) in con.execute("SELECT DISTINCT name FROM versions").fetchall():
+            _create_latest_view(con, name)
 
     _write(base, refresh)
 

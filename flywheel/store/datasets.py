@@ -1,24 +1,21 @@
-"""Datasets on disk: ``<root>/<name>/<version>/part-*.parquet`` plus ``_meta.json``.
+"""Datasets: immutable versions, each a table of the store's lake (``<name>__<version>``,
+parquet files under ``<root>/lake/files/``) with a ``versions`` row that holds its meta.
 
-A version is written into a temporary folder and renamed into place, so readers
-never see half a version, and a version folder never changes once it exists.
+A version is written in one lake transaction (`catalog.publish_dataset`), so readers
+never see half a version, and a version never changes once it exists.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 MAX_NAME_LENGTH = 63
@@ -45,11 +42,10 @@ VERSION_RULE = (
     f"'<name>{FAILED_SUFFIX}' and '<name>{FAILED_SUFFIX}__<version>' belong to the dataset "
     f"'<name>{FAILED_SUFFIX}')"
 )
-ROWS_PER_PART = 200_000
 META_FILE = "_meta.json"
 # No dataset (view) may take these names: the catalog's tables, and the lake's name (also
 # its folder) and the shell's scratch database's, which a view of that name would shadow
-RESERVED_NAMES = frozenset({"runs", "lineage", "models", "lake", "memory"})
+RESERVED_NAMES = frozenset({"runs", "lineage", "models", "versions", "lake", "memory"})
 
 
 class StoreError(RuntimeError):
@@ -182,21 +178,31 @@ def new_version() -> str:
 
 
 class DatasetRef(BaseModel):
-    """One immutable version of a dataset on disk."""
+    """One immutable version of a dataset in the store at `root`."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     version: str
-    path: str
+    root: str
+
+    @property
+    def table(self) -> str:
+        """The lake table that holds this version (`flywheel sql`: ``<name>__<version>``)."""
+        return f"{self.name}__{self.version}"
 
     def files(self) -> list[str]:
-        """Absolute paths of the parquet parts, in order."""
-        return sorted(str(p) for p in Path(self.path).glob("part-*.parquet"))
+        """Absolute paths of the version's parquet files, in row order (none when it has
+        no rows), e.g. for ``datasets.load_dataset("parquet", data_files=...)``."""
+        from flywheel.store.catalog import version_files
+
+        return version_files(self.name, self.version, Path(self.root))
 
     def to_arrow(self) -> pa.Table:
         """All rows as one pyarrow Table."""
-        return pa.concat_tables([pq.read_table(f) for f in self.files()])
+        from flywheel.store.catalog import version_rows
+
+        return version_rows(self.name, self.version, Path(self.root))
 
     def to_pandas(self) -> Any:
         """All rows as a pandas DataFrame."""
@@ -206,12 +212,16 @@ class DatasetRef(BaseModel):
         """A Hugging Face ``datasets.Dataset``; kwargs go to ``load_dataset``."""
         import datasets
 
-        return datasets.load_dataset("parquet", data_files=self.files(), split="train", **kwargs)
+        if files := self.files():
+            return datasets.load_dataset("parquet", data_files=files, split="train", **kwargs)
+        return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))  # no rows
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The version's ``_meta.json``."""
-        return json.loads((Path(self.path) / META_FILE).read_text())
+        """name, version, created, produced_by, inputs, num_rows, columns."""
+        from flywheel.store.catalog import version_meta
+
+        return version_meta(self.name, self.version, Path(self.root))
 
     @property
     def num_rows(self) -> int:
@@ -229,22 +239,28 @@ def subfolders(folder: Path, keep: Callable[[Path], object]) -> list[str]:
 
 def list_datasets(root: Path | None = None) -> list[str]:
     """Names of the datasets that have at least one version, sorted."""
-    base = data_root(root)
+    from flywheel.store.catalog import dataset_versions
 
-    def is_dataset(p: Path) -> bool:
-        return (
-            NAME_RE.fullmatch(p.name) is not None
-            and p.name not in RESERVED_NAMES
-            and bool(list_versions(p.name, root=base))
-        )
-
-    return subfolders(base, is_dataset)
+    return sorted(dataset_versions(data_root(root)))
 
 
 def list_versions(name: str, root: Path | None = None) -> list[str]:
     """Versions of a dataset, sorted (the last one is the latest)."""
-    # Leftover ".tmp-*" folders from a crashed write never match VERSION_RE.
-    return subfolders(data_root(root) / validate_name(name), lambda p: VERSION_RE.fullmatch(p.name))
+    from flywheel.store.catalog import dataset_versions
+
+    return dataset_versions(data_root(root), validate_name(name)).get(name, [])
+
+
+def old_version_folders(root: Path | None = None) -> list[Path]:
+    """Version folders of the store's layout before the lake
+    (``<root>/<name>/<version>/_meta.json``), which `flywheel store migrate` moves in."""
+    base = data_root(root)
+    return sorted(
+        version
+        for dataset in subfolders(base, lambda p: NAME_RE.fullmatch(p.name) is not None)
+        for version in (base / dataset).iterdir()
+        if VERSION_RE.fullmatch(version.name) and (version / META_FILE).is_file()
+    )
 
 
 def read_dataset(name: str, version: str | None = None, root: Path | None = None) -> DatasetRef:
@@ -252,14 +268,20 @@ def read_dataset(name: str, version: str | None = None, root: Path | None = None
     base = data_root(root)
     versions = list_versions(name, root=base)
     if not versions:
+        hint = ""
+        if (base / name).is_dir() and any(p.parent.name == name for p in old_version_folders(base)):
+            hint = (
+                f"; {base / name} holds versions in the store's layout before the lake: "
+                "run `flywheel store migrate` to move them in"
+            )
         raise DatasetNotFound(
-            f"no dataset {name!r} under {base}; datasets: {list_datasets(base) or 'none'}"
+            f"no dataset {name!r} under {base}; datasets: {list_datasets(base) or 'none'}{hint}"
         )
     if version is None:
         version = versions[-1]
     elif version not in versions:
         raise DatasetNotFound(f"dataset {name!r} has no version {version!r}; versions: {versions}")
-    return DatasetRef(name=name, version=version, path=str(base / name / version))
+    return DatasetRef(name=name, version=version, root=str(base))
 
 
 class InvalidText(ValueError):
@@ -389,65 +411,6 @@ def _input_record(ref: Any) -> dict[str, str]:
     return input_record(ref)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_version(
-    target: Path, build: Callable[[Path], dict[str, Any]], *, meta_file: str, exists: StoreError
-) -> None:
-    """Publish the version folder ``target`` whole or not at all.
-
-    ``build(tmp)`` fills a fresh temporary folder beside ``target`` and returns the meta
-    written as ``meta_file``; the folder is then synced and renamed into place. On any
-    failure the temporary folder is removed. ``exists`` is raised when another writer
-    published ``target`` first.
-    """
-    folder = target.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        meta = build(tmp)
-        with open(tmp / meta_file, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError as e:
-            if target.exists():
-                raise exists from e
-            raise
-        _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-RefT = TypeVar("RefT", bound=BaseModel)
-
-
-def register_published(
-    register: Callable[..., None], ref: RefT, root: Path | None, what: str
-) -> RefT:
-    """``register(ref, root=root)`` in the catalog; if the catalog stays busy, say that the
-    ``what`` (data, model) is safely on disk all the same."""
-    try:
-        register(ref, root=root)
-    except CatalogBusy as e:
-        raise CatalogBusy(
-            f"{e}; the {what} itself is safely written at {ref.path} and the next "
-            "refresh_catalog() registers it"
-        ) from e
-    return ref
-
-
 def write_dataset(
     name: str,
     rows: Iterable[dict[str, Any]] | pa.Table | Any,
@@ -465,36 +428,26 @@ def write_dataset(
     validate_name(name)
     version = new_version() if version is None else validate_version(version)
     base = data_root(root)
-    target = base / name / version
-    exists = DatasetVersionExists(f"{name} version {version} already exists at {target}")
-    if target.exists():  # before converting rows that would not be written
+    exists = DatasetVersionExists(f"{name} version {version} already exists in {base}")
+    if version in list_versions(name, root=base):  # before converting rows never written
         raise exists
 
     table = _to_table(rows, schema)
     if table.num_columns == 0:
         raise ValueError("rows have no columns: pass schema= so the dataset knows its columns")
     _check_text(table)
-
-    def write_parts(tmp: Path) -> dict[str, Any]:
-        offsets = range(0, max(table.num_rows, 1), ROWS_PER_PART)
-        for part, offset in enumerate(offsets):
-            path = tmp / f"part-{part:05d}.parquet"
-            pq.write_table(table.slice(offset, ROWS_PER_PART), path)
-            _fsync(path)
-        return {
-            "name": name,
-            "version": version,
-            "created": datetime.now(UTC).isoformat(),
-            "produced_by": produced_by,
-            # DatasetRefs or ModelRefs (models record their kind)
-            "inputs": [_input_record(r) for r in inputs],
-            "num_rows": table.num_rows,
-            "columns": {f.name: str(f.type) for f in table.schema},
-        }
-
-    publish_version(target, write_parts, meta_file=META_FILE, exists=exists)
+    meta = {
+        "name": name,
+        "version": version,
+        "created": datetime.now(UTC).isoformat(),
+        "produced_by": produced_by,
+        # DatasetRefs or ModelRefs (models record their kind)
+        "inputs": [_input_record(r) for r in inputs],
+        "num_rows": table.num_rows,
+        "columns": {f.name: str(f.type) for f in table.schema},
+    }
     # Imported here because the catalog module reads datasets through this module.
-    from flywheel.store.catalog import register_version
+    from flywheel.store.catalog import publish_dataset
 
-    ref = DatasetRef(name=name, version=version, path=str(target))
-    return register_published(register_version, ref, base, "data")
+    publish_dataset(table, meta, exists, base)
+    return DatasetRef(name=name, version=version, root=str(base))

@@ -119,10 +119,19 @@ def attach_statement(
 
 # A connection per (process, lake, mode), kept open: loading the two extensions and
 # attaching take about 0.25 s, a write on an open one about 0.02 s. Each use gets its
-# own cursor (DuckDB's way to use one database from several threads).
-_open: dict[tuple[int, str, bool], tuple[duckdb.DuckDBPyConnection, tuple | None]] = {}
+# own cursor (DuckDB's way to use one database from several threads). Beside each, a
+# dict for what a caller learns about that lake once per connection (`state`).
+_open: dict[tuple[int, str, bool], tuple[duckdb.DuckDBPyConnection, tuple | None, dict]] = {}
 _open_lock = threading.Lock()
 MAX_OPEN = 8  # lakes kept attached per process; the least recently used is closed
+
+
+def state(root: Path | None = None, *, read_only: bool = False) -> dict:
+    """The dict kept with this process's open connection to the lake (made anew with a
+    new connection, e.g. once the catalog file was replaced): call inside `connect`."""
+    key = (os.getpid(), str(lake_folder(root).absolute()), read_only)
+    with _open_lock:
+        return _open[key][2]
 
 
 def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -152,7 +161,7 @@ def _attached(root: Path | None, read_only: bool) -> duckdb.DuckDBPyConnection:
             del _open[stale]  # a forked parent's: never used, nor closed, here
         while len(_open) >= MAX_OPEN:
             _open.pop(next(iter(_open)))[0].close()
-        _open[key] = (con, catalog_identity(root))
+        _open[key] = (con, catalog_identity(root), {})
         return con
 
 

@@ -1,14 +1,17 @@
 """Trained models on disk: ``<root>/_models/<name>/<version>/`` plus ``_model.json``.
 
-Like datasets, a model version is built in a temporary folder and renamed into
-place, so a crash never leaves half a model where a reader would load it, and a
-version never changes once it exists. The catalog's ``models`` table and
+A model version is built in a temporary folder and renamed into place, so a crash
+never leaves half a model where a reader would load it, and a version never changes
+once it exists. The catalog's ``models`` table and
 ``lineage`` rows say which run made each version from which datasets and models.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +22,12 @@ from pydantic import BaseModel, ConfigDict
 from flywheel.names import SHORT_NAME_MAX_LENGTH, SHORT_NAME_RULE, is_short_name
 from flywheel.store.datasets import (
     VERSION_RE,
+    CatalogBusy,
     DatasetRef,
     StoreError,
     data_root,
     derived_error,
     new_version,
-    publish_version,
-    register_published,
     subfolders,
     validate_version,
 )
@@ -133,6 +135,62 @@ def input_record(ref: DatasetRef | ModelRef | FileRef) -> dict[str, str]:
         return {"kind": "file", "name": ref.path, "version": f"sha256:{ref.sha256}"}
     kind = "model" if isinstance(ref, ModelRef) else "dataset"
     return {"kind": kind, "name": ref.name, "version": ref.version}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_version(
+    target: Path, build: Callable[[Path], dict[str, Any]], *, meta_file: str, exists: StoreError
+) -> None:
+    """Publish the version folder ``target`` whole or not at all.
+
+    ``build(tmp)`` fills a fresh temporary folder beside ``target`` and returns the meta
+    written as ``meta_file``; the folder is then synced and renamed into place. On any
+    failure the temporary folder is removed. ``exists`` is raised when another writer
+    published ``target`` first.
+    """
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        meta = build(tmp)
+        with open(tmp / meta_file, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if target.exists():
+                raise exists from e
+            raise
+        _fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def register_published(
+    register: Callable[..., None], ref: ModelRef, root: Path | None, what: str
+) -> ModelRef:
+    """``register(ref, root=root)`` in the catalog; if the catalog stays busy, say that the
+    ``what`` (data, model) is safely on disk all the same."""
+    try:
+        register(ref, root=root)
+    except CatalogBusy as e:
+        raise CatalogBusy(
+            f"{e}; the {what} itself is safely written at {ref.path} and the next "
+            "refresh_catalog() registers it"
+        ) from e
+    return ref
 
 
 def save_model_version(
