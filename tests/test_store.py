@@ -362,6 +362,37 @@ def test_concurrent_writers(tmp_path):
         assert sql(f"SELECT who FROM {name}", root=tmp_path).who.tolist() == [name.split("_")[0]]
 
 
+def _write_versions(root: str, who: str, count: int, start) -> None:
+    start.wait()
+    for i in range(count):
+        rows = [{"who": who, "i": i, "row": r} for r in range(50)]
+        write_dataset("shared", rows, version=f"v{i:03d}_{who}", produced_by=who, root=Path(root))
+
+
+def test_two_processes_writing_one_dataset_land_every_version_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_write_versions, args=(str(tmp_path), who, 10, start))
+        for who in ("left", "right")
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    versions = list_versions("shared", root=tmp_path)
+    assert versions == sorted(f"v{i:03d}_{who}" for who in ("left", "right") for i in range(10))
+    for version in versions:
+        rows = read_dataset("shared", version, root=tmp_path).to_arrow().to_pylist()
+        who, i = version.split("_")[1], int(version[1:4])
+        assert rows == [{"who": who, "i": i, "row": r} for r in range(50)]
+    latest = sql("SELECT DISTINCT who, i FROM shared", root=tmp_path)
+    assert latest.values.tolist() == [["right", 9]]  # the view is the greatest version
+    counts = sql("SELECT count(*) AS n FROM lineage WHERE dataset = 'shared'", root=tmp_path)
+    assert counts.n[0] == 20
+
+
 # --- names and versions: full matches only, and no two catalog views alike ---
 
 
