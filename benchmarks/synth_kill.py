@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,8 +186,6 @@ def main() -> None:
     )
     results["target met"] = ok
     write_results("synth_kill", args, [], results, "cpu")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     raise SystemExit(0 if ok else 1)
 

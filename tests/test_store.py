@@ -332,6 +332,21 @@ def test_busy_catalog_waits_then_raises(tmp_path, monkeypatch):
         proc.join(60)
 
 
+def _in_two_processes(target, root: Path) -> None:
+    """`target(root, who, 10, start)` for who in left and right, in two spawned processes
+    started together; both must exit 0."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=target, args=(str(root), who, 10, start)) for who in ("left", "right")
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
 def _write_many(root: str, prefix: str, count: int, start) -> None:
     start.wait()
     for i in range(count):
@@ -341,17 +356,7 @@ def _write_many(root: str, prefix: str, count: int, start) -> None:
 
 
 def test_concurrent_writers(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(2)
-    procs = [
-        ctx.Process(target=_write_many, args=(str(tmp_path), prefix, 10, start))
-        for prefix in ("left", "right")
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _in_two_processes(_write_many, tmp_path)
 
     names = [f"{prefix}_{i}" for prefix in ("left", "right") for i in range(10)]
     assert list_datasets(tmp_path) == sorted(names)
@@ -370,17 +375,7 @@ def _write_versions(root: str, who: str, count: int, start) -> None:
 
 
 def test_two_processes_writing_one_dataset_land_every_version_once(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(2)
-    procs = [
-        ctx.Process(target=_write_versions, args=(str(tmp_path), who, 10, start))
-        for who in ("left", "right")
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _in_two_processes(_write_versions, tmp_path)
     versions = list_versions("shared", root=tmp_path)
     assert versions == sorted(f"v{i:03d}_{who}" for who in ("left", "right") for i in range(10))
     for version in versions:

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from flywheel.store import lake
-from flywheel.store.datasets import CatalogBusy, StoreError, data_root
+from flywheel.store.datasets import CatalogBusy, StoreError, data_root, version_table
 from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
 
 OLD_CATALOG_FILE = "flywheel.duckdb"  # the catalog before the lake: its runs are adopted
@@ -184,18 +184,10 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def version_table(name: str, version: str) -> str:
-    """The lake table that holds a dataset version."""
-    return f"{name}__{version}"
-
-
 def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
     """The view `<name>`: its latest version. Made in the transaction that adds a version,
     so the last writer always leaves the true latest."""
     (latest,) = con.execute("SELECT max(version) FROM versions WHERE name = ?", [name]).fetchone()
-    if latest is None:
-        con.execute(f"DROP VIEW IF EXISTS {_ident(name)}")
-        return
     con.execute(
         f"CREATE OR REPLACE VIEW {_ident(name)} AS "
         f"SELECT * FROM {_ident(version_table(name, latest))}"

@@ -177,6 +177,11 @@ def new_version() -> str:
     return f"v{now}_{secrets.token_hex(2)}"
 
 
+def version_table(name: str, version: str) -> str:
+    """The lake table that holds a dataset version."""
+    return f"{name}__{version}"
+
+
 class DatasetRef(BaseModel):
     """One immutable version of a dataset in the store at `root`."""
 
@@ -189,7 +194,7 @@ class DatasetRef(BaseModel):
     @property
     def table(self) -> str:
         """The lake table that holds this version (`flywheel sql`: ``<name>__<version>``)."""
-        return f"{self.name}__{self.version}"
+        return version_table(self.name, self.version)
 
     def files(self) -> list[str]:
         """Absolute paths of the version's parquet files, in row order (none when it has
@@ -251,16 +256,19 @@ def list_versions(name: str, root: Path | None = None) -> list[str]:
     return dataset_versions(data_root(root), validate_name(name)).get(name, [])
 
 
-def old_version_folders(root: Path | None = None) -> list[Path]:
+def old_version_folders(root: Path | None = None, name: str | None = None) -> list[Path]:
     """Version folders of the store's layout before the lake
-    (``<root>/<name>/<version>/_meta.json``), which `flywheel store migrate` moves in."""
+    (``<root>/<name>/<version>/_meta.json``), which `flywheel store migrate` moves in;
+    of the dataset `name` only, if given."""
     base = data_root(root)
-    return sorted(
-        version
-        for dataset in subfolders(base, lambda p: NAME_RE.fullmatch(p.name) is not None)
-        for version in (base / dataset).iterdir()
-        if VERSION_RE.fullmatch(version.name) and (version / META_FILE).is_file()
-    )
+    names = [name] if name is not None else subfolders(base, lambda p: NAME_RE.fullmatch(p.name))
+    return [
+        base / dataset / version
+        for dataset in names
+        for version in subfolders(
+            base / dataset, lambda p: VERSION_RE.fullmatch(p.name) and (p / META_FILE).is_file()
+        )
+    ]
 
 
 def read_dataset(name: str, version: str | None = None, root: Path | None = None) -> DatasetRef:
@@ -269,7 +277,7 @@ def read_dataset(name: str, version: str | None = None, root: Path | None = None
     versions = list_versions(name, root=base)
     if not versions:
         hint = ""
-        if (base / name).is_dir() and any(p.parent.name == name for p in old_version_folders(base)):
+        if old_version_folders(base, name):
             hint = (
                 f"; {base / name} holds versions in the store's layout before the lake: "
                 "run `flywheel store migrate` to move them in"

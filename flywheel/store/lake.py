@@ -9,8 +9,8 @@ the DuckDB version it was built for, so the project pins the three to one versio
 
 Writers to one SQLite catalog are serialized by it: a commit that meets another
 process's commit fails with "database is locked" and is run again (`write`), never
-half-applied. Every insert is written as parquet (no rows inlined into the catalog),
-so the files a snapshot lists hold all of its rows.
+half-applied. Every insert is written as parquet (no rows inlined into the catalog,
+unless a table's own option says so), so the files a snapshot lists hold all of its rows.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def attach_statement(
     root: Path | None = None, *, read_only: bool = False, catalog: Path | None = None
 ) -> str:
     """ATTACH the lake. Read-write: every insert a parquet file (no rows inlined into the
-    catalog), on every connection, so the files of a snapshot hold all of its rows.
+    catalog unless a table's own option says so), on every connection, so the files of a
+    snapshot hold all of its rows.
     `catalog`: another catalog file than the lake's (one being created)."""
     folder = lake_folder(root)
     data_path = f"{folder / 'files'}/"

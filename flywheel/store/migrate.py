@@ -24,7 +24,6 @@ from flywheel.store.datasets import (
     RESERVED_NAMES,
     DatasetVersionExists,
     data_root,
-    list_versions,
     old_version_folders,
 )
 
@@ -62,13 +61,14 @@ def migrate(root: Path | None = None) -> MigrationReport:
     base = data_root(root)
     report = MigrationReport(old_folders=old_version_folders(base))
     catalog.refresh_catalog(base)  # the lake (with the old runs) and the model folders
+    in_lake = catalog.dataset_versions(base)  # a version moved in meanwhile: `exists` below
     for folder in report.old_folders:
         name, version = folder.parent.name, folder.name
         label = f"{name}@{version}"
         if name in RESERVED_NAMES:
             report.refused[label] = f"{name!r} is now a name of the catalog's own; rename it"
             continue
-        if version in list_versions(name, root=base):
+        if version in in_lake.get(name, ()):
             report.already_there.append(label)
             continue
         try:

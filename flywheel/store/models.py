@@ -178,21 +178,6 @@ def publish_version(
         raise
 
 
-def register_published(
-    register: Callable[..., None], ref: ModelRef, root: Path | None, what: str
-) -> ModelRef:
-    """``register(ref, root=root)`` in the catalog; if the catalog stays busy, say that the
-    ``what`` (data, model) is safely on disk all the same."""
-    try:
-        register(ref, root=root)
-    except CatalogBusy as e:
-        raise CatalogBusy(
-            f"{e}; the {what} itself is safely written at {ref.path} and the next "
-            "refresh_catalog() registers it"
-        ) from e
-    return ref
-
-
 def save_model_version(
     name: str,
     build: Callable[[Path], dict[str, Any]],
@@ -232,4 +217,11 @@ def save_model_version(
     from flywheel.store.catalog import register_model
 
     ref = ModelRef(name=name, version=version, path=str(target))
-    return register_published(register_model, ref, root, "model")
+    try:
+        register_model(ref, root=root)
+    except CatalogBusy as e:
+        raise CatalogBusy(
+            f"{e}; the model itself is safely written at {ref.path} and the next "
+            "refresh_catalog() registers it"
+        ) from e
+    return ref
