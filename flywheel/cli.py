@@ -156,37 +156,48 @@ def shell(ctx: typer.Context) -> None:
 
     Arguments go on to duckdb, e.g. flywheel shell -c "select count(*) from runs".
     """
+    import os
     import signal
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
     import duckdb
 
     from flywheel.store import StoreError, lake, refresh_catalog
-    from flywheel.store.catalog import catalog_path
 
     cli = Path(sys.executable).parent / "duckdb"
     if not cli.exists():
         _fail(f"no DuckDB CLI at {cli}: install the duckdb-cli package into this environment")
     try:
-        if not catalog_path().exists():
+        if not lake.exists():
             refresh_catalog()
-        setup = ";\n".join(lake.shell_statements()) + ";"
+        # what the setup statements return (CREATE SECRET's "Success") goes nowhere:
+        # the shell's output is the user's queries' only
+        statements = ";\n".join(lake.shell_statements())
+        setup = f".output {os.devnull}\n{statements};\n.output\n"
+        shown = lake.location().shown()
     except (duckdb.Error, StoreError, OSError) as e:
         _fail(e)
     typer.echo(
-        f"flywheel shell: the lake at {lake.lake_folder()}, read-only; each query sees the "
-        "versions written up to its start (`USE memory` for scratch tables)",
+        f"flywheel shell: the lake {shown}, read-only; each query sees the versions "
+        "written up to its start (`USE memory` for scratch tables)",
         err=True,
     )
-    # Ctrl-C belongs to the shell (it stops a query there): this process and the venv's
-    # duckdb wrapper ignore it, and the DuckDB CLI sets its own handler.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        code = subprocess.call([str(cli), "-cmd", setup, *ctx.args])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # The setup goes in a file only this user reads, not on the command line, which
+    # other users see: with data in S3 it holds the credentials.
+    with tempfile.TemporaryDirectory(prefix="flywheel-shell-") as folder:
+        init = Path(folder) / "init.sql"
+        init.touch(mode=0o600)
+        init.write_text(setup)
+        # Ctrl-C belongs to the shell (it stops a query there): this process and the
+        # venv's duckdb wrapper ignore it, and the DuckDB CLI sets its own handler.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = subprocess.call([str(cli), "-init", str(init), *ctx.args])
+        finally:
+            signal.signal(signal.SIGINT, previous)
     raise typer.Exit(code)
 
 
@@ -327,9 +338,9 @@ def status() -> None:
     healthy = services.server_healthy()
     typer.echo(services.status("server") + (", healthy" if healthy else ""))
     typer.echo(services.status("serve"))
-    from flywheel.store.catalog import catalog_path
+    from flywheel.store import lake
 
-    if not catalog_path().exists():
+    if not lake.exists():
         return
     from flywheel.flows.reconcile import reconcile_runs
 

@@ -20,6 +20,10 @@ _prefect_dir = Path(tempfile.mkdtemp(prefix="flywheel-test-prefect-"))
 os.environ["PREFECT_HOME"] = str(_prefect_dir)
 os.environ["PREFECT_PROFILES_PATH"] = str(_prefect_dir / "profiles.toml")
 atexit.register(shutil.rmtree, _prefect_dir, ignore_errors=True)
+# A shared lake the developer's shell points at is not the tests' (test_lake_servers
+# sets these for its own servers).
+for _variable in ("FLYWHEEL_LAKE_CATALOG", "FLYWHEEL_LAKE_DATA_PATH"):
+    os.environ.pop(_variable, None)
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from flywheel.store import (
     validate_name,
     write_dataset,
 )
+from tests.helpers import two_writers
 
 ROWS = [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 3, "text": None}]
 
@@ -332,60 +333,14 @@ def test_busy_catalog_waits_then_raises(tmp_path, monkeypatch):
         proc.join(60)
 
 
-def _in_two_processes(target, root: Path) -> None:
-    """`target(root, who, 10, start)` for who in left and right, in two spawned processes
-    started together; both must exit 0."""
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(2)
-    procs = [
-        ctx.Process(target=target, args=(str(root), who, 10, start)) for who in ("left", "right")
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-
-
-def _write_many(root: str, prefix: str, count: int, start) -> None:
-    start.wait()
-    for i in range(count):
-        write_dataset(
-            f"{prefix}_{i}", [{"i": i, "who": prefix}], produced_by=prefix, root=Path(root)
-        )
-
-
 def test_concurrent_writers(tmp_path):
-    _in_two_processes(_write_many, tmp_path)
-
-    names = [f"{prefix}_{i}" for prefix in ("left", "right") for i in range(10)]
-    assert list_datasets(tmp_path) == sorted(names)
-    assert set(names) <= views(tmp_path)
-    lineage = sql("SELECT dataset, produced_by FROM lineage", root=tmp_path)
-    assert sorted(lineage.dataset) == sorted(names)
-    for name in names:
-        assert sql(f"SELECT who FROM {name}", root=tmp_path).who.tolist() == [name.split("_")[0]]
-
-
-def _write_versions(root: str, who: str, count: int, start) -> None:
-    start.wait()
-    for i in range(count):
-        rows = [{"who": who, "i": i, "row": r} for r in range(50)]
-        write_dataset("shared", rows, version=f"v{i:03d}_{who}", produced_by=who, root=Path(root))
+    two_writers.in_two_processes(two_writers.write_many, tmp_path)
+    two_writers.check_many(tmp_path)
 
 
 def test_two_processes_writing_one_dataset_land_every_version_once(tmp_path):
-    _in_two_processes(_write_versions, tmp_path)
-    versions = list_versions("shared", root=tmp_path)
-    assert versions == sorted(f"v{i:03d}_{who}" for who in ("left", "right") for i in range(10))
-    for version in versions:
-        rows = read_dataset("shared", version, root=tmp_path).to_arrow().to_pylist()
-        who, i = version.split("_")[1], int(version[1:4])
-        assert rows == [{"who": who, "i": i, "row": r} for r in range(50)]
-    latest = sql("SELECT DISTINCT who, i FROM shared", root=tmp_path)
-    assert latest.values.tolist() == [["right", 9]]  # the view is the greatest version
-    counts = sql("SELECT count(*) AS n FROM lineage WHERE dataset = 'shared'", root=tmp_path)
-    assert counts.n[0] == 20
+    two_writers.in_two_processes(two_writers.write_versions, tmp_path)
+    two_writers.check_versions(tmp_path)
 
 
 # --- names and versions: full matches only, and no two catalog views alike ---

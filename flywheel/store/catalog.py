@@ -98,7 +98,7 @@ def _connect(
         if "database is locked" not in str(err):
             raise
         raise CatalogBusy(
-            f"the catalog {catalog_path(root)} stayed locked by other writers for "
+            f"the catalog {lake.location(root).shown_catalog()} stayed locked by other writers for "
             f"{lake.LOCKED_WAIT_S:.0f} s: {err}"
         ) from err
 
@@ -268,7 +268,7 @@ def publish_dataset(
 
 def dataset_versions(root: Path | None = None, name: str | None = None) -> dict[str, list[str]]:
     """{dataset: its versions, sorted} from the `versions` table (of one dataset if `name`)."""
-    if not catalog_path(root).exists():
+    if not lake.exists(root):
         return {}
     with _connect(root, read_only=True) as con:
         if not _has_table(con, "versions"):
@@ -291,7 +291,7 @@ def version_meta(name: str, version: str, root: Path | None = None) -> dict[str,
             "SELECT meta FROM versions WHERE name = ? AND version = ?", [name, version]
         ).fetchone()
     if found is None:
-        raise StoreError(f"no version {version!r} of {name!r} in {catalog_path(root)}")
+        raise StoreError(f"no version {version!r} of {name!r} in {lake.location(root).shown()}")
     return json.loads(found[0])
 
 
@@ -401,7 +401,7 @@ def record_run(
 def runs_to_check(ended_since: datetime | None = None, root: Path | None = None) -> list[dict]:
     """Runs whose status may be out of date: every `running` one, plus (with
     ``ended_since``) the completed and failed ones that ended since then."""
-    if not catalog_path(root).exists():
+    if not lake.exists(root):
         return []
     with _connect(root, read_only=True) as con:
         if not _has_table(con, "runs"):
@@ -518,7 +518,7 @@ def sql(query: str, root: Path | None = None) -> pd.DataFrame:
     The connection is read-only and every statement is checked first: one that could
     write (COPY, ATTACH, SET, PRAGMA, INSERT, ...) raises ReadOnlyQuery and nothing runs.
     """
-    if not catalog_path(root).exists():
+    if not lake.exists(root):
         refresh_catalog(root)
     with _connect(root, read_only=True) as con:
         made = _has_table(con, "runs")

@@ -214,12 +214,21 @@ class DatasetRef(BaseModel):
         return self.to_arrow().to_pandas()
 
     def to_hf(self, **kwargs: Any) -> Any:
-        """A Hugging Face ``datasets.Dataset``; kwargs go to ``load_dataset``."""
+        """A Hugging Face ``datasets.Dataset``; kwargs go to ``load_dataset``. From its
+        local parquet files; from memory when the lake's files are in S3 (loading those
+        needs ``s3fs`` and its ``storage_options``) or the version has no rows."""
         import datasets
 
-        if files := self.files():
+        files = self.files()
+        if files and not files[0].startswith("s3://"):
             return datasets.load_dataset("parquet", data_files=files, split="train", **kwargs)
-        return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))  # no rows
+        if kwargs:
+            raise ValueError(
+                f"{self.name}@{self.version}: load_dataset arguments {sorted(kwargs)} apply to "
+                "local parquet files only; this version is read into memory (no files, or "
+                "files in S3): call to_hf() without them"
+            )
+        return datasets.Dataset(datasets.table.InMemoryTable(self.to_arrow()))
 
     @property
     def meta(self) -> dict[str, Any]:
