@@ -218,6 +218,19 @@ def test_two_processes_write_one_dataset_at_once(shared_lake, tmp_path):
     two_writers.check_versions(tmp_path / "machine-a")
 
 
+def test_two_machines_writing_one_version_at_once_land_it_once(shared_lake, tmp_path):
+    for race in ("v1", "v2", "v3"):
+        codes = two_writers.one_version_exit_codes(tmp_path / "machine-a", race)
+        assert codes == [0, 3]  # one wins, the other is told the version exists
+        versions = sql(f"SELECT produced_by FROM versions WHERE version = '{race}'")
+        (winner,) = versions.produced_by
+        rows = read_dataset("clash", race).to_arrow().to_pylist()
+        assert rows == [{"who": winner, "row": r} for r in range(two_writers.COUNT)]
+        lineage = sql(f"SELECT count(*) AS n FROM lineage WHERE version = '{race}'")
+        assert lineage.n[0] == 1
+    assert list_versions("clash") == ["v1", "v2", "v3"]
+
+
 def _flywheel(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "flywheel"), *args], capture_output=True, text=True, timeout=120

@@ -343,6 +343,13 @@ def test_two_processes_writing_one_dataset_land_every_version_once(tmp_path):
     two_writers.check_versions(tmp_path)
 
 
+def test_two_processes_writing_one_version_at_once_land_it_once(tmp_path):
+    assert two_writers.one_version_exit_codes(tmp_path, "v1") == [0, 3]
+    (winner,) = sql("SELECT produced_by FROM versions", root=tmp_path).produced_by
+    rows = read_dataset("clash", "v1", root=tmp_path).to_arrow().to_pylist()
+    assert rows == [{"who": winner, "row": r} for r in range(two_writers.COUNT)]
+
+
 # --- names and versions: full matches only, and no two catalog views alike ---
 
 

@@ -66,3 +66,30 @@ def check_versions(root: Path) -> None:
     assert latest.values.tolist() == [["right", COUNT - 1]]  # the view: the greatest version
     counts = sql("SELECT count(*) AS n FROM lineage WHERE dataset = 'shared'", root=root)
     assert counts.n[0] == len(WHO) * COUNT
+
+
+def write_one_version(root: str, who: str, version: str, start) -> None:
+    """Both writers publish `clash@<version>` at the same moment, COUNT rows each; the one
+    that finds it there already exits 3 (DatasetVersionExists), any other failure fails."""
+    from flywheel.store import DatasetVersionExists
+
+    rows = [{"who": who, "row": r} for r in range(COUNT)]
+    start.wait()
+    try:
+        write_dataset("clash", rows, version=version, produced_by=who, root=Path(root))
+    except DatasetVersionExists:
+        raise SystemExit(3) from None
+
+
+def one_version_exit_codes(root: Path, version: str) -> list[int]:
+    """The exit codes of two `write_one_version` processes, sorted."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(len(WHO))
+    procs = [
+        ctx.Process(target=write_one_version, args=(str(root), who, version, start)) for who in WHO
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    return sorted(p.exitcode for p in procs)
