@@ -52,3 +52,46 @@ def test_importing_every_method_loads_no_world_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# The store's modules in the order they build on each other: each imports only those
+# before it (anywhere in the file), so there is no import circle and none is hidden in
+# a function; `publish` is the one module that writes.
+STORE_LAYERS = (
+    "locks",
+    "naming",
+    "lake",
+    "catalog",
+    "datasets",
+    "models",
+    "publish",
+    "importing",
+    "migrate",
+    "checkpoint",
+)
+
+
+def _store_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "flywheel.store":
+            found |= {alias.name for alias in node.names}  # `from flywheel.store import lake`
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flywheel.store."):
+            found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found |= {
+                a.name.split(".")[2] for a in node.names if a.name.startswith("flywheel.store.")
+            }
+    return found
+
+
+def test_store_modules_import_only_the_layers_below_them():
+    modules = {p.stem for p in (ROOT / "store").glob("*.py")} - {"__init__"}
+    assert modules == set(STORE_LAYERS), "add the new store module to STORE_LAYERS"
+    offending = [
+        f"store/{module}.py imports {imported}"
+        for rank, module in enumerate(STORE_LAYERS)
+        for imported in _store_imports(ROOT / "store" / f"{module}.py")
+        if imported not in STORE_LAYERS[:rank]
+    ]
+    assert not offending, "\n".join(offending)

@@ -14,8 +14,7 @@ import datasets
 import duckdb
 import pytest
 
-from flywheel.store import lake
-from flywheel.store.datasets import StoreError
+from flywheel.store import StoreError, lake
 
 CLI = Path(sys.executable).with_name("duckdb")
 

@@ -23,8 +23,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel.store import lake, list_versions, read_dataset, record_run, sql, write_dataset
-from flywheel.store.datasets import StoreError
+from flywheel.store import (
+    StoreError,
+    lake,
+    list_versions,
+    read_dataset,
+    record_run,
+    sql,
+    write_dataset,
+)
 from tests.conftest import free_port
 from tests.helpers import two_writers
 

@@ -13,6 +13,8 @@ import pytest
 
 import flywheel.store.catalog as catalog
 import flywheel.store.datasets as datasets
+import flywheel.store.naming as naming
+import flywheel.store.publish as publish
 from flywheel.store import (
     CatalogBusy,
     DatasetNotFound,
@@ -91,12 +93,12 @@ def test_many_rows_keep_their_order_in_every_reader(tmp_path):
 _DIE_MID_WRITE = """
 import os, sys
 from pathlib import Path
-from flywheel.store import catalog, write_dataset
+from flywheel.store import publish, write_dataset
 
 def die(con, name):  # after the version's table and rows are written, before the commit
     os._exit(9)
 
-catalog._create_latest_view = die
+publish._create_latest_view = die
 write_dataset("crashed", [{"id": i} for i in range(1000)], version="v1", root=Path(sys.argv[1]))
 """
 
@@ -122,7 +124,7 @@ def test_a_failed_write_leaves_no_version(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(catalog, "_add_lineage", fail)
+    monkeypatch.setattr(publish, "_add_lineage", fail)
     with pytest.raises(OSError, match="disk full"):
         write_dataset("failing", ROWS, version="v1", root=tmp_path)
     monkeypatch.undo()
@@ -144,7 +146,7 @@ def test_default_versions_sort_by_time(tmp_path):
     first = write_dataset("items", ROWS, root=tmp_path)
     second = write_dataset("items", ROWS, root=tmp_path)
     assert first.version < second.version
-    assert datasets.VERSION_RE.match(first.version)
+    assert naming.VERSION_RE.match(first.version)
     assert list_versions("items", root=tmp_path) == [first.version, second.version]
 
 
@@ -366,7 +368,7 @@ def test_invalid_versions_write_nothing(tmp_path, bad):
 def test_old_layout_listing_skips_folders_whose_names_end_in_a_newline(tmp_path):
     for folder in ("items/v1", "items/v2\n", "items\n/v1", "items/.tmp-x"):
         (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / datasets.META_FILE).write_text("{}")
+        (tmp_path / folder / naming.META_FILE).write_text("{}")
     assert datasets.old_version_folders(tmp_path) == [tmp_path / "items" / "v1"]
     with pytest.raises(DatasetNotFound, match="flywheel store migrate"):
         read_dataset("items", root=tmp_path)
@@ -382,7 +384,7 @@ def _valid(check, text: str) -> bool:
 
 def _first_collision(names: list[str], versions: list[str]) -> tuple | None:
     """Two different things the catalog would give the same name, or None."""
-    owner: dict[str, tuple] = {table: ("table", table) for table in datasets.RESERVED_NAMES}
+    owner: dict[str, tuple] = {table: ("table", table) for table in naming.RESERVED_NAMES}
     for name in names:
         views = [(name, (name, None))] + [(f"{name}__{v}", (name, v)) for v in versions]
         for view, origin in views:
@@ -401,8 +403,8 @@ def _strings(fragments: list[str], parts: int) -> list[str]:
 def test_dataset_views_never_collide_with_version_views():
     fragments = ["a", "b1", "_", "__", "f", "failed", "__failed", "v1"]
     names = [n for n in _strings(fragments, 4) if _valid(validate_name, n)]
-    versions = [v for v in _strings(fragments, 3) if _valid(datasets.validate_version, v)]
-    versions.append(datasets.new_version())
+    versions = [v for v in _strings(fragments, 3) if _valid(naming.validate_version, v)]
+    versions.append(naming.new_version())
     assert {"a", "a_b1", "a__failed", "a_failed", "af"} <= set(names)
     assert {"v1", "_", "a__b1", "failed_v1", "failedv1", "__failed"} <= set(versions)
     assert _first_collision(names, versions) is None
@@ -432,7 +434,7 @@ def test_versions_that_read_like_a_failed_suffix_elsewhere_are_fine(tmp_path):
 
 
 def test_output_names_check_the_names_derived_from_them():
-    check = datasets.validate_output_name
+    check = naming.validate_output_name
     assert check("a" * 54, field="output", suffixes=("_feedback",), failed=True) == "a" * 54
     with pytest.raises(InvalidDatasetName, match="output may have at most 54 characters") as info:
         check("a" * 55, field="output", suffixes=("_feedback",), failed=True)
@@ -451,7 +453,7 @@ def test_output_names_check_the_names_derived_from_them():
 
 
 def test_derived_versions_name_the_field_and_its_limit():
-    check = datasets.validate_derived_version
+    check = naming.validate_derived_version
     assert check("m_v1", field="model_name", value="m") == "m_v1"
     with pytest.raises(ValueError, match="model_name may have at most 78 characters"):
         check("m" * 79 + "_v", field="model_name", value="m" * 79)

@@ -31,8 +31,8 @@ from flywheel.flows.outputs import write_once
 from flywheel.flows.pair_training import CheckedPairs
 from flywheel.flows.tracking import Deployment, FlowRun, length_figures
 from flywheel.store import ModelRef
-from flywheel.store.datasets import new_version, validate_derived_version, validate_output_name
 from flywheel.store.models import model_name_for, validate_model_name
+from flywheel.store.naming import new_version, validate_derived_version, validate_output_name
 from flywheel.world.tasks import group_preference_pairs
 
 WORLD_GROUP_PAIRS = "world_group_pairs"

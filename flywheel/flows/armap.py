@@ -24,8 +24,8 @@ from flywheel.flows.reward import RewardTrainParams, train_flow
 from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, model_inputs
 from flywheel.llm import BackendSpec, make_backend, model_fingerprint
 from flywheel.store import Checkpoint, DatasetRef, data_root, failed_name
-from flywheel.store.datasets import validate_output_name
 from flywheel.store.models import model_name_for
+from flywheel.store.naming import validate_output_name
 from flywheel.synthesis import armap
 from flywheel.synthesis.armap import ArmapConfig, LLMIntentProposer
 from flywheel.synthesis.environment import Agent

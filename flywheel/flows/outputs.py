@@ -20,8 +20,8 @@ from flywheel.store import (
     read_dataset,
     write_dataset,
 )
-from flywheel.store.datasets import new_version
 from flywheel.store.locks import file_lock
+from flywheel.store.naming import new_version
 
 
 def reuse_or_write(name: str, producer: str, make_rows: Callable[[], list[dict]]) -> DatasetRef:

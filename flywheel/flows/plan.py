@@ -17,7 +17,7 @@ from flywheel.flows.tracking import MODEL_CALLS, Deployment, FlowRun, model_inpu
 from flywheel.llm import make_backend
 from flywheel.reward_models.bradley_terry import RewardModel
 from flywheel.store import ModelRef, read_model
-from flywheel.store.datasets import new_version, validate_output_name
+from flywheel.store.naming import new_version, validate_output_name
 from flywheel.synthesis import planners
 from flywheel.synthesis.environment import Agent
 

@@ -17,7 +17,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
-from flywheel.store.catalog import runs_to_check, set_run_status
+from flywheel.store.catalog import runs_to_check
+from flywheel.store.publish import set_run_status
 
 # Prefect state types a run ends in; the catalog's status is the type in lower case.
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}

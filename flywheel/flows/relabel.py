@@ -30,7 +30,7 @@ from flywheel.store import (
     read_dataset,
     read_model,
 )
-from flywheel.store.datasets import new_version
+from flywheel.store.naming import new_version
 from flywheel.world.labelers import WorldOracleLabeler
 from flywheel.world.tasks import sample_tasks
 

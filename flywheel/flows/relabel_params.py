@@ -12,8 +12,8 @@ from flywheel.flows.pair_training import config_from, default_backbone
 from flywheel.llm import BackendSpec
 from flywheel.reward_models.ugda import UgdaConfig
 from flywheel.store import data_root, validate_name
-from flywheel.store.datasets import validate_output_name
 from flywheel.store.models import validate_model_name
+from flywheel.store.naming import validate_output_name
 from flywheel.world.tasks import MAX_LEN
 
 DEFAULT_ENSEMBLE = "world-preference-pairs-ensemble3"

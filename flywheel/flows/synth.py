@@ -26,7 +26,7 @@ from flywheel.store import (
     read_dataset,
     validate_name,
 )
-from flywheel.store.datasets import validate_output_name
+from flywheel.store.naming import validate_output_name
 from flywheel.synthesis import refed as refed_module
 from flywheel.synthesis import refed_outputs
 from flywheel.synthesis import rouge as rouge_module

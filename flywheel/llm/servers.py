@@ -49,7 +49,7 @@ def servers_file() -> Path:
     """`$FLYWHEEL_SERVERS_FILE`, else `servers.toml` in the data folder."""
     if env := os.environ.get("FLYWHEEL_SERVERS_FILE"):
         return Path(env).expanduser().absolute()
-    from flywheel.store.datasets import data_root
+    from flywheel.store.naming import data_root
 
     return data_root() / "servers.toml"
 

@@ -199,7 +199,7 @@ def write_queue(
     """Write pairs for people to label: id, prompt, response_a, response_b, an empty
     `label` column and `queue_version`. The labeling instructions ride in the parquet
     schema (metadata `labeling` and the `label` column's `description`)."""
-    from flywheel.store.datasets import new_version
+    from flywheel.store.naming import new_version
 
     check_pairs(pairs, f"queue {name}")
     version = new_version()

@@ -9,13 +9,15 @@ several processes take turns on the SQLite catalog database, so a DuckDB shell l
 on the lake (`flywheel shell`) holds up no flow. A store whose catalog was the older
 ``flywheel.duckdb`` file has its ``runs`` copied into the lake once; its version folders
 move in with `flywheel store migrate`.
+
+This module holds the catalog's tables, its connections and its reads (`sql` among
+them); what adds to it is in `flywheel.store.publish`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,11 +29,9 @@ import pandas as pd
 import pyarrow as pa
 
 from flywheel.store import lake
-from flywheel.store.datasets import CatalogBusy, StoreError, data_root, version_table
-from flywheel.store.models import ModelRef, list_model_versions, list_models, read_model
+from flywheel.store.naming import CatalogBusy, StoreError, data_root, version_table
 
 OLD_CATALOG_FILE = "flywheel.duckdb"  # the catalog before the lake: its runs are adopted
-VIEW_COMMENT = "flywheel dataset"
 INLINED_ROWS = 1000  # inserts of up to this many rows into the bookkeeping tables
 BOOKKEEPING = ("runs", "lineage", "models", "versions")
 
@@ -103,7 +103,7 @@ def _connect(
         ) from err
 
 
-def _write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+def write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
     """`work` in one lake transaction, run again while another writer commits. A new
     lake gets its tables first, in transactions of their own."""
     base = data_root(root)
@@ -166,104 +166,22 @@ def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
 _RUN_COLUMNS = ("run_id", "flow", "parameters", "started", "ended", "status", "pid", "host")
 
 
-def _utcnow() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _naive_utc(dt: datetime | None) -> datetime | None:
+def naive_utc(dt: datetime | None) -> datetime | None:
     if dt is None or dt.tzinfo is None:
         return dt
     return dt.astimezone(UTC).replace(tzinfo=None)
 
 
-def _ident(name: str) -> str:
+def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _create_latest_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
-    """The view `<name>`: its latest version. Made in the transaction that adds a version,
-    so the last writer always leaves the true latest."""
-    (latest,) = con.execute("SELECT max(version) FROM versions WHERE name = ?", [name]).fetchone()
-    con.execute(
-        f"CREATE OR REPLACE VIEW {_ident(name)} AS "
-        f"SELECT * FROM {_ident(version_table(name, latest))}"
-    )
-    # The comment marks views that the store owns.
-    con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(VIEW_COMMENT)}")
-
-
-def _add_lineage(
-    con: duckdb.DuckDBPyConnection, name: str, version: str, meta: dict[str, Any], kind: str
-) -> None:
-    """Lineage rows of one version from its meta, unless it already has some."""
-    known = con.execute(
-        "SELECT count(*) FROM lineage WHERE dataset = ? AND version = ? AND kind = ?",
-        [name, version, kind],
-    ).fetchone()
-    if known and known[0]:
-        return
-    inputs = meta.get("inputs") or [{"name": None, "version": None, "kind": None}]
-    now = _utcnow()
-    con.executemany(
-        "INSERT INTO lineage (dataset, version, produced_by, input_dataset, input_version, "
-        "recorded, kind, input_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            [
-                name,
-                version,
-                meta.get("produced_by"),
-                i["name"],
-                i["version"],
-                now,
-                kind,
-                i.get("kind", "dataset") if i["name"] else None,
-            ]
-            for i in inputs
-        ],
-    )
-
-
-def publish_dataset(
-    table: pa.Table, meta: dict[str, Any], exists: StoreError, root: Path | None = None
-) -> None:
-    """Add the version `meta["name"]`@`meta["version"]` with the rows `table`: its lake
-    table, `versions` row, lineage rows and latest view, in one transaction (all or
-    none). Raises `exists` when the version is there already."""
-    name, version = meta["name"], meta["version"]
-    rows = f"flywheel_rows_{uuid.uuid4().hex}"
-
-    def publish(con: duckdb.DuckDBPyConnection) -> None:
-        if con.execute(
-            "SELECT 1 FROM versions WHERE name = ? AND version = ?", [name, version]
-        ).fetchone():
-            raise exists
-        con.register(rows, table)
-        try:
-            con.execute(
-                f"CREATE TABLE {_ident(version_table(name, version))} AS SELECT * FROM {rows}"
-            )
-        finally:
-            con.unregister(rows)
-        con.execute(
-            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                name,
-                version,
-                _naive_utc(datetime.fromisoformat(meta["created"])),
-                meta.get("produced_by"),
-                table.num_rows,
-                json.dumps(meta, default=str),
-                table.schema.serialize().to_pybytes(),
-            ],
-        )
-        _add_lineage(con, name, version, meta, "dataset")
-        _create_latest_view(con, name)
-
-    _write(root, publish)
 
 
 def dataset_versions(root: Path | None = None, name: str | None = None) -> dict[str, list[str]]:
@@ -315,87 +233,13 @@ def version_rows(name: str, version: str, root: Path | None = None) -> pa.Table:
         (written,) = con.execute(
             "SELECT arrow_schema FROM versions WHERE name = ? AND version = ?", [name, version]
         ).fetchone()
-        rows = con.execute(f"SELECT * FROM {_ident(version_table(name, version))}")
+        rows = con.execute(f"SELECT * FROM {ident(version_table(name, version))}")
         table = rows.to_arrow_table()
     schema = pa.ipc.read_schema(pa.py_buffer(written))
     try:
         return table.cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         return table.replace_schema_metadata(schema.metadata)  # types as DuckDB read them
-
-
-def _add_model(con: duckdb.DuckDBPyConnection, ref: ModelRef) -> None:
-    meta = ref.meta
-    # DuckLake has no keys: a version already in `models` is left as it is
-    con.execute(
-        "INSERT INTO models SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
-        "(SELECT 1 FROM models WHERE name = ? AND version = ?)",
-        [
-            ref.name,
-            ref.version,
-            meta.get("kind"),
-            ref.path,
-            meta.get("produced_by"),
-            json.dumps(meta.get("metrics"), default=str),
-            _naive_utc(datetime.fromisoformat(meta["created"])),
-            ref.name,
-            ref.version,
-        ],
-    )
-    _add_lineage(con, ref.name, ref.version, meta, "model")
-
-
-def register_model(ref: ModelRef, root: Path | None = None) -> None:
-    """Add one new model version to the catalog (its `models` row and lineage rows)."""
-    _write(root, lambda con: _add_model(con, ref))
-
-
-def refresh_catalog(root: Path | None = None) -> None:
-    """Make the catalog if there is none, add the models and lineage rows of model
-    folders not yet in it, and remake every dataset's latest view; safe to run any time."""
-    base = data_root(root)
-
-    def refresh(con: duckdb.DuckDBPyConnection) -> None:
-        for name in list_models(base):
-            for version in list_model_versions(name, base):
-                _add_model(con, read_model(name, version, base))
-        for (name,) in con.execute("SELECT DISTINCT name FROM versions").fetchall():
-            _create_latest_view(con, name)
-
-    _write(base, refresh)
-
-
-def record_run(
-    run_id: str,
-    flow: str,
-    parameters: dict[str, Any],
-    status: str,
-    started: datetime | None = None,
-    ended: datetime | None = None,
-    root: Path | None = None,
-    pid: int | None = None,
-    host: str | None = None,
-) -> None:
-    """Insert or update a flow run; times are stored as UTC, ``started`` defaults to now.
-    ``pid`` and ``host`` name the process running it (kept when not given)."""
-    params = json.dumps(parameters, default=str, sort_keys=True)
-    started, ended = _naive_utc(started), _naive_utc(ended)
-
-    def record(con: duckdb.DuckDBPyConnection) -> None:
-        (updated,) = con.execute(
-            "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
-            "started = coalesce(?, started), ended = coalesce(?, ended), "
-            "pid = coalesce(?, pid), host = coalesce(?, host) WHERE run_id = ?",
-            [flow, params, status, started, ended, pid, host, run_id],
-        ).fetchone()
-        if not updated:
-            con.execute(
-                "INSERT INTO runs (run_id, flow, parameters, started, ended, status, pid, host) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [run_id, flow, params, started or _utcnow(), ended, status, pid, host],
-            )
-
-    _write(root, record)
 
 
 def runs_to_check(ended_since: datetime | None = None, root: Path | None = None) -> list[dict]:
@@ -409,27 +253,10 @@ def runs_to_check(ended_since: datetime | None = None, root: Path | None = None)
         result = con.execute(
             "SELECT run_id, flow, status, started, ended, pid, host FROM runs "
             "WHERE status = 'running' OR (status IN ('completed', 'failed') AND ended >= ?)",
-            [_naive_utc(ended_since)],
+            [naive_utc(ended_since)],
         )
         names = [d[0] for d in result.description]
         return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
-
-
-def set_run_status(
-    run_id: str, status: str, ended: datetime | None, was: str, root: Path | None = None
-) -> bool:
-    """Set a run's status and end time, only if its status is still ``was`` (a run
-    that recorded its own end meanwhile keeps it). Returns whether the row changed."""
-
-    def update(con: duckdb.DuckDBPyConnection) -> bool:
-        (changed,) = con.execute(
-            "UPDATE runs SET status = ?, ended = coalesce(?, ended) "
-            "WHERE run_id = ? AND status = ?",
-            [status, _naive_utc(ended), run_id, was],
-        ).fetchone()
-        return bool(changed)
-
-    return _write(root, update)
 
 
 class ReadOnlyQuery(ValueError):
@@ -519,11 +346,11 @@ def sql(query: str, root: Path | None = None) -> pd.DataFrame:
     write (COPY, ATTACH, SET, PRAGMA, INSERT, ...) raises ReadOnlyQuery and nothing runs.
     """
     if not lake.exists(root):
-        refresh_catalog(root)
+        write(root, lambda con: None)  # the lake and its tables, for a first query
     with _connect(root, read_only=True) as con:
         made = _has_table(con, "runs")
     if not made:  # a lake another process has just created, its tables still in the making
-        _write(root, lambda con: None)
+        write(root, lambda con: None)
     with _connect(root, read_only=True) as con:
         for statement in _check_reads_only(con, query):
             result = con.execute(statement)

@@ -23,14 +23,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel.store.datasets import (
-    DatasetRef,
-    StoreError,
-    invalid_text,
-    validate_name,
-    write_dataset,
-)
+from flywheel.store.datasets import DatasetRef, invalid_text
 from flywheel.store.models import FileRef
+from flywheel.store.naming import StoreError, validate_name
+from flywheel.store.publish import write_dataset
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
 SUFFIX_FORMATS = {

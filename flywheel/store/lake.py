@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 
 import duckdb
 
-from flywheel.store.datasets import StoreError, data_root
 from flywheel.store.locks import file_lock
+from flywheel.store.naming import StoreError, data_root
 
 LAKE = "lake"  # the name the lake is attached under
 EXTENSIONS = {  # extension name -> the wheel's package that ships its binary

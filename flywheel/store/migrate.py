@@ -18,14 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel.store import catalog
-from flywheel.store.datasets import (
-    META_FILE,
-    RESERVED_NAMES,
-    DatasetVersionExists,
-    data_root,
-    old_version_folders,
-)
+from flywheel.store import catalog, publish
+from flywheel.store.datasets import old_version_folders
+from flywheel.store.naming import META_FILE, RESERVED_NAMES, DatasetVersionExists, data_root
 
 
 @dataclass
@@ -60,7 +55,7 @@ def migrate(root: Path | None = None) -> MigrationReport:
     """Move every version folder of the old layout under `root` into the lake."""
     base = data_root(root)
     report = MigrationReport(old_folders=old_version_folders(base))
-    catalog.refresh_catalog(base)  # the lake (with the old runs) and the model folders
+    publish.refresh_catalog(base)  # the lake (with the old runs) and the model folders
     in_lake = catalog.dataset_versions(base)  # a version moved in meanwhile: `exists` below
     for folder in report.old_folders:
         name, version = folder.parent.name, folder.name
@@ -82,7 +77,7 @@ def migrate(root: Path | None = None) -> MigrationReport:
         meta.setdefault("inputs", [])
         meta.setdefault("created", datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat())
         try:
-            catalog.publish_dataset(rows, meta, DatasetVersionExists(label), base)
+            publish.publish_dataset(rows, meta, DatasetVersionExists(label), base)
         except DatasetVersionExists:  # another migration moved it in meanwhile
             report.already_there.append(label)
             continue

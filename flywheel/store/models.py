@@ -9,27 +9,19 @@ once it exists. The catalog's ``models`` table and
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.names import SHORT_NAME_MAX_LENGTH, SHORT_NAME_RULE, is_short_name
-from flywheel.store.datasets import (
+from flywheel.store.datasets import DatasetRef
+from flywheel.store.naming import (
     VERSION_RE,
-    CatalogBusy,
-    DatasetRef,
     StoreError,
     data_root,
     derived_error,
-    new_version,
     subfolders,
-    validate_version,
 )
 
 MODELS_DIR = "_models"
@@ -135,93 +127,3 @@ def input_record(ref: DatasetRef | ModelRef | FileRef) -> dict[str, str]:
         return {"kind": "file", "name": ref.path, "version": f"sha256:{ref.sha256}"}
     kind = "model" if isinstance(ref, ModelRef) else "dataset"
     return {"kind": kind, "name": ref.name, "version": ref.version}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_version(
-    target: Path, build: Callable[[Path], dict[str, Any]], *, meta_file: str, exists: StoreError
-) -> None:
-    """Publish the version folder ``target`` whole or not at all.
-
-    ``build(tmp)`` fills a fresh temporary folder beside ``target`` and returns the meta
-    written as ``meta_file``; the folder is then synced and renamed into place. On any
-    failure the temporary folder is removed. ``exists`` is raised when another writer
-    published ``target`` first.
-    """
-    folder = target.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        meta = build(tmp)
-        with open(tmp / meta_file, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError as e:
-            if target.exists():
-                raise exists from e
-            raise
-        _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_model_version(
-    name: str,
-    build: Callable[[Path], dict[str, Any]],
-    *,
-    kind: str,
-    produced_by: str | None = None,
-    inputs: Sequence[DatasetRef | ModelRef] = (),
-    version: str | None = None,
-    root: Path | None = None,
-) -> ModelRef:
-    """Build a model into a fresh folder, then publish it as a new version.
-
-    ``build(folder)`` writes the model files and returns its metrics (JSON-able);
-    if it raises, nothing is published.
-    """
-    validate_model_name(name)
-    # validated like a dataset version: it names a folder under the model's folder
-    version = new_version() if version is None else validate_version(version, "model")
-    target = models_dir(root) / name / version
-    exists = StoreError(f"model {name} version {version} already exists at {target}")
-    if target.exists():
-        raise exists
-
-    def build_with_meta(tmp: Path) -> dict[str, Any]:
-        metrics = build(tmp)
-        return {
-            "name": name,
-            "version": version,
-            "kind": kind,
-            "created": datetime.now(UTC).isoformat(),
-            "produced_by": produced_by,
-            "inputs": [input_record(r) for r in inputs],
-            "metrics": metrics,
-        }
-
-    publish_version(target, build_with_meta, meta_file=MODEL_META, exists=exists)
-    from flywheel.store.catalog import register_model
-
-    ref = ModelRef(name=name, version=version, path=str(target))
-    try:
-        register_model(ref, root=root)
-    except CatalogBusy as e:
-        raise CatalogBusy(
-            f"{e}; the model itself is safely written at {ref.path} and the next "
-            "refresh_catalog() registers it"
-        ) from e
-    return ref

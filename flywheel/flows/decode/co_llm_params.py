@@ -23,8 +23,8 @@ from flywheel.flows.decode.rewards import ScorerName
 from flywheel.flows.pair_training import default_backbone
 from flywheel.llm import Backend, BackendSpec, make_backend
 from flywheel.store import ModelRef, validate_name
-from flywheel.store.datasets import new_version, validate_derived_version
 from flywheel.store.models import validate_model_name
+from flywheel.store.naming import new_version, validate_derived_version
 
 
 class CoLLMParams(DecodeParams, CoLLMTraining):

@@ -15,7 +15,7 @@ from flywheel.decoders.stepping import CausalLM, Decoded
 from flywheel.flows.outputs import write_once
 from flywheel.llm.chat import PromptFormat
 from flywheel.store import Checkpoint, DatasetRef, data_root, validate_name
-from flywheel.store.datasets import new_version
+from flywheel.store.naming import new_version
 from flywheel.world.bootstrap import model_dir, models_root
 from flywheel.world.tasks import MAX_LEN
 
