@@ -6,18 +6,26 @@ dataset all of them share, 100 rows each, and record a run per dataset in `runs`
 main process reads all the while through `flywheel sql` (`sql()`, a read-only attach of
 the lake): the shared dataset's latest view, the `runs` count. At the end every version a
 writer says it wrote must be in the catalog as a view with its rows, once; every run once.
+With `--shared-lake` the lake is the one several machines share: a PostgreSQL catalog and
+its data files in S3, on servers started here (moto's S3-compatible server), as in
+tests/test_lake_servers.py.
 
     .venv/bin/python benchmarks/store_concurrency.py --quick
+    .venv/bin/python benchmarks/store_concurrency.py --shared-lake
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from common import bench_env, make_parser, table, write_results
+from common import ROOT, bench_env, make_parser, table, write_results
 
 ROWS_PER_VERSION = 100
 
@@ -44,16 +52,47 @@ def writer(root: str, who: int, seconds: float, start, results) -> None:
     results.put((who, written, errors))
 
 
+@contextmanager
+def lake_settings(shared: bool) -> Iterator[str]:
+    """The lake's settings for the writers and the reader (spawned processes inherit
+    them); what the lake is, in words."""
+    if not shared:
+        yield "SQLite catalog, data files in the data folder"
+        return
+    sys.path.insert(0, str(ROOT))  # the servers the tests start
+    from flywheel.store import lake
+    from tests.helpers import lake_servers
+
+    if why := lake_servers.missing_part():
+        raise SystemExit(f"--shared-lake: {why}")
+    with lake_servers.postgres_server() as postgres, lake_servers.s3_server() as s3_url:
+        settings = lake_servers.shared_lake_env(postgres, s3_url, "bench")
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            yield "PostgreSQL catalog, data files in S3 (moto server)"
+        finally:
+            lake.close_all()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def main() -> None:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--seconds", type=float, help="default 60, --quick 20")
+    parser.add_argument(
+        "--shared-lake", action="store_true", help="a PostgreSQL catalog and S3 data files"
+    )
     args = parser.parse_args()
     seconds = args.seconds or (20.0 if args.quick else 60.0)
 
     from flywheel.store import refresh_catalog, sql
 
-    with bench_env(args) as data:
+    with bench_env(args) as data, lake_settings(args.shared_lake) as lake_kind:
         refresh_catalog(data)  # the store exists before the writers start
         ctx = multiprocessing.get_context("spawn")
         start, results = ctx.Event(), ctx.Queue()
@@ -96,6 +135,7 @@ def main() -> None:
         shared_latest = sql("SELECT count(*) AS n FROM shared", root=data).n[0]
 
     figures = {
+        "lake": lake_kind,
         "writers": args.writers,
         "seconds": seconds,
         "versions written": len(written),
@@ -117,7 +157,8 @@ def main() -> None:
     print(table(["figure", "value"], [(k, v) for k, v in figures.items() if k != "first errors"]))
     for error in figures["first errors"]:
         print("error:", error)
-    write_results("store_concurrency", args, [], figures, "cpu")
+    name = "store_concurrency_shared_lake" if args.shared_lake else "store_concurrency"
+    write_results(name, args, [], figures, "cpu")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.ports import free_port  # noqa: F401 (tests import it from here)
 
 # The tests use Prefect settings of their own, never the developer's: run from the
 # project root, prefect.toml would point Prefect at data/_prefect, whose profile holds
@@ -24,12 +25,6 @@ atexit.register(shutil.rmtree, _prefect_dir, ignore_errors=True)
 # sets these for its own servers).
 for _variable in ("FLYWHEEL_LAKE_CATALOG", "FLYWHEEL_LAKE_DATA_PATH"):
     os.environ.pop(_variable, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

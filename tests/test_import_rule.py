@@ -95,3 +95,17 @@ def test_store_modules_import_only_the_layers_below_them():
         if imported not in STORE_LAYERS[:rank]
     ]
     assert not offending, "\n".join(offending)
+
+
+def test_store_modules_never_list_the_lakes_tables():
+    """A listing makes DuckLake load every table of the snapshot (about 1 ms a table), so
+    a store that lists on each write slows down with every version it holds; the store
+    looks tables up by name and lists versions from `versions`."""
+    listings = ("duckdb_tables(", "information_schema.tables", "show tables")
+    offending = [
+        f"store/{path.name}: {listing}"
+        for path in sorted((ROOT / "store").glob("*.py"))
+        for listing in listings
+        if listing in path.read_text().lower()
+    ]
+    assert not offending, "\n".join(offending)

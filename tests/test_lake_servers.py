@@ -8,19 +8,15 @@ the checks of the settings need no server."""
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from flywheel.store import (
@@ -32,90 +28,28 @@ from flywheel.store import (
     sql,
     write_dataset,
 )
-from tests.conftest import free_port
-from tests.helpers import two_writers
+from tests.helpers import lake_servers, two_writers
+from tests.helpers.lake_servers import BUCKET, KEYS, s3_client
 
 BIN = Path(sys.executable).parent
-BUCKET = "flywheel-lake"
-KEYS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret"}
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    return Path(folders[-1]) if folders else None
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: then the server runs as the `postgres` user."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[dict[str, str]]:
-    """A PostgreSQL server on 127.0.0.1 for this module: its host, port and user."""
-    folder = _postgres_bin()
-    if folder is None:
-        pytest.skip("no PostgreSQL server binaries (install Debian's postgresql package)")
-    home = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres", "postgres")
-    cluster, port = home / "cluster", free_port()
-    run = dict(check=True, capture_output=True, text=True, timeout=120)
-    subprocess.run(
-        _as_postgres([str(folder / "initdb"), "-D", str(cluster), "-A", "trust", "-U", "lake"]),
-        **run,
-    )
-    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = [str(folder / "pg_ctl"), "-D", str(cluster), "-l", str(home / "log"), "-w"]
-    subprocess.run(_as_postgres([*pg_ctl, "-o", options, "start"]), **run)
-    try:
-        yield {"host": "127.0.0.1", "port": str(port), "user": "lake", "bin": str(folder)}
-    finally:
-        subprocess.run(_as_postgres([*pg_ctl, "-m", "immediate", "stop"]), timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
+    """A PostgreSQL server on 127.0.0.1 for this module: its host, port, user, binaries."""
+    if lake_servers.postgres_binaries() is None:
+        pytest.skip(lake_servers.missing_part())
+    with lake_servers.postgres_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """moto's S3-compatible server on 127.0.0.1 for this module, with one bucket: its URL."""
-    server = BIN / "moto_server"
-    if not server.exists():
-        pytest.skip("no moto server (pip install 'moto[server]', a dev dependency)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, "moto_server exited"
-                time.sleep(0.1)
-        _s3_client(url).create_bucket(Bucket=BUCKET)
+    if not lake_servers.MOTO_SERVER.exists():
+        pytest.skip(lake_servers.missing_part())
+    with lake_servers.s3_server() as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _s3_client(url: str):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"],
-    )
 
 
 _databases = itertools.count()
@@ -127,22 +61,8 @@ def shared_lake(postgres, s3, monkeypatch, tmp_path) -> Iterator[dict[str, str]]
     catalog and a new prefix of the bucket for its files. Processes started by the test
     inherit it."""
     database = f"lake_{os.getpid()}_{next(_databases)}"
-    subprocess.run(
-        [f"{postgres['bin']}/createdb", "-h", postgres["host"], "-p", postgres["port"]]
-        + ["-U", postgres["user"], database],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    env = {
-        lake.CATALOG_ENV: f"postgres:host={postgres['host']} port={postgres['port']} "
-        f"user={postgres['user']} dbname={database}",
-        lake.DATA_PATH_ENV: f"s3://{BUCKET}/{database}/",
-        "AWS_ENDPOINT_URL": s3,
-        "AWS_REGION": "us-east-1",
-        "FLYWHEEL_DATA_DIR": str(tmp_path / "machine-a"),
-        **KEYS,
-    }
+    env = lake_servers.shared_lake_env(postgres, s3, database)
+    env["FLYWHEEL_DATA_DIR"] = str(tmp_path / "machine-a")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     yield env | {"database": database}
@@ -150,7 +70,7 @@ def shared_lake(postgres, s3, monkeypatch, tmp_path) -> Iterator[dict[str, str]]
 
 
 def _objects(s3_url: str, prefix: str) -> set[str]:
-    listed = _s3_client(s3_url).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    listed = s3_client(s3_url).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return {f"s3://{BUCKET}/{item['Key']}" for item in listed.get("Contents", [])}
 
 

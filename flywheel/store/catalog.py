@@ -156,7 +156,7 @@ def _old_runs(old: Path) -> list[tuple]:
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    # Looked up by name: listing the lake's tables (duckdb_tables(), information_schema)
+    # Looked up by name: listing the lake's tables (duckdb_tables and the like)
     # loads every table of a new snapshot, about 1 ms a table, on every version written.
     try:
         con.execute(f"SELECT 1 FROM {ident(table)} LIMIT 0")
