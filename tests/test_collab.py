@@ -291,7 +291,7 @@ def stand_in_agent(payload: dict) -> tuple[int, str]:
 @pytest.fixture
 def http_agent() -> Iterator[OpenAIBackend]:
     with CompletionsServer(stand_in_agent) as server:
-        with OpenAIBackend(server.base_url, "stand-in", max_retries=0, batch_size=4) as agent:
+        with OpenAIBackend(server.base_url, "stand-in", max_retries=0, max_in_flight=4) as agent:
             yield agent
 
 

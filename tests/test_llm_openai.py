@@ -65,7 +65,7 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.mark.slow
 def test_generate_against_transformers_serve(served: str, tiny_model_dir: Path) -> None:
     prompts = ["hello", "ab c", "x", "what is 2?"]
-    with OpenAIBackend(served, str(tiny_model_dir), batch_size=4) as backend:
+    with OpenAIBackend(served, str(tiny_model_dir), max_in_flight=4) as backend:
         texts = backend.generate(prompts, max_new_tokens=6)
         assert len(texts) == len(prompts)
         assert all(isinstance(t, str) and 0 < len(t) <= 6 for t in texts)
@@ -141,7 +141,11 @@ def scripted() -> Iterator[type[Scripted]]:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record backoff sleeps instead of sleeping."""
     delays: list[float] = []
-    monkeypatch.setattr(ob.time, "sleep", delays.append)
+
+    async def record(seconds: float) -> None:
+        delays.append(seconds)
+
+    monkeypatch.setattr(ob, "pause", record)
     return delays
 
 
@@ -205,7 +209,7 @@ def test_invalid_json_raises_with_raw(scripted, sleeps: list[float]) -> None:
 
 def test_many_prompts_one_request_each(scripted) -> None:
     server = scripted([(200, OK)])
-    backend = OpenAIBackend(server.base_url, "m", batch_size=4)
+    backend = OpenAIBackend(server.base_url, "m", max_in_flight=4)
     assert backend.generate([f"p{i}" for i in range(10)]) == [" world"] * 10
     assert sorted(r["prompt"] for r in server.requests) == sorted(f"p{i}" for i in range(10))
 
@@ -358,7 +362,7 @@ def bad_for_some(payload: dict) -> tuple[int, str]:
 def test_call_each_gives_each_prompt_its_own_text_or_its_own_error() -> None:
     prompts = ["a", "x not-json", "b", "y no-choices", "z text-not-str", "c"]
     with CompletionsServer(bad_for_some) as server:
-        backend = OpenAIBackend(server.base_url, "m", batch_size=3)
+        backend = OpenAIBackend(server.base_url, "m", max_in_flight=3)
         with pytest.raises(MalformedResponse):  # the batch as one call fails as a whole
             backend.generate(prompts)
         out = call_each(lambda batch: backend.generate(batch, max_new_tokens=4), prompts)
@@ -657,7 +661,7 @@ def bad_chat_for_some(payload: dict) -> tuple[int, str]:
 def test_call_each_over_chat_keeps_each_prompts_own_error() -> None:
     prompts = ["a", "x null", "b", "y not-json"]
     with CompletionsServer(bad_chat_for_some) as server:
-        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat", batch_size=2)
+        backend = OpenAIBackend(server.base_url, "m", prompt_format="chat", max_in_flight=2)
         out = call_each(backend.generate, prompts)
     assert out[0] == "answer to a" and out[2] == "answer to b"
     assert isinstance(out[1], MalformedResponse) and '"content": null' in out[1].raw

@@ -366,7 +366,7 @@ def test_malformed_and_empty_responder_answers_are_failures_with_raw_text(tmp_pa
             cfg,
             tmp_path,
             WorldTeacher(),
-            lambda: OpenAIBackend(server.base_url, "stand-in", max_retries=0, batch_size=4),
+            lambda: OpenAIBackend(server.base_url, "stand-in", max_retries=0, max_in_flight=4),
         )
         rows, failed, stats = run.result()
     kept = [c for c in run.instructions() if c["kept"]]

@@ -70,7 +70,7 @@ def test_generate_over_chat(served: Served) -> None:
         [system, {"role": "user", "content": "trains"}],
     ]
     with OpenAIBackend(
-        served.base_url, str(served.model_dir), prompt_format="chat", batch_size=3
+        served.base_url, str(served.model_dir), prompt_format="chat", max_in_flight=3
     ) as backend:
         texts = backend.generate(prompts, max_new_tokens=6)
         assert len(texts) == 3 and all(isinstance(t, str) for t in texts)

@@ -18,11 +18,14 @@ Log-probs follow vLLM's formats:
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
+import os
 import random
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -36,12 +39,16 @@ from flywheel.llm.base import (
     cut_at_stop,
 )
 from flywheel.llm.chat import Message, Prompt, PromptFormat, as_text_value, to_messages
+from flywheel.llm.inflight import AdaptiveLimit, LoopThread, RequestCounts
 
 if TYPE_CHECKING:
     from flywheel.llm.managed_server import ManagedServer
 
 T = TypeVar("T")
 RETRY_STATUS = {429, 500, 502, 503, 504}
+OVERLOAD_STATUS = {429, 503}  # the server asks for fewer requests: retried on their own budget
+MAX_OVERLOAD_WAIT_S = 30.0
+pause = asyncio.sleep  # the backoff between attempts (tests record it instead)
 PROMPT_FORMATS = ("auto", "raw", "chat")
 COMPLETIONS, CHAT = "/completions", "/chat/completions"
 CHAT_LOGPROBS_HINT = "the server must return logprobs for chat; vLLM does"
@@ -56,6 +63,31 @@ def _body(raw: str, what: str) -> Any:
         return json.loads(raw)
     except ValueError as e:
         raise MalformedResponse(f"malformed {what} response: {e!r}", raw=raw) from e
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """Seconds the server asks to wait (`Retry-After`: seconds or an HTTP date), or None."""
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def usage_tokens(raw: str) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) from a body's `usage`; (0, 0) without one."""
+    try:
+        usage = json.loads(raw).get("usage") or {}
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0, 0
 
 
 def _first_choice(raw: str, what: str = "completions") -> dict[str, Any]:
@@ -199,13 +231,21 @@ def parse_prompt_logprobs(raw: str, completion: str) -> list[float]:
 
 
 class OpenAIBackend(Backend):
-    """Talks to an OpenAI-compatible server; retries transient failures with backoff.
+    """Talks to an OpenAI-compatible server, keeping up to `max_in_flight` requests in
+    flight (one connection each), and retries transient failures with backoff.
 
-    Each prompt is its own request, sent concurrently (`batch_size` at a time):
-    `transformers serve` rejects list prompts ("prompt must be a string"), and
-    vLLM batches concurrent requests itself. A body that is not a completions answer
-    raises `MalformedResponse` (not retried: the server did answer); `call_each` gives
-    callers each prompt's own result or error.
+    Each prompt is its own request: `transformers serve` rejects list prompts ("prompt
+    must be a string"), and vLLM batches concurrent requests itself. The requests run on
+    an event loop of the backend's own (`flywheel.llm.inflight`), so the methods work
+    from any thread, inside or outside a running event loop. The number in flight adapts:
+    a 429 or 503 halves it and a `Retry-After` pauses new requests until then; a rise in
+    latency past `latency_rise` times the best (None: never) lowers it; successes bring it
+    back. Overload answers are retried up to `overload_retries` times, other transient
+    failures (no connection, 500, 502, 504) up to `max_retries`. `counts` records
+    requests, retries, 429s and 503s, failures and tokens (from `usage`).
+
+    A body that is not a completions answer raises `MalformedResponse` (not retried: the
+    server did answer); `call_each` gives callers each prompt's own result or error.
 
     `prompt_format` `auto` and `raw` send string prompts to `/completions`; `chat` sends
     them to `/chat/completions` as one user message. Chat messages always go as chat.
@@ -221,8 +261,10 @@ class OpenAIBackend(Backend):
         api_key: str | None = None,
         timeout: float = 60,
         max_retries: int = 4,
+        overload_retries: int = 30,
         backoff: float = 0.5,
-        batch_size: int = 16,
+        max_in_flight: int = 256,
+        latency_rise: float | None = 3.0,
         prompt_format: PromptFormat = "auto",
         server: ManagedServer | None = None,
     ) -> None:
@@ -234,43 +276,102 @@ class OpenAIBackend(Backend):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.max_retries = max_retries
+        self.overload_retries = overload_retries
         self.backoff = backoff
-        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
         self.prompt_format = prompt_format
         self.server = server  # stopped by close() when this backend started it
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        self.counts = RequestCounts()
+        self._limit = AdaptiveLimit(max_in_flight, self.counts, latency_rise)
+        self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._loop = LoopThread(f"flywheel-http {model}")
+        self._client: httpx.AsyncClient | None = None
+        self._client_pid: int | None = None
 
-    def _post(self, path: str, payload: dict[str, Any], hint: str = "") -> str:
+    def _http(self) -> httpx.AsyncClient:
+        """The client, made on the loop's thread (it belongs to that loop), again after a
+        fork; its pool holds a connection per request in flight."""
+        if self._client is None or self._client_pid != os.getpid():
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self._timeout,
+                headers=self._headers,
+                limits=httpx.Limits(
+                    max_connections=self.max_in_flight,
+                    max_keepalive_connections=self.max_in_flight,
+                ),
+            )
+            self._client_pid = os.getpid()
+        return self._client
+
+    async def _post(self, path: str, payload: dict[str, Any], hint: str = "") -> str:
         """POST to `path` and return the body text, retrying transient failures; `hint`
         is added to the error when the server rejects the request (a 4xx)."""
         payload = {"model": self.model, **payload}
-        rejected = False
-        for attempt in range(self.max_retries + 1):
+        client, counts = self._http(), self.counts
+        rejected, failures, overloads, attempt = False, 0, 0, 0
+        while True:
+            attempt += 1
+            ticket = await self._limit.acquire()
+            sent = time.monotonic()
+            counts.requests += 1
             try:
-                resp = self._client.post(path, json=payload)
+                resp = await client.post(path, json=payload)
             except httpx.TransportError as e:
-                error, raw = f"{type(e).__name__}: {e}", None
+                await self._limit.release(ticket)
+                error, raw, status = f"{type(e).__name__}: {e}", None, None
             else:
-                if resp.status_code == 200:
+                status = resp.status_code
+                if status == 200:
+                    prompt_tokens, completion_tokens = usage_tokens(resp.text)
+                    counts.prompt_tokens += prompt_tokens
+                    counts.completion_tokens += completion_tokens
+                    seconds = (time.monotonic() - sent) / max(1, completion_tokens)
+                    await self._limit.release(ticket, seconds=seconds)
                     return resp.text
-                error, raw = f"HTTP {resp.status_code}", resp.text
-                if resp.status_code not in RETRY_STATUS:
-                    rejected = 400 <= resp.status_code < 500
+                wait = retry_after(resp) if status in OVERLOAD_STATUS else None
+                await self._limit.release(
+                    ticket, overloaded=status in OVERLOAD_STATUS, retry_after=wait
+                )
+                error, raw = f"HTTP {status}", resp.text
+                counts.status_429 += status == 429
+                counts.status_503 += status == 503
+                if status not in RETRY_STATUS:
+                    rejected = 400 <= status < 500
                     break
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt + random.uniform(0, self.backoff))
+            if status in OVERLOAD_STATUS:
+                overloads += 1
+                if overloads > self.overload_retries:
+                    break
+                if wait is None:  # no Retry-After: back off on our own
+                    step = min(MAX_OVERLOAD_WAIT_S, self.backoff * 2 ** min(overloads - 1, 16))
+                    await pause(step + random.uniform(0, self.backoff))
+            else:
+                failures += 1
+                if failures > self.max_retries:
+                    break
+                await pause(self.backoff * 2 ** (failures - 1) + random.uniform(0, self.backoff))
+            counts.retries += 1
+        counts.failed += 1
         raise BackendError(
-            f"POST {self.base_url}{path} failed after {attempt + 1} attempt(s): {error}"
+            f"POST {self.base_url}{path} failed after {attempt} attempt(s): {error}"
             + (f"; {hint}" if hint and rejected else ""),
             raw=raw,
         )
 
-    def _map(self, fn: Callable[[int], T], n: int) -> list[T]:
-        if n <= 1:
-            return [fn(i) for i in range(n)]
-        with ThreadPoolExecutor(max_workers=min(self.batch_size, n)) as pool:
-            return list(pool.map(fn, range(n)))
+    def _map(self, fn: Callable[[int], Awaitable[T]], n: int) -> list[T]:
+        """`fn` for 0..n-1, all submitted at once (the limit paces them); the results in
+        order, or the error of the first item that failed once all have ended."""
+
+        async def every() -> list[T]:
+            done = await asyncio.gather(*(fn(i) for i in range(n)), return_exceptions=True)
+            for item in done:
+                if isinstance(item, BaseException):
+                    raise item
+            return done  # type: ignore[return-value]
+
+        return self._loop.run(every()) if n else []
 
     def _messages(self, prompt: Prompt, i: int) -> list[Message] | None:
         """The chat messages a prompt is sent as, or None when it goes as raw text.
@@ -298,14 +399,14 @@ class OpenAIBackend(Backend):
             payload["seed"] = seed
         messages = [self._messages(p, i) for i, p in enumerate(prompts)]
 
-        def one(i: int) -> str:
+        async def one(i: int) -> str:
             if messages[i] is None:
                 body = {**payload, "prompt": prompts[i]}
                 if json_schema is not None:
                     # vLLM's structured outputs on /completions; `guided_json` was
                     # removed in v0.12.0 (docs.vllm.ai/en/latest/features/structured_outputs).
                     body["structured_outputs"] = {"json": json_schema}
-                text = parse_text(self._post(COMPLETIONS, body))
+                text = parse_text(await self._post(COMPLETIONS, body))
             else:
                 body = {**payload, "messages": messages[i]}
                 if json_schema is not None:  # OpenAI's structured outputs, which vLLM takes
@@ -313,7 +414,7 @@ class OpenAIBackend(Backend):
                         "type": "json_schema",
                         "json_schema": {"name": "answer", "schema": json_schema},
                     }
-                text = parse_chat_text(self._post(CHAT, body))
+                text = parse_chat_text(await self._post(CHAT, body))
             return cut_at_stop(text, stop)
 
         return self._map(one, len(prompts))
@@ -325,7 +426,7 @@ class OpenAIBackend(Backend):
         check_pairs(prompts, completions)
         messages = [self._messages(p, i) for i, p in enumerate(prompts)]
 
-        def one(i: int) -> list[float]:
+        async def one(i: int) -> list[float]:
             prompt, completion = prompts[i], completions[i]
             if not completion:
                 return []
@@ -335,7 +436,7 @@ class OpenAIBackend(Backend):
                 # max_tokens 1, not 0: not every server accepts 0; the extra token is
                 # past the completion's end and is dropped by the offsets.
                 payload = {"prompt": text, "echo": True, "logprobs": 0, "max_tokens": 1}
-                raw = self._post(COMPLETIONS, {**payload, "temperature": 0.0})
+                raw = await self._post(COMPLETIONS, {**payload, "temperature": 0.0})
                 return parse_span_logprobs(raw, len(prompt), len(text))
             payload = {
                 "messages": [*messages[i], {"role": "assistant", "content": completion}],
@@ -346,7 +447,7 @@ class OpenAIBackend(Backend):
                 "max_tokens": 1,
                 "temperature": 0.0,
             }
-            raw = self._post(CHAT, payload, hint=CHAT_SCORE_HINT)
+            raw = await self._post(CHAT, payload, hint=CHAT_SCORE_HINT)
             return parse_prompt_logprobs(raw, completion)
 
         return self._map(one, len(prompts))
@@ -354,9 +455,9 @@ class OpenAIBackend(Backend):
     def next_token_topk(self, prefixes: Sequence[str], k: int = 5) -> list[list[TokenLogprob]]:
         """Top-k candidates for the first generated token after each raw-text prefix."""
 
-        def one(i: int) -> list[TokenLogprob]:
+        async def one(i: int) -> list[TokenLogprob]:
             payload = {"prompt": prefixes[i], "max_tokens": 1, "logprobs": k, "temperature": 0.0}
-            return parse_top_logprobs(self._post(COMPLETIONS, payload), k)
+            return parse_top_logprobs(await self._post(COMPLETIONS, payload), k)
 
         return self._map(one, len(prefixes))
 
@@ -371,7 +472,7 @@ class OpenAIBackend(Backend):
             to_messages(as_text_value(p, where=f"prompt {i}")) for i, p in enumerate(prompts)
         ]
 
-        def one(i: int) -> list[TokenLogprob]:
+        async def one(i: int) -> list[TokenLogprob]:
             # Greedy: vLLM's chat top_logprobs are a position's first k entries, the
             # sampled token first (`_get_top_logprobs` in vllm/entrypoints/openai/
             # chat_completion/serving.py), so the sampled token must be the top one.
@@ -382,13 +483,14 @@ class OpenAIBackend(Backend):
                 "top_logprobs": k,
                 "temperature": 0.0,
             }
-            raw = self._post(CHAT, payload, hint=CHAT_LOGPROBS_HINT)
+            raw = await self._post(CHAT, payload, hint=CHAT_LOGPROBS_HINT)
             return parse_chat_top_logprobs(raw, k)
 
         return self._map(one, len(prompts))
 
     def close(self) -> None:
-        """Close the HTTP client and stop the managed server, if any."""
-        self._client.close()
+        """Close the HTTP client and the loop's thread, and stop the managed server, if any."""
+        client, self._client = self._client, None
+        self._loop.stop(client.aclose() if client is not None else None)
         if self.server is not None:
             self.server.stop()

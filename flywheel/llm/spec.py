@@ -55,7 +55,15 @@ class BackendSpec(BaseModel):
         ),
     )
     device: str = "cpu"
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="kind 'transformers': prompts per forward pass")
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description=(
+            "kinds 'openai' and 'vllm': requests kept in flight at most; lowered while the "
+            "server answers 429/503 or slows down, then raised again"
+        ),
+    )
     timeout: float = Field(60, gt=0)
     max_retries: int = Field(4, ge=0)
 
@@ -65,6 +73,11 @@ class BackendSpec(BaseModel):
             raise ValueError("base_url is required when kind='openai'")
         if self.kind == "transformers" and self.base_url:
             raise ValueError("base_url is only used when kind is 'openai'")
+        if self.kind != "transformers" and "batch_size" in self.model_fields_set:
+            raise ValueError(
+                f"batch_size is the in-process batch, not used when kind={self.kind!r}: "
+                "set max_in_flight (requests in flight at once, default 256) instead"
+            )
         if self.kind != "vllm" and self.server is not None:
             raise ValueError("server is only used when kind='vllm'")
         if self.kind == "vllm":
@@ -138,7 +151,7 @@ def make_backend(spec: BackendSpec) -> Backend:
     options = dict(
         timeout=spec.timeout,
         max_retries=spec.max_retries,
-        batch_size=spec.batch_size,
+        max_in_flight=spec.max_in_flight,
         prompt_format=spec.prompt_format,
     )
     if spec.kind == "openai":

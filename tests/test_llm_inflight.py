@@ -1,0 +1,159 @@
+"""The HTTP backend keeps many requests in flight and adapts to an overloaded server,
+against a real local server that holds each request a while and counts how many it is
+holding at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from flywheel.llm import OpenAIBackend
+from flywheel.llm.spec import BackendSpec
+
+
+class Holding:
+    """Answers `/v1/completions` after `hold` seconds with the prompt echoed and a usage
+    block; with `capacity`, a request beyond that many at once gets 429 at once (with
+    `Retry-After: retry_after` when given). Records peak concurrency and arrival times."""
+
+    def __init__(
+        self, hold: float, capacity: int | None = None, retry_after: float | None = None
+    ) -> None:
+        self.hold, self.capacity, self.retry_after = hold, capacity, retry_after
+        self.now = self.peak = 0
+        self.arrivals: list[float] = []
+        self.rejections: list[float] = []
+        lock, outer = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a model server does
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    outer.arrivals.append(time.monotonic())
+                    full = outer.capacity is not None and outer.now >= outer.capacity
+                    if not full:
+                        outer.now += 1
+                        outer.peak = max(outer.peak, outer.now)
+                if full:
+                    headers = {"Retry-After": str(outer.retry_after)} if outer.retry_after else {}
+                    outer.rejections.append(time.monotonic())
+                    return self._reply(429, '{"error": "too many requests"}', headers)
+                time.sleep(outer.hold)
+                with lock:
+                    outer.now -= 1
+                text = json.dumps(
+                    {
+                        "choices": [{"index": 0, "text": f"<{body['prompt']}>"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+                    }
+                )
+                self._reply(200, text, {})
+
+            def _reply(self, status: int, text: str, headers: dict[str, str]) -> None:
+                data = text.encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        ThreadingHTTPServer.request_queue_size = 512
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def holding() -> Iterator[type[Holding]]:
+    servers: list[Holding] = []
+
+    def make(*args, **kwargs) -> Holding:
+        servers.append(Holding(*args, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_many_requests_in_flight_never_more_than_the_limit(holding) -> None:
+    server = holding(hold=0.3)
+    prompts = [f"p{i}" for i in range(96)]
+    with OpenAIBackend(server.base_url, "m", max_in_flight=32) as backend:
+        out = backend.generate(prompts)
+        counts = backend.counts
+    assert out == [f"<{p}>" for p in prompts]
+    # 96 requests held 0.3 s each: a backend sending a handful at a time peaks low
+    assert 16 <= server.peak <= 32
+    assert (counts.requests, counts.retries, counts.failed) == (96, 0, 0)
+    assert (counts.prompt_tokens, counts.completion_tokens) == (96 * 3, 96 * 2)
+
+
+def test_an_overloaded_server_gets_fewer_requests_and_every_one_finishes(holding) -> None:
+    server = holding(hold=0.05, capacity=4)
+    prompts = [f"p{i}" for i in range(60)]
+    with OpenAIBackend(server.base_url, "m", max_in_flight=32, backoff=0.02) as backend:
+        out = backend.generate(prompts)
+        counts = backend.counts
+    assert out == [f"<{p}>" for p in prompts]
+    assert counts.failed == 0 and counts.status_429 == len(server.rejections) > 0
+    assert counts.requests == 60 + counts.status_429 and counts.retries == counts.status_429
+    assert counts.limit_cuts >= 1 and counts.lowest_limit is not None
+    assert counts.lowest_limit < 32
+
+
+def test_retry_after_holds_back_the_next_attempt(holding) -> None:
+    server = holding(hold=0.2, capacity=1, retry_after=1)
+    with OpenAIBackend(server.base_url, "m", max_in_flight=2, backoff=0.01) as backend:
+        out = backend.generate(["a", "b"])
+    assert out == ["<a>", "<b>"]
+    assert len(server.rejections) >= 1
+    first_rejection = server.rejections[0]
+    later = [t for t in server.arrivals if t > first_rejection]
+    assert later and min(later) - first_rejection >= 0.9  # the server asked for 1 s
+
+
+def test_works_from_inside_a_running_event_loop_and_from_threads(holding) -> None:
+    server = holding(hold=0.01)
+    with OpenAIBackend(server.base_url, "m", max_in_flight=8) as backend:
+
+        async def inside() -> list[str]:
+            return backend.generate(["x", "y"])
+
+        assert asyncio.run(inside()) == ["<x>", "<y>"]
+        results: dict[int, list[str]] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: results.update({i: backend.generate([f"t{i}"])}))
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == {i: [f"<t{i}>"] for i in range(4)}
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        OpenAIBackend(server.base_url, "m", max_in_flight=0)
+
+
+def test_batch_size_on_an_http_spec_points_at_max_in_flight() -> None:
+    with pytest.raises(ValueError, match="set max_in_flight"):
+        BackendSpec(kind="openai", model="m", base_url="http://127.0.0.1:1/v1", batch_size=8)
+    spec = BackendSpec(kind="openai", model="m", base_url="http://127.0.0.1:1/v1")
+    assert spec.max_in_flight == 256
