@@ -157,3 +157,7 @@ def test_batch_size_on_an_http_spec_points_at_max_in_flight() -> None:
         BackendSpec(kind="openai", model="m", base_url="http://127.0.0.1:1/v1", batch_size=8)
     spec = BackendSpec(kind="openai", model="m", base_url="http://127.0.0.1:1/v1")
     assert spec.max_in_flight == 256
+    # flow parameters are dumped and read back: an HTTP spec must survive the round trip
+    dumped = spec.model_dump(mode="json")
+    assert BackendSpec.model_validate(dumped) == spec
+    assert BackendSpec.model_validate_json(spec.model_dump_json()) == spec

@@ -14,6 +14,7 @@ from flywheel.llm.base import Backend, BackendError, ModelNotFound
 from flywheel.llm.chat import PromptFormat
 from flywheel.llm.servers import read_server_entry, servers_file, validate_server_name
 
+DEFAULT_BATCH_SIZE = 32
 HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")
 
 
@@ -55,7 +56,9 @@ class BackendSpec(BaseModel):
         ),
     )
     device: str = "cpu"
-    batch_size: int = Field(32, ge=1, description="kind 'transformers': prompts per forward pass")
+    batch_size: int | None = Field(
+        None, ge=1, description="kind 'transformers': prompts per forward pass (default 32)"
+    )
     max_in_flight: int = Field(
         256,
         ge=1,
@@ -73,7 +76,9 @@ class BackendSpec(BaseModel):
             raise ValueError("base_url is required when kind='openai'")
         if self.kind == "transformers" and self.base_url:
             raise ValueError("base_url is only used when kind is 'openai'")
-        if self.kind != "transformers" and "batch_size" in self.model_fields_set:
+        # None rather than a default, so a spec dumped and read back (flow parameters
+        # are) does not look as if batch_size had been set
+        if self.kind != "transformers" and self.batch_size is not None:
             raise ValueError(
                 f"batch_size is the in-process batch, not used when kind={self.kind!r}: "
                 "set max_in_flight (requests in flight at once, default 256) instead"
@@ -145,7 +150,7 @@ def make_backend(spec: BackendSpec) -> Backend:
         return TransformersBackend(
             spec.model,
             device=spec.device,
-            batch_size=spec.batch_size,
+            batch_size=spec.batch_size or DEFAULT_BATCH_SIZE,
             prompt_format=spec.prompt_format,
         )
     options = dict(
