@@ -20,6 +20,7 @@ from flywheel.llm import BackendSpec, ModelNotFound, make_backend
 from flywheel.store import read_dataset, sql, write_dataset
 from flywheel.synthesis.refed import RefedConfig, RefedRun, SeedDataError, references_from_rows
 from tests.helpers.completions_server import CompletionsServer, completion
+from tests.helpers.prefect_reads import read_artifact
 
 
 def params(world_models: Path, **kw) -> ReferenceSynthParams:
@@ -49,6 +50,10 @@ def test_flow_writes_datasets_catalog_lineage_and_artifact(
     runs = sql("select * from runs")
     assert list(runs["flow"]) == ["synth/reference"] and list(runs["status"]) == ["completed"]
     run_id = runs["run_id"][0]
+    calls = {c["model"]: c for c in json.loads(runs["model_calls"][0])}
+    assert {c["backend"] for c in calls.values()} == {"transformers"}
+    responder = calls[params(world_models).responder.model]
+    assert responder["requests"] > 0 and responder["completion_tokens"] > 0
     assert json.loads(runs["parameters"][0])["n_references"] == 8
     lineage = sql("select input_dataset from lineage where dataset = 'reference_synth' order by 1")
     assert list(lineage["input_dataset"]) == ["reference_synth_feedback", "world_references"]
@@ -217,7 +222,12 @@ def test_malformed_and_empty_responder_answers_land_in_the_failed_dataset(
         instruction = payload["prompt"].rsplit("\n", 1)[-1].removesuffix("=")
         if instruction.startswith("reverse"):
             return 200, f"<html>busy: {instruction}</html>"
-        return 200, completion(" " if instruction.startswith("copy") else "abc")
+        if instruction.startswith("copy"):
+            return 200, completion(" ")
+        body = json.loads(completion("abc")) | {
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1}
+        }
+        return 200, json.dumps(body)
 
     with CompletionsServer(answer) as server:
         responder = BackendSpec(
@@ -225,7 +235,8 @@ def test_malformed_and_empty_responder_answers_land_in_the_failed_dataset(
         )
         p = ReferenceSynthParams(responder=responder, n_references=6, samples_per_feature=3)
         out = reference(p)
-        instructions = {r["prompt"].rsplit("\n", 1)[-1] for r in server.requests}
+        server_instructions = [r["prompt"].rsplit("\n", 1)[-1] for r in server.requests]
+        instructions = set(server_instructions)
     failed = read_dataset("reference_synth__failed").to_pandas()
     samples = read_dataset("reference_synth").to_pandas()
     assert any(i.startswith("reverse") for i in instructions)
@@ -240,3 +251,12 @@ def test_malformed_and_empty_responder_answers_land_in_the_failed_dataset(
     assert len(empty) == sum(i.startswith("copy") for i in instructions)
     assert not set(samples["id"]) & set(failed["item_id"])
     assert (samples["initial_response"] == "abc").all() and len(samples) == out["stats"]["rows"]
+    # what the backend sent is in the run's row and its summary
+    (calls,) = json.loads(sql("select model_calls from runs")["model_calls"][0])
+    answered = sum(not i.startswith(("reverse", "copy")) for i in server_instructions)
+    assert (calls["backend"], calls["model"]) == ("openai", "stand-in")
+    assert calls["requests"] == len(server.requests) and calls["failed"] == 0
+    assert (calls["prompt_tokens"], calls["completion_tokens"]) == (5 * answered, answered)
+    summary = read_artifact("synth-reference")
+    assert "## Model calls" in summary
+    assert f"| openai | stand-in | {len(server.requests)} |" in summary

@@ -15,6 +15,7 @@ import pytest
 
 from flywheel.llm import OpenAIBackend
 from flywheel.llm.spec import BackendSpec
+from flywheel.llm.usage import CallCounts, RequestCounts, calls_markdown, counting_calls
 
 
 class Holding:
@@ -161,3 +162,49 @@ def test_batch_size_on_an_http_spec_points_at_max_in_flight() -> None:
     dumped = spec.model_dump(mode="json")
     assert BackendSpec.model_validate(dumped) == spec
     assert BackendSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_a_runs_counts_sum_its_backends_per_model_and_leave_out_others(holding) -> None:
+    server = holding(hold=0.01)
+    outside = OpenAIBackend(server.base_url, "m")  # made before the run: not its calls
+    with counting_calls() as calls:
+        with OpenAIBackend(server.base_url, "m") as first:
+            first.generate([f"a{i}" for i in range(6)])
+        with OpenAIBackend(server.base_url, "m") as second:
+            second.generate(["b0", "b1"])
+        with OpenAIBackend(server.base_url, "other") as third:
+            third.generate(["c0"])
+
+        def in_a_thread() -> None:  # a thread started inside the run, not by a task runner
+            with counting_calls() as own, OpenAIBackend(server.base_url, "m") as backend:
+                backend.generate(["d0"])
+                assert own.totals()[0]["requests"] == 1
+
+        worker = threading.Thread(target=in_a_thread)
+        worker.start()
+        worker.join()
+    outside.generate(["e0"])
+    outside.close()
+    totals = {t["model"]: t for t in calls.totals()}
+    assert set(totals) == {"m", "other"} and totals["other"]["requests"] == 1
+    m = totals["m"]
+    assert (m["backend"], m["requests"], m["retries"], m["failed"]) == ("openai", 8, 0, 0)
+    assert (m["prompt_tokens"], m["completion_tokens"]) == (8 * 3, 8 * 2)
+    assert len(server.arrivals) == 8 + 1 + 1 + 1  # the run's, the thread's, the outsider's
+    table = calls_markdown(calls.totals())
+    assert table.startswith("## Model calls") and "| openai | other | 1 |" in table
+    assert calls_markdown([]) == ""
+
+
+def test_totals_add_counts_and_keep_the_lowest_limit() -> None:
+    calls = CallCounts()
+    calls.add("vllm", "x", RequestCounts(requests=5, status_429=2, limit_cuts=1, lowest_limit=64))
+    calls.add("vllm", "x", RequestCounts(requests=3, limit_cuts=2, lowest_limit=16))
+    calls.add("vllm", "x", RequestCounts(requests=1))
+    calls.add("transformers", "x", RequestCounts(requests=4, prompt_tokens=40))
+    vllm, local = calls.totals()
+    assert (vllm["backend"], vllm["requests"], vllm["status_429"]) == ("vllm", 9, 2)
+    assert (vllm["limit_cuts"], vllm["lowest_limit"]) == (3, 16)
+    assert (local["backend"], local["requests"], local["prompt_tokens"]) == ("transformers", 4, 40)
+    assert local["lowest_limit"] is None
+    assert "| 3 (16) |" in calls_markdown([vllm])

@@ -205,3 +205,15 @@ def test_chat_prompts_render_with_the_template_and_stop_at_end_of_turn(tmp_path)
     assert TransformersBackend(plain).prompt_format == "raw"
     with pytest.raises(ValueError, match="prompt_format 'chat' needs a chat template"):
         TransformersBackend(plain, prompt_format="chat")
+
+
+def test_in_process_counts_prompts_and_tokens(backend: TransformersBackend) -> None:
+    before = backend.counts.as_dict()
+    prompts = ["abc", "hello there"]
+    out = backend.generate(prompts, max_new_tokens=4)
+    ids = [backend._prompt_ids(p) for p in prompts]
+    counts = backend.counts
+    assert counts.requests - before["requests"] == 2
+    assert counts.prompt_tokens - before["prompt_tokens"] == sum(len(i) for i in ids)
+    made = counts.completion_tokens - before["completion_tokens"]
+    assert 0 < made <= 2 * 4 and any(out)  # greedy on fixed weights: the same every run

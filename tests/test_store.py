@@ -289,6 +289,24 @@ def test_record_run_upsert(tmp_path):
     assert json.loads(runs.parameters[0]) == {"n": 3}
 
 
+def test_a_lake_made_before_model_calls_gets_the_column(tmp_path, monkeypatch):
+    old_tables = re.sub(
+        r",\s*-- JSON: per backend[^\n]*\n\s*model_calls VARCHAR", "", catalog._TABLES
+    )
+    assert "model_calls" not in old_tables and "host VARCHAR" in old_tables
+    monkeypatch.setattr(catalog, "_TABLES", old_tables)
+    old_run = "INSERT INTO runs (run_id, flow, status) VALUES ('old', 'synth', 'completed')"
+    catalog.write(tmp_path, lambda con: con.execute(old_run))
+    lake.close_all()  # as a new process would open it
+    monkeypatch.undo()
+    calls = [{"backend": "openai", "model": "m", "requests": 3}]
+    record_run("new", "synth", {}, "completed", root=tmp_path, model_calls=calls)
+    record_run("new", "synth", {}, "completed", root=tmp_path)  # kept when not given
+    runs = sql("SELECT run_id, model_calls FROM runs ORDER BY run_id", root=tmp_path)
+    assert list(runs.run_id) == ["new", "old"]
+    assert json.loads(runs.model_calls[0]) == calls and pd.isna(runs.model_calls[1])
+
+
 def test_duckdb_cli_reads_catalog(tmp_path):
     cli = Path(sys.executable).parent / "duckdb"
     if not cli.exists():

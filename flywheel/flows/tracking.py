@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from flywheel.flows.reconcile import reconcile_runs
 from flywheel.llm import BackendError, BackendSpec, ModelNotFound, model_fingerprint
 from flywheel.llm.threads import set_torch_threads
+from flywheel.llm.usage import calls_markdown, counting_calls, current_calls
 from flywheel.store import (
     ModelRef,
     list_model_versions,
@@ -47,7 +48,7 @@ def tracked_run(flow: str, parameters: dict) -> Iterator[str]:
     (`flywheel.llm.threads`), and the effective parameters, defaults included, shown
     on the run as an artifact. Rows of earlier runs left `running` by a killed process
     are brought up to date first (`reconcile_runs`); the row of this one records its
-    pid and host for that."""
+    pid and host for that, and at the end what its backends sent (`model_calls`)."""
     set_torch_threads()
     run_id = current_run_id()
     _parameters_artifact(flow, parameters)
@@ -55,21 +56,16 @@ def tracked_run(flow: str, parameters: dict) -> Iterator[str]:
         reconcile_runs(recent=None)
     except Exception as err:  # bookkeeping of other runs, never a reason to fail this one
         logging.getLogger(__name__).debug("runs not reconciled: %s", err)
-    record_run(
-        run_id,
-        flow,
-        parameters,
-        "running",
-        started=datetime.now(UTC),
-        pid=os.getpid(),
-        host=socket.gethostname(),
-    )
-    try:
-        yield run_id
-    except BaseException:
-        record_run(run_id, flow, parameters, "failed", ended=datetime.now(UTC))
-        raise
-    record_run(run_id, flow, parameters, "completed", ended=datetime.now(UTC))
+    started, pid, host = datetime.now(UTC), os.getpid(), socket.gethostname()
+    record_run(run_id, flow, parameters, "running", started=started, pid=pid, host=host)
+    with counting_calls() as calls:
+        status = "failed"  # unless the body returns
+        try:
+            yield run_id
+            status = "completed"
+        finally:
+            ended = datetime.now(UTC)
+            record_run(run_id, flow, parameters, status, ended=ended, model_calls=calls.totals())
 
 
 def _parameters_artifact(flow: str, parameters: dict) -> None:
@@ -174,9 +170,12 @@ class FlowRun:
 
     def summary(self, figures: dict, extra_markdown: str = "") -> dict:
         """The run's summary artifact (`<group>-<name>`): its figures, the seconds it took,
-        then any extra markdown. Returns the figures."""
+        any extra markdown, then the model calls so far. Returns the figures."""
         figures["seconds"] = round(time.monotonic() - self.started, 2)
-        summary_artifact(self.name.replace("/", "-"), self.title, figures, extra_markdown)
+        calls = current_calls()
+        tables = [extra_markdown, calls_markdown(calls.totals() if calls else [])]
+        markdown = "\n\n".join(t for t in tables if t)
+        summary_artifact(self.name.replace("/", "-"), self.title, figures, markdown)
         return figures
 
 

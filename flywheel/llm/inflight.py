@@ -18,31 +18,13 @@ import statistics
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+
+from flywheel.llm.usage import RequestCounts
 
 T = TypeVar("T")
 RECOVERY = 0.1  # added to the limit per success: about +10% per round
 LATENCY_CUT = 0.8
-
-
-@dataclass
-class RequestCounts:
-    """What a backend sent, for the run's record: HTTP requests (every attempt), retries,
-    overload answers, requests that failed for good, and tokens from `usage`."""
-
-    requests: int = 0
-    retries: int = 0
-    status_429: int = 0
-    status_503: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    limit_cuts: int = 0
-    lowest_limit: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class AdaptiveLimit:

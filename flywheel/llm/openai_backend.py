@@ -39,7 +39,8 @@ from flywheel.llm.base import (
     cut_at_stop,
 )
 from flywheel.llm.chat import Message, Prompt, PromptFormat, as_text_value, to_messages
-from flywheel.llm.inflight import AdaptiveLimit, LoopThread, RequestCounts
+from flywheel.llm.inflight import AdaptiveLimit, LoopThread
+from flywheel.llm.usage import counts_for
 
 if TYPE_CHECKING:
     from flywheel.llm.managed_server import ManagedServer
@@ -281,7 +282,8 @@ class OpenAIBackend(Backend):
         self.max_in_flight = max_in_flight
         self.prompt_format = prompt_format
         self.server = server  # stopped by close() when this backend started it
-        self.counts = RequestCounts()
+        # the run open now (if any) sums these into its record
+        self.counts = counts_for("vllm" if server is not None else "openai", model)
         self._limit = AdaptiveLimit(max_in_flight, self.counts, latency_rise)
         self._timeout = timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

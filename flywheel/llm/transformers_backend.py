@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flywheel.llm.base import Backend, ModelNotFound, TokenLogprob, check_pairs, cut_at_stop
 from flywheel.llm.chat import Prompt, PromptFormat, end_of_turn_ids, render_prompt, resolve_format
 from flywheel.llm.tokens import ensure_pad_token
+from flywheel.llm.usage import counts_for
 
 
 class TransformersBackend(Backend):
@@ -58,6 +59,8 @@ class TransformersBackend(Backend):
         ensure_pad_token(self.tokenizer)
         self.prompt_format = resolve_format(prompt_format, self.tokenizer)
         self._eos_ids = self._find_eos_ids()
+        # prompts and tokens, summed into the record of the run open now (if any)
+        self.counts = counts_for("transformers", self.model)
 
     def _find_eos_ids(self) -> set[int]:
         ids = self.lm.generation_config.eos_token_id
@@ -67,6 +70,10 @@ class TransformersBackend(Backend):
         if self.prompt_format == "chat":
             ids |= end_of_turn_ids(self.tokenizer)
         return ids
+
+    def _count(self, inputs: Sequence[Sequence[int]]) -> None:
+        self.counts.requests += len(inputs)
+        self.counts.prompt_tokens += sum(len(x) for x in inputs)
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices sorted by length and chunked, so each batch pads little."""
@@ -111,6 +118,7 @@ class TransformersBackend(Backend):
     ) -> list[str]:
         """Greedy when temperature == 0, else sampling (reproducible with `seed`)."""
         ids = [self._prompt_ids(p) for p in prompts]
+        self._count(ids)
         if temperature > 0:
             sampling: dict[str, Any] = dict(
                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0
@@ -135,6 +143,7 @@ class TransformersBackend(Backend):
             new = seqs[:, inputs["input_ids"].shape[1] :].tolist()
             for i, row in zip(idx, new, strict=True):
                 end = next((j for j, t in enumerate(row) if t in self._eos_ids), len(row))
+                self.counts.completion_tokens += end
                 text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
                 out[i] = cut_at_stop(text, stops)
         return out
@@ -149,6 +158,7 @@ class TransformersBackend(Backend):
         cids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
         out: list[list[float]] = [[] for _ in prompts]
         seqs = [p + c for p, c in zip(pids, cids, strict=True)]
+        self._count(seqs)
         for idx in self._batches([len(s) for s in seqs]):
             n_max = max(len(cids[i]) for i in idx)
             if n_max == 0:
@@ -169,6 +179,7 @@ class TransformersBackend(Backend):
     def next_token_topk(self, prefixes: Sequence[str], k: int = 5) -> list[list[TokenLogprob]]:
         """Top-k next tokens after each raw-text prefix, sorted by logprob descending."""
         ids = [self._raw_ids(p) for p in prefixes]
+        self._count(ids)
         out: list[list[TokenLogprob]] = [[] for _ in prefixes]
         for idx in self._batches([len(x) for x in ids]):
             logits = self.lm(**self._pad([ids[i] for i in idx])).logits[:, -1]

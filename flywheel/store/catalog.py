@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS runs (
     status VARCHAR,
     -- the process that ran it, so a run whose process died can be marked crashed
     pid INTEGER,
-    host VARCHAR
+    host VARCHAR,
+    -- JSON: per backend and model, requests, retries, 429s, tokens (flywheel.llm.usage)
+    model_calls VARCHAR
 );
 CREATE TABLE IF NOT EXISTS lineage (
     dataset VARCHAR,
@@ -112,6 +114,8 @@ def write(root: Path | None, work: Callable[[duckdb.DuckDBPyConnection], Any]) -
         if not known.get("tables"):
             if lake.write(con, lambda c: _make_tables(c, base)):
                 lake.write(con, _inline_bookkeeping)  # options: of committed tables only
+            else:
+                lake.write(con, _add_new_columns)  # a lake made before they were
             known["tables"] = True
         return lake.write(con, work)
 
@@ -124,8 +128,20 @@ def _make_tables(con: duckdb.DuckDBPyConnection, base: Path) -> bool:
     con.execute(_TABLES)
     if old_runs := _old_runs(base / OLD_CATALOG_FILE):
         marks = ", ".join("?" * len(_RUN_COLUMNS))
-        con.executemany(f"INSERT INTO runs VALUES ({marks})", old_runs)
+        con.executemany(f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({marks})", old_runs)
     return True
+
+
+NEW_COLUMNS = {"runs": {"model_calls": "VARCHAR"}}  # added after lakes were in use
+
+
+def _add_new_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for table, columns in NEW_COLUMNS.items():
+        for column, kind in columns.items():
+            try:
+                con.execute(f'SELECT "{column}" FROM {table} LIMIT 0')
+            except duckdb.BinderException:
+                con.execute(f'ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "{column}" {kind}')
 
 
 def _inline_bookkeeping(con: duckdb.DuckDBPyConnection) -> None:

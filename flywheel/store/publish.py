@@ -180,24 +180,28 @@ def record_run(
     root: Path | None = None,
     pid: int | None = None,
     host: str | None = None,
+    model_calls: list[dict[str, Any]] | None = None,
 ) -> None:
     """Insert or update a flow run; times are stored as UTC, ``started`` defaults to now.
-    ``pid`` and ``host`` name the process running it (kept when not given)."""
+    ``pid`` and ``host`` name the process running it, ``model_calls`` what its backends
+    sent (`flywheel.llm.usage`); each is kept when not given."""
     params = json.dumps(parameters, default=str, sort_keys=True)
+    calls = None if model_calls is None else json.dumps(model_calls, sort_keys=True)
     started, ended = naive_utc(started), naive_utc(ended)
 
     def record(con: duckdb.DuckDBPyConnection) -> None:
         (updated,) = con.execute(
             "UPDATE runs SET flow = ?, parameters = ?, status = ?, "
             "started = coalesce(?, started), ended = coalesce(?, ended), "
-            "pid = coalesce(?, pid), host = coalesce(?, host) WHERE run_id = ?",
-            [flow, params, status, started, ended, pid, host, run_id],
+            "pid = coalesce(?, pid), host = coalesce(?, host), "
+            "model_calls = coalesce(?, model_calls) WHERE run_id = ?",
+            [flow, params, status, started, ended, pid, host, calls, run_id],
         ).fetchone()
         if not updated:
             con.execute(
-                "INSERT INTO runs (run_id, flow, parameters, started, ended, status, pid, host) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [run_id, flow, params, started or utcnow(), ended, status, pid, host],
+                "INSERT INTO runs (run_id, flow, parameters, started, ended, status, pid, host, "
+                "model_calls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, flow, params, started or utcnow(), ended, status, pid, host, calls],
             )
 
     write(root, record)
