@@ -32,6 +32,7 @@ from flywheel.synthesis.rouge import diverse_subset, rouge_l
 from flywheel.world.tasks import check, sample_tasks
 from flywheel.world.teacher import WorldTeacher
 from tests.helpers.completions_server import CompletionsServer, completion
+from tests.helpers.holding_server import Holding
 
 
 def world_refs(n: int, seed: int = 1):
@@ -527,3 +528,32 @@ def test_llm_teacher_over_chat_sends_each_answers_json_schema(tmp_path) -> None:
         "NewInstructions",
         "RefinedResponse",
     }
+
+
+def test_a_server_responder_gets_more_than_a_chunk_at_once_and_the_same_rows(tmp_path) -> None:
+    """Against a server, the responses stage keeps several chunks under way, so requests
+    from the next chunk go out while a chunk's last ones finish; the rows are those of a
+    run that works one chunk at a time."""
+    server = Holding(hold=0.3)
+    try:
+        spec = BackendSpec(kind="openai", model="m", base_url=server.base_url, max_in_flight=8)
+        assert spec.chunks_at_once(4) == 3 and BackendSpec(model="m").chunks_at_once(4) == 1
+        refs = world_refs(4)
+
+        def run(responder: BackendSpec, folder: str) -> list[dict]:
+            cfg = WorldRefedConfig(responder=responder, samples_per_feature=4, chunk_size=4)
+            backend = OpenAIBackend(server.base_url, "m", max_in_flight=8)
+            with backend:
+                rows, failed, _ = RefedRun(
+                    refs, cfg, tmp_path / folder, WorldTeacher(), lambda: backend
+                ).result()
+            assert not failed
+            return rows
+
+        streamed = run(spec, "streamed")
+        peak, server.peak = server.peak, 0
+        one_at_a_time = run(BackendSpec(model="unused"), "one-at-a-time")
+    finally:
+        server.close()
+    assert streamed == one_at_a_time and len(streamed) > 12
+    assert server.peak <= 4 < peak <= 8  # a chunk's 4 requests at most, then up to 8

@@ -99,6 +99,14 @@ class BackendSpec(BaseModel):
                 )
         return self
 
+    def chunks_at_once(self, chunk_size: int) -> int:
+        """How many chunks of `chunk_size` calls to work on at once with this backend: one
+        in process (it works one batch at a time); over HTTP enough that `max_in_flight`
+        requests stay in flight while a chunk's slowest ones finish."""
+        if self.kind == "transformers":
+            return 1
+        return -(-self.max_in_flight // chunk_size) + 1
+
     def check(self) -> None:
         """Fail fast, before expensive work, on a model path or server entry that is missing."""
         if self.kind == "transformers":

@@ -9,17 +9,21 @@ schedule and a manual run) compute it once: the second waits, then reads it.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flywheel.store.locks import file_lock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -29,6 +33,37 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def in_threads(work: Callable[[T], R], jobs: Sequence[T], at_once: int) -> list[R]:
+    """`work(job)` for each job, in order, with up to `at_once` running at a time on
+    threads, each in a copy of the caller's context (which holds the run's model-call
+    counts). After a failure no job starts; the ones running finish, then it is raised."""
+    if at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
+    if at_once == 1 or len(jobs) < 2:
+        return [work(job) for job in jobs]
+    results: dict[int, R] = {}
+    error: BaseException | None = None
+    waiting = list(enumerate(jobs))[::-1]  # popped from the end: in order
+    with ThreadPoolExecutor(at_once, thread_name_prefix="flywheel-chunk") as pool:
+        running: dict[Future[R], int] = {}
+        while running or (waiting and error is None):
+            while waiting and error is None and len(running) < at_once:
+                n, job = waiting.pop()
+                running[pool.submit(contextvars.copy_context().run, work, job)] = n
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                n = running.pop(future)
+                try:
+                    results[n] = future.result()
+                except BaseException as err:  # the first is raised; the others are logged
+                    if error is not None:
+                        log.warning("also failed while stopping: %r", err)
+                    error = error or err
+    if error is not None:
+        raise error
+    return [results[n] for n in range(len(jobs))]
 
 
 class Checkpoint:
@@ -65,37 +100,38 @@ class Checkpoint:
         items: Sequence[Any],
         fn: Callable[[list[Any]], list[dict]],
         chunk_size: int = 64,
+        at_once: int = 1,
     ) -> list[dict]:
-        """Apply fn to items chunk by chunk (one result row per item), resuming past chunks."""
+        """Apply fn to items chunk by chunk (one result row per item), resuming past chunks.
+
+        `at_once` chunks are worked on at a time, on threads, for a backend that takes
+        calls from several threads (the HTTP one): the next chunk's requests go out while
+        the last of this one's finish, so a chunk is the unit of checkpointing, not of
+        concurrency. Each chunk is written as it finishes; when one fails, the others
+        under way finish and are kept, no more start, and the error is raised."""
         if self.done(stage):
             return self.load(stage)
         folder = self._stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         n_chunks = max(1, -(-len(items) // chunk_size))
-        resumed = 0
-        for i in range(n_chunks):
+        todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:06d}.json").exists()]
+
+        def compute(i: int) -> bool:
+            """Work out chunk i unless another run did meanwhile; whether this one did."""
             path = folder / f"chunk-{i:06d}.json"
-            if path.exists():
-                resumed += 1
-                continue
             with file_lock(folder / f".chunk-{i:06d}.lock"):
                 if path.exists():  # another run computed it while this one waited
-                    resumed += 1
-                    continue
+                    return False
                 chunk = list(items[i * chunk_size : (i + 1) * chunk_size])
                 rows = fn(chunk) if chunk else []
                 if len(rows) != len(chunk):
                     raise RuntimeError(f"{stage}: {len(rows)} results for {len(chunk)} items")
                 _write_json_atomic(path, rows)
-            log.info(
-                "%s: chunk %d/%d done (%d/%d items)",
-                stage,
-                i + 1,
-                n_chunks,
-                min((i + 1) * chunk_size, len(items)),
-                len(items),
-            )
-        if resumed:
+            log.info("%s: chunk %d of %d done (%d items)", stage, i + 1, n_chunks, len(chunk))
+            return True
+
+        computed = in_threads(compute, todo, at_once)
+        if resumed := n_chunks - sum(computed):
             log.info("%s: resumed, %d of %d chunks were already done", stage, resumed, n_chunks)
         _write_json_atomic(folder / "_done.json", {"items": len(items), "chunks": n_chunks})
         return self.load(stage)

@@ -15,7 +15,8 @@ Data Synthesis" (2025). Reading top to bottom:
    response feedback; an optional judge drops low-scoring samples.
 
 Every stage is checkpointed chunk by chunk (`flywheel.store.Checkpoint`), so a
-killed run resumes where it stopped. Teacher answers are validated against
+killed run resumes where it stopped; against a server, several chunks are under way at
+once (`BackendSpec.chunks_at_once`), so it is never left waiting on a chunk's end. Teacher answers are validated against
 pydantic schemas; an answer that does not validate is asked again, and after
 `max_attempts` it is kept as a failure with its raw text. A malformed model
 answer (`MalformedResponse`) or an empty response fails its own item, kept with
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -356,6 +358,14 @@ class RefedRun:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def _teacher_at_once(self) -> int:
+        """Chunks asked of the teacher at once: several for an LLM teacher over HTTP."""
+        backend = self.config.teacher_backend
+        if self.config.teacher != "llm" or backend is None:
+            return 1
+        return backend.chunks_at_once(self.config.chunk_size)
+
     def _failure(self, stage: str, item_id: str, reference_id: str, fail: dict) -> dict:
         return {
             "stage": stage,
@@ -397,7 +407,7 @@ class RefedRun:
             return rows
 
         refs = [r.model_dump() for r in self.references]
-        return self.ckpt.map_chunks("feedback", refs, run, cfg.chunk_size)
+        return self.ckpt.map_chunks("feedback", refs, run, cfg.chunk_size, self._teacher_at_once)
 
     def instructions(self) -> list[dict]:
         """Stage 2: new instructions per (reference, feature), then the diversity filter."""
@@ -431,7 +441,9 @@ class RefedRun:
                 rows.append(row)
             return rows
 
-        proposed = self.ckpt.map_chunks("instructions", requests, run, cfg.chunk_size)
+        proposed = self.ckpt.map_chunks(
+            "instructions", requests, run, cfg.chunk_size, self._teacher_at_once
+        )
         cached = self.ckpt.get("candidates")
         if cached is not None:
             return cached
@@ -467,10 +479,12 @@ class RefedRun:
             key=lambda c: len(c["instruction"]) + len(self._by_id[c["reference_id"]].instruction),
         )
         responder: Backend | None = None
+        making = threading.Lock()  # chunks run on several threads against a server
 
         def run(chunk: list[dict]) -> list[dict]:
             nonlocal responder
-            responder = responder or self.make_responder()
+            with making:
+                responder = responder or self.make_responder()
             prompts = []
             for c in chunk:
                 ref = self._by_id[c["reference_id"]]
@@ -493,7 +507,8 @@ class RefedRun:
             return [self._response_row(c, t) for c, t in zip(chunk, texts, strict=True)]
 
         try:
-            return self.ckpt.map_chunks("responses", items, run, cfg.chunk_size)
+            at_once = cfg.responder.chunks_at_once(cfg.chunk_size)
+            return self.ckpt.map_chunks("responses", items, run, cfg.chunk_size, at_once)
         finally:
             if responder is not None:
                 responder.close()
@@ -558,7 +573,7 @@ class RefedRun:
                     )
             return rows
 
-        return self.ckpt.map_chunks("refined", items, run, cfg.chunk_size)
+        return self.ckpt.map_chunks("refined", items, run, cfg.chunk_size, self._teacher_at_once)
 
     def result(self) -> tuple[list[dict], list[dict], dict]:
         """(synthesized rows, failed rows, stats) from the finished stages."""
@@ -673,14 +688,16 @@ class LLMTeacher:
     ) -> None:
         self._backend = backend if isinstance(backend, Backend) else None
         self._make_backend = None if isinstance(backend, Backend) else backend
+        self._making = threading.Lock()  # chunks may ask from several threads at once
         self.max_new_tokens = max_new_tokens
         self.structured_output = structured_output
 
     @property
     def backend(self) -> Backend:
-        if self._backend is None:
-            self._backend = self._make_backend()  # type: ignore[misc]
-        return self._backend
+        with self._making:
+            if self._backend is None:
+                self._backend = self._make_backend()  # type: ignore[misc]
+            return self._backend
 
     def close(self) -> None:
         if self._backend is not None and self._make_backend is not None:
