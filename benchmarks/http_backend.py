@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -60,6 +62,30 @@ def serve(port: int, latency: float, overload: int | None) -> None:
         routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/health", health)]
     )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
+
+
+@contextlib.contextmanager
+def stand_in_server(latency: float, overload: int | None = None) -> Iterator[str]:
+    """The stand-in server in a process of its own, until the block ends: its base URL."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.ports import free_port
+
+    port = free_port()
+    command = [sys.executable, __file__, "--serve", str(port), "--latency", str(latency)]
+    if overload:
+        command += ["--overload", str(overload)]
+    server = subprocess.Popen(command)
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def plain_client(url: str, prompts: list[str], in_flight: int) -> tuple[float, int]:
@@ -123,30 +149,12 @@ def main() -> None:
     if args.serve:
         return serve(args.serve, args.latency, args.overload)
 
-    sys.path.insert(0, str(ROOT))
-    from tests.helpers.ports import free_port
-
-    port = free_port()
-    command = [sys.executable, __file__, "--serve", str(port), "--latency", str(args.latency)]
-    if args.overload:
-        command += ["--overload", str(args.overload)]
-    server = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with stand_in_server(args.latency, args.overload) as url:
         n = args.prompts or (128 if args.quick else 512)
         prompts = [f"prompt {i}" for i in range(n)]
         plain_s, plain_failed = plain_client(url, prompts, args.in_flight)
         flywheel_s, flywheel_failed, counts = flywheel_backend(url, prompts, args.in_flight)
         pool_s, pool_failed = thread_pool(url, prompts, args.in_flight)
-    finally:
-        server.terminate()
-        server.wait(30)
 
     rows = [
         ("plain httpx.AsyncClient", plain_s, n / plain_s, 1.0, plain_failed),

@@ -15,12 +15,13 @@ Data Synthesis" (2025). Reading top to bottom:
    response feedback; an optional judge drops low-scoring samples.
 
 Every stage is checkpointed chunk by chunk (`flywheel.store.Checkpoint`), so a
-killed run resumes where it stopped; against a server, several chunks are under way at
-once (`BackendSpec.chunks_at_once`), so it is never left waiting on a chunk's end. Teacher answers are validated against
-pydantic schemas; an answer that does not validate is asked again, and after
-`max_attempts` it is kept as a failure with its raw text. A malformed model
-answer (`MalformedResponse`) or an empty response fails its own item, kept with
-its raw text; a server that went away fails the chunk, which is asked again.
+killed run resumes where it stopped; against a server, several chunks are under way
+at once (`BackendSpec.chunks_at_once`), so it is never left waiting on a chunk's end.
+Teacher answers are validated against pydantic schemas; an answer that does not
+validate is asked again, and after `max_attempts` it is kept as a failure with its raw
+text. A malformed model answer (`MalformedResponse`) or an empty response fails its own
+item, kept with its raw text; a server that went away fails the chunk, which is asked
+again.
 """
 
 from __future__ import annotations
