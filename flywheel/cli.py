@@ -306,6 +306,22 @@ def serve(
     serve_all()
 
 
+@app.command()
+def worker(
+    pool: str = typer.Option(
+        "flywheel", help="the Prefect work pool (process type; made if missing)"
+    ),
+    name: str | None = typer.Option(None, help="this worker's name in the UI (default: random)"),
+    limit: int | None = typer.Option(None, min=1, help="flow runs at once (default: no limit)"),
+) -> None:
+    """Run deployments from a work pool: registers every deployment on the pool, then takes
+    their runs (scheduled or by hand) until stopped. Start one per machine, from the
+    project folder; use this or `flywheel serve`, not both."""
+    from flywheel.flows.deployments import work_on_pool
+
+    work_on_pool(pool, name, limit)
+
+
 @server_app.command("start")
 def server_start() -> None:
     """Start the Prefect server in the background (SQLite under data/_prefect)."""

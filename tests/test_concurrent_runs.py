@@ -56,6 +56,6 @@ def test_two_identical_synth_runs_at_once_do_the_work_once(
     # every chunk of every stage computed by one of the two runs only
     workdirs = list((data_dir / "_work" / "refed").iterdir())
     assert len(workdirs) == 1
-    done = re.findall(r"(\w+): chunk (\d+)/\d+ done", "\n".join(logs))
+    done = re.findall(r"(\w+): chunk (\d+) of \d+ done", "\n".join(logs))
     chunk_files = sorted(workdirs[0].glob("*/chunk-*.json"))
     assert len(done) == len(set(done)) == len(chunk_files) > 3

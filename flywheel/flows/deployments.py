@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import Flow
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
@@ -42,9 +44,12 @@ FLOWS: dict[str, Flow] = {d.name: d.entry for d in DEPLOYMENTS}
 NIGHTLY_UTC: dict[str, str] = {d.name: cron for d, cron in NIGHTLY}
 
 
-def deployments() -> list[RunnerDeployment]:
+def deployments(work_pool: str | None = None) -> list[RunnerDeployment]:
     """Every flow as a deployment, started by hand with
-    `prefect deployment run synth/reference`."""
+    `prefect deployment run synth/reference`; on `work_pool` when given, run from this
+    folder (where `data/` is) by the pool's workers."""
+    on_pool = {} if work_pool is None else {"work_pool_name": work_pool}
+    folder = {} if work_pool is None else {"job_variables": {"working_dir": str(Path.cwd())}}
     return [
         d.entry.to_deployment(
             name=d.name.split("/", 1)[1],
@@ -52,6 +57,8 @@ def deployments() -> list[RunnerDeployment]:
             description=(d.entry.__doc__ or "").strip().splitlines()[0],
             # run by module path: works from any folder once the package is installed
             entrypoint_type=EntrypointType.MODULE_PATH,
+            **on_pool,
+            **folder,
         )
         for d in DEPLOYMENTS
     ]
@@ -63,3 +70,29 @@ def serve_all() -> None:
 
     # pause_on_shutdown=False: schedules stay active while the serve process restarts
     prefect.serve(*deployments(), pause_on_shutdown=False)
+
+
+def work_on_pool(pool: str, name: str | None = None, limit: int | None = None) -> None:
+    """Make the process work pool `pool` if it is missing, register every deployment on
+    it (from `flywheel serve` or another pool before: a deployment runs in one place),
+    and take runs from it until stopped (blocks). Each run gets a fresh Python process
+    of its own, so none inherits a parent's torch threads or CUDA state."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    for deployment in deployments(work_pool=pool):
+        deployment.apply()
+
+    async def work() -> None:
+        async with ProcessWorker(work_pool_name=pool, name=name, limit=limit) as worker:
+            await worker.start()
+
+    anyio.run(work)
